@@ -1,0 +1,1 @@
+"""Backends behind the client: hosted HTTP (``http``), Amazon Bedrock (``bedrock``), local weights (``local``)."""

@@ -1,0 +1,129 @@
+"""Resolving what the user configured (arguments first, then environment variables) into a ClientConfig.
+
+Pure: the environment is passed in, so tests never touch ``os.environ``.
+
+Environment variables:
+    MIXTRAL_PROVIDER     nvidia | openrouter | aimlapi | openai | bedrock | local
+    MIXTRAL_BASE_URL     an OpenAI-compatible base URL (implies provider "openai" when no provider is set)
+    MIXTRAL_API_KEY      a key for any provider (the provider's own variable, e.g. NVIDIA_API_KEY, also works)
+    MIXTRAL_MODEL        the model id (default: the provider's Mixtral id)
+    MIXTRAL_MODEL_PATH   a local checkpoint directory (implies provider "local" when no provider is set)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+from ._exceptions import ConfigurationError
+from ._providers import ProviderPreset, get_preset
+from ._timeouts import Timeout, coerce_timeout
+
+__all__ = ["ClientConfig", "resolve_config"]
+
+
+@dataclass(frozen=True, slots=True)
+class ClientConfig:
+    preset: ProviderPreset
+    base_url: str | None
+    api_key: str | None = field(repr=False)
+    model: str | None
+    timeout: Timeout
+    max_retries: int
+    default_headers: Mapping[str, str]
+    #: OpenRouter attribution
+    app_url: str | None = None
+    app_name: str | None = None
+    #: Bedrock
+    region: str | None = None
+    #: local backend: checkpoint directory and load options (dtype, device, moe_backend, ...)
+    model_path: str | None = None
+    local_options: Mapping[str, Any] = field(default_factory=dict)
+    #: user-supplied httpx clients (connection pools, proxies, transports)
+    http_client: httpx.Client | None = None
+    async_http_client: httpx.AsyncClient | None = None
+
+    @property
+    def provider(self) -> str:
+        return self.preset.name
+
+
+def resolve_config(
+    env: Mapping[str, str],
+    *,
+    provider: str | None = None,
+    base_url: str | None = None,
+    api_key: str | None = None,
+    model: str | None = None,
+    timeout: float | Timeout | None = None,
+    max_retries: int = 2,
+    default_headers: Mapping[str, str] | None = None,
+    app_url: str | None = None,
+    app_name: str | None = None,
+    region: str | None = None,
+    model_path: str | None = None,
+    local_options: Mapping[str, Any] | None = None,
+    http_client: httpx.Client | None = None,
+    async_http_client: httpx.AsyncClient | None = None,
+) -> ClientConfig:
+    name = provider or env.get("MIXTRAL_PROVIDER") or None
+    base_url = base_url or env.get("MIXTRAL_BASE_URL") or None
+    model_path = model_path or env.get("MIXTRAL_MODEL_PATH") or None
+    if name is None:
+        if base_url is not None:
+            name = "openai"
+        elif model_path is not None:
+            name = "local"
+        else:
+            raise ConfigurationError(
+                "no provider configured: pass provider='nvidia' (or openrouter, aimlapi, openai, bedrock, local), "
+                "or set MIXTRAL_PROVIDER / MIXTRAL_BASE_URL / MIXTRAL_MODEL_PATH"
+            )
+    preset = get_preset(name.strip().lower())
+    if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
+        raise ConfigurationError(f"max_retries must be an integer >= 0, got {max_retries!r}")
+
+    if preset.kind == "http":
+        base_url = base_url or preset.base_url
+        if base_url is None:
+            raise ConfigurationError(
+                f"provider {preset.name!r} needs base_url= (or MIXTRAL_BASE_URL), e.g. https://host/v1"
+            )
+        if not base_url.startswith(("http://", "https://")):
+            raise ConfigurationError(f"base_url must start with http:// or https://, got {base_url!r}")
+    key = api_key or (env.get(preset.api_key_env) if preset.api_key_env else None) or env.get("MIXTRAL_API_KEY")
+    if preset.kind == "http" and not key:
+        var = preset.api_key_env or "MIXTRAL_API_KEY"
+        raise ConfigurationError(
+            f"no API key for provider {preset.name!r}: pass api_key= or set {var}"
+            + (" (or MIXTRAL_API_KEY)" if var != "MIXTRAL_API_KEY" else "")
+        )
+    if preset.kind == "local" and model_path is None:
+        raise ConfigurationError(
+            "provider 'local' needs model_path= (or MIXTRAL_MODEL_PATH): a Hugging Face Mixtral checkpoint "
+            "directory; `mixtral local init-tiny DIR` writes a tiny random one"
+        )
+    if preset.kind == "bedrock":
+        region = region or env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or None
+        if region is None and base_url is None:
+            raise ConfigurationError("provider 'bedrock' needs region= (or AWS_REGION / AWS_DEFAULT_REGION)")
+
+    return ClientConfig(
+        preset=preset,
+        base_url=base_url.rstrip("/") if base_url else None,
+        api_key=key,
+        model=model or env.get("MIXTRAL_MODEL") or None,
+        timeout=coerce_timeout(timeout),
+        max_retries=max_retries,
+        default_headers=dict(default_headers or {}),
+        app_url=app_url,
+        app_name=app_name,
+        region=region,
+        model_path=model_path,
+        local_options=dict(local_options or {}),
+        http_client=http_client,
+        async_http_client=async_http_client,
+    )

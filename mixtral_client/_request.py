@@ -1,0 +1,248 @@
+"""Building and validating a chat request, with no I/O.
+
+``build_request()`` turns the keyword arguments of ``create()`` into a ``ChatRequest`` or raises
+``InvalidRequestError`` naming the parameter and the limit. Every backend receives a validated
+``ChatRequest``; an invalid request never reaches a socket, a signer or a GPU.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from ._exceptions import InvalidRequestError, UnsupportedFeatureError
+from ._providers import ProviderPreset
+from ._timeouts import Timeout
+
+__all__ = ["ChatRequest", "RequestOptions", "build_request"]
+
+ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
+_TOOL_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_TOOL_CHOICE_WORDS = frozenset({"auto", "none", "required", "any"})
+_RESPONSE_FORMATS = frozenset({"text", "json_object", "json_schema"})
+
+
+@dataclass(slots=True)
+class RequestOptions:
+    """Per-request transport options (the ``extra_*`` and ``timeout`` arguments of ``create``)."""
+
+    timeout: Timeout
+    extra_headers: Mapping[str, str] = field(default_factory=dict)
+    extra_query: Mapping[str, Any] = field(default_factory=dict)
+    extra_body: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class ChatRequest:
+    """A validated chat-completions request for one provider.
+
+    ``params`` holds only the OpenAI sampling/tool parameters the caller gave (never ``None`` values);
+    ``options.extra_body`` is merged into the wire body last, so it can add or override fields.
+    """
+
+    provider: ProviderPreset
+    model: str
+    messages: list[dict[str, Any]]
+    params: dict[str, Any]
+    stream: bool
+    options: RequestOptions
+
+    def body(self) -> dict[str, Any]:
+        """The OpenAI chat-completions JSON body."""
+        body: dict[str, Any] = {"model": self.model, "messages": self.messages, **self.params}
+        if self.stream:
+            body["stream"] = True
+        if self.options.extra_body:
+            body.update(self.options.extra_body)
+        return body
+
+    def extra(self, key: str, default: Any = None) -> Any:
+        """A provider-specific field given through ``extra_body`` (e.g. ``top_k``)."""
+        return self.options.extra_body.get(key, default)
+
+
+def _fail(message: str, param: str, preset: ProviderPreset) -> InvalidRequestError:
+    return InvalidRequestError(f"{param}: {message}", param=param, provider=preset.name)
+
+
+def _number(value: Any, param: str, preset: ProviderPreset, lo: float, hi: float | None,
+            integer: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or (integer and not isinstance(value, int)):
+        kind = "an integer" if integer else "a number"
+        raise _fail(f"must be {kind}, got {value!r}", param, preset)
+    if isinstance(value, float) and not math.isfinite(value):
+        raise _fail(f"must be finite, got {value!r}", param, preset)
+    if value < lo or (hi is not None and value > hi):
+        rng = f"between {lo:g} and {hi:g}" if hi is not None else f">= {lo:g}"
+        raise _fail(f"{preset.name} accepts {rng}, got {value!r}", param, preset)
+
+
+def _check_content(content: Any, where: str, preset: ProviderPreset, *, may_be_none: bool) -> None:
+    if content is None:
+        if not may_be_none:
+            raise _fail("content is missing", where, preset)
+        return
+    if isinstance(content, str):
+        return
+    if isinstance(content, list):
+        for j, part in enumerate(content):
+            if not isinstance(part, Mapping) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise _fail(f"content part {j} must be {{'type': 'text', 'text': str}} (Mixtral reads text only)",
+                            where, preset)
+        return
+    raise _fail(f"content must be a string, a list of text parts or None, got {type(content).__name__}",
+                where, preset)
+
+
+def _check_messages(messages: Any, preset: ProviderPreset) -> list[dict[str, Any]]:
+    if isinstance(messages, str | bytes) or not isinstance(messages, Sequence):
+        raise _fail("must be a list of message dicts", "messages", preset)
+    if not messages:
+        raise _fail("must not be empty", "messages", preset)
+    out: list[dict[str, Any]] = []
+    for i, msg in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(msg, Mapping):
+            raise _fail(f"must be a dict, got {type(msg).__name__}", where, preset)
+        role = msg.get("role")
+        if role not in ROLES:
+            raise _fail(f"role must be one of {sorted(ROLES)}, got {role!r}", where, preset)
+        tool_calls = msg.get("tool_calls")
+        if tool_calls is not None:
+            if role != "assistant":
+                raise _fail("only assistant messages carry tool_calls", where, preset)
+            if not isinstance(tool_calls, list):
+                raise _fail("tool_calls must be a list", where, preset)
+            for j, call in enumerate(tool_calls):
+                fn = call.get("function") if isinstance(call, Mapping) else None
+                if not isinstance(call, Mapping) or not isinstance(call.get("id"), str) or not isinstance(fn, Mapping) \
+                        or not isinstance(fn.get("name"), str) or not isinstance(fn.get("arguments"), str):
+                    raise _fail(f"tool_calls[{j}] needs id, function.name and function.arguments (strings)",
+                                where, preset)
+        if role == "tool" and not isinstance(msg.get("tool_call_id"), str):
+            raise _fail("a tool message needs tool_call_id", where, preset)
+        _check_content(msg.get("content"), where, preset, may_be_none=role == "assistant" and bool(tool_calls))
+        out.append(dict(msg))
+    return out
+
+
+def _check_tools(tools: Any, tool_choice: Any, preset: ProviderPreset) -> None:
+    if tools is not None:
+        if not preset.supports_tools:
+            raise UnsupportedFeatureError(
+                f"tools: {preset.name} does not support tool calling for Mixtral", param="tools", provider=preset.name
+            )
+        if not isinstance(tools, list) or not tools:
+            raise _fail("must be a non-empty list of tool dicts", "tools", preset)
+        names = set()
+        for i, tool in enumerate(tools):
+            fn = tool.get("function") if isinstance(tool, Mapping) else None
+            if not isinstance(tool, Mapping) or tool.get("type", "function") != "function" or not isinstance(fn, Mapping):
+                raise _fail(f"tools[{i}] must be {{'type': 'function', 'function': {{...}}}}", "tools", preset)
+            name = fn.get("name")
+            if not isinstance(name, str) or not _TOOL_NAME.match(name):
+                raise _fail(f"tools[{i}].function.name must match [A-Za-z0-9_-]{{1,64}}, got {name!r}", "tools", preset)
+            if name in names:
+                raise _fail(f"tool name {name!r} is declared twice", "tools", preset)
+            names.add(name)
+            params = fn.get("parameters")
+            if params is not None and not isinstance(params, Mapping):
+                raise _fail(f"tools[{i}].function.parameters must be a JSON-schema dict", "tools", preset)
+    if tool_choice is not None:
+        if tools is None:
+            raise _fail("tool_choice needs tools", "tool_choice", preset)
+        if isinstance(tool_choice, str):
+            if tool_choice not in _TOOL_CHOICE_WORDS:
+                raise _fail(f"must be one of {sorted(_TOOL_CHOICE_WORDS)} or a function dict", "tool_choice", preset)
+        elif isinstance(tool_choice, Mapping):
+            fn = tool_choice.get("function")
+            name = fn.get("name") if isinstance(fn, Mapping) else None
+            declared = {t["function"]["name"] for t in tools}
+            if name not in declared:
+                raise _fail(f"names {name!r}, which is not among the tools", "tool_choice", preset)
+        else:
+            raise _fail(f"must be a string or a dict, got {tool_choice!r}", "tool_choice", preset)
+
+
+def build_request(
+    preset: ProviderPreset,
+    *,
+    model: str | None,
+    messages: Any,
+    stream: bool,
+    options: RequestOptions,
+    params: dict[str, Any],
+) -> ChatRequest:
+    """Validate everything ``create()`` was given against the provider's limits."""
+    limits = preset.limits
+    given = {k: v for k, v in params.items() if v is not None}
+    if model is not None and (not isinstance(model, str) or not model):
+        raise _fail(f"must be a non-empty string, got {model!r}", "model", preset)
+    checked = _check_messages(messages, preset)
+    if not isinstance(stream, bool):
+        raise _fail(f"must be True or False, got {stream!r}", "stream", preset)
+
+    if "temperature" in given:
+        _number(given["temperature"], "temperature", preset, *limits.temperature)
+    if "top_p" in given:
+        _number(given["top_p"], "top_p", preset, *limits.top_p)
+    if "max_tokens" in given:
+        lo, hi = limits.max_tokens
+        _number(given["max_tokens"], "max_tokens", preset, lo, hi, integer=True)
+    if "seed" in given:
+        lo_s, hi_s = limits.seed or (-(2**63), 2**63 - 1)
+        _number(given["seed"], "seed", preset, lo_s, hi_s, integer=True)
+    if "n" in given:
+        _number(given["n"], "n", preset, 1, limits.n_max, integer=True)
+    for name in ("presence_penalty", "frequency_penalty"):
+        if name in given:
+            _number(given[name], name, preset, *limits.penalty)
+    if "stop" in given:
+        stop = given["stop"]
+        stops = [stop] if isinstance(stop, str) else stop
+        if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops):
+            raise _fail("must be a non-empty string or a list of them", "stop", preset)
+        if limits.max_stop is not None and len(stops) > limits.max_stop:
+            raise _fail(f"{preset.name} accepts at most {limits.max_stop} stop sequences, got {len(stops)}",
+                        "stop", preset)
+    if "logprobs" in given and not isinstance(given["logprobs"], bool):
+        raise _fail("must be True or False", "logprobs", preset)
+    if "top_logprobs" in given:
+        _number(given["top_logprobs"], "top_logprobs", preset, *limits.top_logprobs, integer=True)
+        if not given.get("logprobs"):
+            raise _fail("needs logprobs=True", "top_logprobs", preset)
+    _check_tools(given.get("tools"), given.get("tool_choice"), preset)
+    if "response_format" in given:
+        fmt = given["response_format"]
+        kind = fmt.get("type") if isinstance(fmt, Mapping) else None
+        if kind not in _RESPONSE_FORMATS:
+            raise _fail(f"type must be one of {sorted(_RESPONSE_FORMATS)}", "response_format", preset)
+        if kind != "text" and not preset.supports_response_format:
+            raise UnsupportedFeatureError(
+                f"response_format: {preset.name} does not support structured output for Mixtral",
+                param="response_format", provider=preset.name,
+            )
+        if kind == "json_schema" and not isinstance(fmt.get("json_schema"), Mapping):
+            raise _fail("json_schema format needs a 'json_schema' dict", "response_format", preset)
+    if "stream_options" in given:
+        if not stream:
+            raise _fail("only applies when stream=True", "stream_options", preset)
+        if not isinstance(given["stream_options"], Mapping):
+            raise _fail("must be a dict such as {'include_usage': True}", "stream_options", preset)
+    if "user" in given and not isinstance(given["user"], str):
+        raise _fail("must be a string", "user", preset)
+    top_k = options.extra_body.get("top_k")
+    if top_k is not None and limits.top_k is not None:
+        _number(top_k, "top_k", preset, *limits.top_k, integer=True)
+
+    return ChatRequest(
+        provider=preset,
+        model=preset.resolve_model(model),
+        messages=checked,
+        params=given,
+        stream=stream,
+        options=options,
+    )

@@ -1,0 +1,149 @@
+"""Public types: requests as TypedDicts (what users write), responses as pydantic models (what they read).
+
+Response models keep every field a host sends (``extra="allow"``): OpenRouter's ``usage.cost``, its
+``provider`` name, NVIDIA's extras, ... are reachable as attributes. ``finish_reason`` is open: one of the
+known literals or any string a host invents.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Required, TypeAlias, TypedDict
+
+from pydantic import BaseModel, ConfigDict
+
+__all__ = [
+    "ChatCompletion",
+    "ChatCompletionChunk",
+    "ChatCompletionMessage",
+    "ChatCompletionMessageParam",
+    "ChatCompletionToolParam",
+    "Choice",
+    "ChoiceDelta",
+    "ChoiceDeltaToolCall",
+    "ChoiceDeltaToolCallFunction",
+    "ChunkChoice",
+    "FinishReason",
+    "FunctionCall",
+    "FunctionDefinition",
+    "ToolCall",
+    "ToolCallParam",
+    "Usage",
+]
+
+FinishReason: TypeAlias = Literal["stop", "length", "tool_calls", "content_filter", "error"] | str
+
+
+# --------------------------------------------------------------------------- requests (TypedDicts)
+
+
+class FunctionCallParam(TypedDict):
+    name: str
+    arguments: str
+
+
+class ToolCallParam(TypedDict, total=False):
+    id: Required[str]
+    type: Literal["function"]
+    function: Required[FunctionCallParam]
+
+
+class ChatCompletionMessageParam(TypedDict, total=False):
+    """One message: ``{"role": "user", "content": "Hi"}``. ``content`` may also be a list of text parts."""
+
+    role: Required[Literal["system", "developer", "user", "assistant", "tool"]]
+    content: str | list[dict[str, Any]] | None
+    name: str
+    tool_calls: list[ToolCallParam]
+    tool_call_id: str
+
+
+class FunctionDefinition(TypedDict, total=False):
+    name: Required[str]
+    description: str
+    parameters: dict[str, Any]
+    strict: bool
+
+
+class ChatCompletionToolParam(TypedDict):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+# --------------------------------------------------------------------------- responses (pydantic)
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="allow", protected_namespaces=())
+
+
+class FunctionCall(_Model):
+    name: str
+    arguments: str = ""
+
+
+class ToolCall(_Model):
+    id: str
+    type: str = "function"
+    function: FunctionCall
+
+
+class ChatCompletionMessage(_Model):
+    role: str = "assistant"
+    content: str | None = None
+    tool_calls: list[ToolCall] | None = None
+
+
+class Choice(_Model):
+    index: int = 0
+    message: ChatCompletionMessage
+    finish_reason: FinishReason | None = None
+    logprobs: Any = None
+
+
+class Usage(_Model):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+
+class ChatCompletion(_Model):
+    id: str = ""
+    object: str = "chat.completion"
+    created: int = 0
+    model: str = ""
+    choices: list[Choice]
+    usage: Usage | None = None
+
+
+class ChoiceDeltaToolCallFunction(_Model):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class ChoiceDeltaToolCall(_Model):
+    index: int | None = None
+    id: str | None = None
+    type: str | None = None
+    function: ChoiceDeltaToolCallFunction | None = None
+
+
+class ChoiceDelta(_Model):
+    role: str | None = None
+    content: str | None = None
+    tool_calls: list[ChoiceDeltaToolCall] | None = None
+
+
+class ChunkChoice(_Model):
+    index: int = 0
+    delta: ChoiceDelta = ChoiceDelta()
+    finish_reason: FinishReason | None = None
+    logprobs: Any = None
+
+
+class ChatCompletionChunk(_Model):
+    id: str = ""
+    object: str = "chat.completion.chunk"
+    created: int = 0
+    model: str = ""
+    choices: list[ChunkChoice] = []
+    usage: Usage | None = None
