@@ -15,8 +15,8 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Iterator
 from typing import Protocol, runtime_checkable
 
-from .._request import ChatRequest
-from ..types import ChatCompletion, ChatCompletionChunk
+from mixtral_client._request import ChatRequest
+from mixtral_client.types import ChatCompletion, ChatCompletionChunk
 
 __all__ = ["AsyncBackend", "SyncBackend"]
 

@@ -1,0 +1,64 @@
+"""mixtral-sdk: one typed sync/async client for Mixtral-8x7B-Instruct on hosted APIs, Bedrock and local weights.
+
+    from mixtral_client import MixtralClient
+    client = MixtralClient(provider="nvidia")
+    answer = client.chat.completions.create(messages=[{"role": "user", "content": "Hi"}])
+
+Importing this package never imports torch: the local backend is loaded only when asked for.
+"""
+
+from ._client import AsyncMixtralClient, CompletionParams, MixtralClient
+from ._exceptions import (
+    APIConnectionError,
+    APIError,
+    APIStatusError,
+    APITimeoutError,
+    AuthenticationError,
+    BadRequestError,
+    ConfigurationError,
+    InternalServerError,
+    InvalidRequestError,
+    MixtralError,
+    NotFoundError,
+    PermissionDeniedError,
+    RateLimitError,
+    UnprocessableEntityError,
+    UnsupportedFeatureError,
+)
+from ._providers import MODEL_ALIAS, PROVIDERS, ProviderPreset
+from ._retry import RetryPolicy
+from ._streaming import AsyncStream, Stream
+from ._timeouts import Timeout
+from ._version import __version__
+from .types import ChatCompletion, ChatCompletionChunk
+
+__all__ = [
+    "MODEL_ALIAS",
+    "PROVIDERS",
+    "APIConnectionError",
+    "APIError",
+    "APIStatusError",
+    "APITimeoutError",
+    "AsyncMixtralClient",
+    "AsyncStream",
+    "AuthenticationError",
+    "BadRequestError",
+    "ChatCompletion",
+    "ChatCompletionChunk",
+    "CompletionParams",
+    "ConfigurationError",
+    "InternalServerError",
+    "InvalidRequestError",
+    "MixtralClient",
+    "MixtralError",
+    "NotFoundError",
+    "PermissionDeniedError",
+    "ProviderPreset",
+    "RateLimitError",
+    "RetryPolicy",
+    "Stream",
+    "Timeout",
+    "UnprocessableEntityError",
+    "UnsupportedFeatureError",
+    "__version__",
+]

@@ -1,0 +1,155 @@
+"""Merging stream chunks into one ``ChatCompletion`` (pure; used by every backend's streams).
+
+Tool-call fragments are keyed by their ``index``. Hosts that send ``index: null`` are tolerated: a
+fragment with a new ``id`` opens a new call, a fragment with a known ``id`` continues that call, and a
+fragment with neither continues the last call of its choice. Whole calls in one delta work the same way.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .types import (
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionMessage,
+    Choice,
+    ChoiceDeltaToolCall,
+    FunctionCall,
+    ToolCall,
+    Usage,
+)
+
+__all__ = ["ChunkAccumulator"]
+
+
+class _ToolCallParts:
+    __slots__ = ("arguments", "extra", "id", "name", "type")
+
+    def __init__(self) -> None:
+        self.id: str | None = None
+        self.type: str | None = None
+        self.name: list[str] = []
+        self.arguments: list[str] = []
+        self.extra: dict[str, Any] = {}
+
+
+class _ChoiceParts:
+    __slots__ = ("by_id", "by_index", "calls", "content", "finish_reason", "logprobs", "role")
+
+    def __init__(self) -> None:
+        self.role: str | None = None
+        self.content: list[str] = []
+        self.finish_reason: str | None = None
+        self.logprobs: list[Any] = []
+        self.calls: list[_ToolCallParts] = []
+        self.by_index: dict[int, _ToolCallParts] = {}
+        self.by_id: dict[str, _ToolCallParts] = {}
+
+    def tool_call(self, delta: ChoiceDeltaToolCall) -> _ToolCallParts:
+        if delta.index is not None:
+            parts = self.by_index.get(delta.index)
+            if parts is None:
+                parts = self.by_index[delta.index] = self._new()
+        elif delta.id is not None and delta.id in self.by_id:
+            parts = self.by_id[delta.id]
+        elif delta.id is not None or not self.calls:
+            parts = self._new()
+        else:
+            parts = self.calls[-1]
+        if delta.id is not None and parts.id is None:
+            parts.id = delta.id
+            self.by_id[delta.id] = parts
+        return parts
+
+    def _new(self) -> _ToolCallParts:
+        parts = _ToolCallParts()
+        self.calls.append(parts)
+        return parts
+
+
+class ChunkAccumulator:
+    """Feed chunks with ``add``; read the merged completion with ``completion()`` at any time."""
+
+    __slots__ = ("_choices", "created", "extra", "id", "model", "usage")
+
+    def __init__(self) -> None:
+        self._choices: dict[int, _ChoiceParts] = {}
+        self.id = ""
+        self.model = ""
+        self.created = 0
+        self.usage: Usage | None = None
+        self.extra: dict[str, Any] = {}
+
+    def add(self, chunk: ChatCompletionChunk) -> None:
+        if not self.id and chunk.id:
+            self.id = chunk.id
+        if not self.model and chunk.model:
+            self.model = chunk.model
+        if not self.created and chunk.created:
+            self.created = chunk.created
+        if chunk.usage is not None:
+            self.usage = chunk.usage
+        if chunk.model_extra:
+            for key, value in chunk.model_extra.items():
+                if key != "error":
+                    self.extra[key] = value
+        for choice in chunk.choices:
+            parts = self._choices.get(choice.index)
+            if parts is None:
+                parts = self._choices[choice.index] = _ChoiceParts()
+            delta = choice.delta
+            if delta.role:
+                parts.role = delta.role
+            if delta.content:
+                parts.content.append(delta.content)
+            if choice.finish_reason is not None:
+                parts.finish_reason = choice.finish_reason
+            if choice.logprobs is not None:
+                parts.logprobs.append(choice.logprobs)
+            if delta.tool_calls:
+                for call in delta.tool_calls:
+                    into = parts.tool_call(call)
+                    if call.type:
+                        into.type = call.type
+                    fn = call.function
+                    if fn is not None:
+                        if fn.name:
+                            into.name.append(fn.name)
+                        if fn.arguments:
+                            into.arguments.append(fn.arguments)
+
+    def completion(self) -> ChatCompletion:
+        choices = []
+        for index in sorted(self._choices):
+            parts = self._choices[index]
+            calls = [
+                ToolCall(
+                    id=c.id or f"call_{index}_{i}",
+                    type=c.type or "function",
+                    function=FunctionCall(name="".join(c.name), arguments="".join(c.arguments)),
+                )
+                for i, c in enumerate(parts.calls)
+            ]
+            message = ChatCompletionMessage(
+                role=parts.role or "assistant",
+                content="".join(parts.content) if parts.content or not calls else None,
+                tool_calls=calls or None,
+            )
+            logprobs = _merge_logprobs(parts.logprobs)
+            choices.append(Choice(index=index, message=message, finish_reason=parts.finish_reason, logprobs=logprobs))
+        completion = ChatCompletion(
+            id=self.id, created=self.created, model=self.model, choices=choices, usage=self.usage, **self.extra
+        )
+        return completion
+
+
+def _merge_logprobs(pieces: list[Any]) -> Any:
+    if not pieces:
+        return None
+    content: list[Any] = []
+    for piece in pieces:
+        items = piece.get("content") if isinstance(piece, dict) else None
+        if items:
+            content.extend(items)
+    return {"content": content}

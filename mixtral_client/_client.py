@@ -1,0 +1,251 @@
+"""``MixtralClient`` and ``AsyncMixtralClient``: ``client.chat.completions.create(...)`` over any backend.
+
+Both shells share ``_ClientCore`` (configuration, request validation, backend choice). The shells only
+call their backend: they never know whether it is a hosted host, Bedrock or local weights.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from collections.abc import Mapping, Sequence
+from types import TracebackType
+from typing import Any, Literal, Self, TypedDict, Unpack, overload
+
+import httpx
+
+from ._backends.base import AsyncBackend, SyncBackend
+from ._config import ClientConfig, resolve_config
+from ._exceptions import ConfigurationError
+from ._logging import setup_logging
+from ._request import ChatRequest, RequestOptions, build_request
+from ._streaming import AsyncStream, Stream
+from ._timeouts import Timeout, coerce_timeout
+from .types import ChatCompletion, ChatCompletionMessageParam, ChatCompletionToolParam
+
+__all__ = ["AsyncMixtralClient", "CompletionParams", "MixtralClient"]
+
+
+class CompletionParams(TypedDict, total=False):
+    """The optional arguments of ``create()`` (the OpenAI chat-completions parameters, plus transport options)."""
+
+    model: str
+    temperature: float
+    top_p: float
+    max_tokens: int
+    stop: str | list[str]
+    seed: int
+    n: int
+    presence_penalty: float
+    frequency_penalty: float
+    logprobs: bool
+    top_logprobs: int
+    tools: list[ChatCompletionToolParam]
+    tool_choice: str | dict[str, Any]
+    response_format: dict[str, Any]
+    stream_options: dict[str, Any]
+    user: str
+    extra_headers: Mapping[str, str]
+    extra_query: Mapping[str, Any]
+    extra_body: Mapping[str, Any]
+    timeout: float | Timeout
+
+
+_TRANSPORT = frozenset({"model", "extra_headers", "extra_query", "extra_body", "timeout"})
+_KNOWN = frozenset(CompletionParams.__annotations__)
+
+
+class _ClientCore:
+    """What both shells share: the resolved configuration and request building (no I/O)."""
+
+    def __init__(self, config: ClientConfig) -> None:
+        self.config = config
+
+    def request(self, messages: Sequence[ChatCompletionMessageParam], stream: bool,
+                params: Mapping[str, Any]) -> ChatRequest:
+        unknown = params.keys() - _KNOWN
+        if unknown:
+            raise TypeError(f"create() got unexpected keyword arguments: {', '.join(sorted(unknown))}")
+        config = self.config
+        options = RequestOptions(
+            timeout=coerce_timeout(params.get("timeout"), config.timeout),
+            extra_headers=params.get("extra_headers") or {},
+            extra_query=params.get("extra_query") or {},
+            extra_body=params.get("extra_body") or {},
+        )
+        sampling = {k: v for k, v in params.items() if k not in _TRANSPORT}
+        return build_request(config.preset, model=params.get("model") or config.model, messages=messages,
+                             stream=stream, options=options, params=sampling)
+
+
+def _configure(provider: str | None, env: Mapping[str, str] | None, **kwargs: Any) -> ClientConfig:
+    env = os.environ if env is None else env
+    setup_logging(env)
+    return resolve_config(env, provider=provider, **kwargs)
+
+
+#: where each kind of backend lives: (module, sync class, async class); imported only when used
+_BACKENDS: dict[str, tuple[str, str, str, str]] = {
+    "http": ("mixtral_client._backends.http", "HTTPBackend", "AsyncHTTPBackend", ""),
+    "bedrock": ("mixtral_client._backends.bedrock", "BedrockBackend", "AsyncBedrockBackend", "bedrock"),
+    "local": ("mixtral_local.backend", "LocalBackend", "AsyncLocalBackend", "local"),
+}
+
+
+def _backend_class(config: ClientConfig, asynchronous: bool) -> Any:
+    module_name, sync_name, async_name, extra = _BACKENDS[config.preset.kind]
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        if not extra:
+            raise
+        raise ConfigurationError(
+            f"provider {config.provider!r} needs the {extra} extra (missing {exc.name or exc}): "
+            f"pip install 'mixtral-sdk[{extra}]'"
+        ) from exc
+    return getattr(module, async_name if asynchronous else sync_name)
+
+
+class Completions:
+    def __init__(self, core: _ClientCore, backend: SyncBackend) -> None:
+        self._core = core
+        self._backend = backend
+
+    @overload
+    def create(self, *, messages: Sequence[ChatCompletionMessageParam], stream: Literal[False] = False,
+               **params: Unpack[CompletionParams]) -> ChatCompletion: ...
+
+    @overload
+    def create(self, *, messages: Sequence[ChatCompletionMessageParam], stream: Literal[True],
+               **params: Unpack[CompletionParams]) -> Stream: ...
+
+    @overload
+    def create(self, *, messages: Sequence[ChatCompletionMessageParam], stream: bool,
+               **params: Unpack[CompletionParams]) -> ChatCompletion | Stream: ...
+
+    def create(self, *, messages: Sequence[ChatCompletionMessageParam], stream: bool = False,
+               **params: Unpack[CompletionParams]) -> ChatCompletion | Stream:
+        """Send a chat-completions request; with ``stream=True`` get a ``Stream`` of chunks.
+
+        The request is validated first: invalid input raises ``InvalidRequestError`` and nothing is sent.
+        """
+        request = self._core.request(messages, stream, params)
+        if stream:
+            return Stream(self._backend.stream(request))._open()
+        return self._backend.complete(request)
+
+
+class AsyncCompletions:
+    def __init__(self, core: _ClientCore, backend: AsyncBackend) -> None:
+        self._core = core
+        self._backend = backend
+
+    @overload
+    async def create(self, *, messages: Sequence[ChatCompletionMessageParam], stream: Literal[False] = False,
+                     **params: Unpack[CompletionParams]) -> ChatCompletion: ...
+
+    @overload
+    async def create(self, *, messages: Sequence[ChatCompletionMessageParam], stream: Literal[True],
+                     **params: Unpack[CompletionParams]) -> AsyncStream: ...
+
+    @overload
+    async def create(self, *, messages: Sequence[ChatCompletionMessageParam], stream: bool,
+                     **params: Unpack[CompletionParams]) -> ChatCompletion | AsyncStream: ...
+
+    async def create(self, *, messages: Sequence[ChatCompletionMessageParam], stream: bool = False,
+                     **params: Unpack[CompletionParams]) -> ChatCompletion | AsyncStream:
+        request = self._core.request(messages, stream, params)
+        if stream:
+            return await AsyncStream(self._backend.stream(request))._open()
+        return await self._backend.complete(request)
+
+
+class _Chat:
+    def __init__(self, completions: Any) -> None:
+        self.completions = completions
+
+
+class _ClientArgs(TypedDict, total=False):
+    base_url: str
+    api_key: str
+    model: str
+    timeout: float | Timeout
+    max_retries: int
+    default_headers: Mapping[str, str]
+    app_url: str
+    app_name: str
+    region: str
+    model_path: str
+    local_options: Mapping[str, Any]
+
+
+class MixtralClient:
+    """A synchronous client.
+
+    ``MixtralClient(provider="nvidia")`` reads the key from ``NVIDIA_API_KEY``;
+    ``MixtralClient(base_url=..., api_key=...)`` talks to any OpenAI-compatible host;
+    ``MixtralClient(provider="local", model_path=DIR)`` runs the weights in-process;
+    ``MixtralClient()`` / ``from_env()`` read ``MIXTRAL_PROVIDER``, ``MIXTRAL_BASE_URL``, ``MIXTRAL_API_KEY``,
+    ``MIXTRAL_MODEL`` and ``MIXTRAL_MODEL_PATH``.
+    """
+
+    def __init__(self, provider: str | None = None, *, http_client: httpx.Client | None = None,
+                 env: Mapping[str, str] | None = None, **kwargs: Unpack[_ClientArgs]) -> None:
+        self.config = _configure(provider, env, http_client=http_client, **kwargs)
+        self._core = _ClientCore(self.config)
+        self._backend: SyncBackend = _backend_class(self.config, asynchronous=False)(self.config)
+        self.chat = _Chat(Completions(self._core, self._backend))
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **kwargs: Unpack[_ClientArgs]) -> Self:
+        """A client configured by environment variables (``env`` defaults to ``os.environ``)."""
+        return cls(None, env=env, **kwargs)
+
+    @property
+    def provider(self) -> str:
+        return self.config.provider
+
+    def close(self) -> None:
+        self._backend.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"MixtralClient(provider={self.provider!r})"
+
+
+class AsyncMixtralClient:
+    """The asynchronous client (asyncio or trio). Close it with ``async with`` or ``await client.aclose()``."""
+
+    def __init__(self, provider: str | None = None, *, http_client: httpx.AsyncClient | None = None,
+                 env: Mapping[str, str] | None = None, **kwargs: Unpack[_ClientArgs]) -> None:
+        self.config = _configure(provider, env, async_http_client=http_client, **kwargs)
+        self._core = _ClientCore(self.config)
+        self._backend: AsyncBackend = _backend_class(self.config, asynchronous=True)(self.config)
+        self.chat = _Chat(AsyncCompletions(self._core, self._backend))
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **kwargs: Unpack[_ClientArgs]) -> Self:
+        return cls(None, env=env, **kwargs)
+
+    @property
+    def provider(self) -> str:
+        return self.config.provider
+
+    async def aclose(self) -> None:
+        await self._backend.aclose()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.aclose()
+
+    def __repr__(self) -> str:
+        return f"AsyncMixtralClient(provider={self.provider!r})"

@@ -1,0 +1,163 @@
+"""``Stream`` and ``AsyncStream``: what ``create(stream=True)`` returns, for every backend.
+
+A stream wraps a backend's chunk generator. It pulls the first chunk when it is opened (inside
+``create()``, so a refused request raises there), merges every chunk that passes into a
+``ChunkAccumulator``, attaches the merged-so-far completion to any ``APIError`` as ``partial``, and closes
+the generator (returning its connection to the pool) when it is exhausted, closed, left through
+``with``/``async with``, broken out of, or fails.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from types import TracebackType
+from typing import Any, Self
+
+from ._accumulate import ChunkAccumulator
+from ._exceptions import APIError
+from .types import ChatCompletion, ChatCompletionChunk
+
+__all__ = ["AsyncStream", "Stream"]
+
+_NOTHING: Any = object()
+
+
+class Stream:
+    """A synchronous stream of ``ChatCompletionChunk``; use it in ``with`` and iterate it once."""
+
+    def __init__(self, chunks: Iterator[ChatCompletionChunk]) -> None:
+        self._chunks = chunks
+        self._accumulator = ChunkAccumulator()
+        self._first: ChatCompletionChunk = _NOTHING
+        self._closed = False
+        self._consumed = False
+
+    def _open(self) -> Self:
+        try:
+            self._first = next(self._chunks)
+        except StopIteration:
+            self._first = _NOTHING
+            self._closed = True
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __iter__(self) -> Iterator[ChatCompletionChunk]:
+        if self._consumed:
+            raise RuntimeError("a stream can be iterated only once")
+        self._consumed = True
+        add = self._accumulator.add
+        try:
+            if self._first is not _NOTHING:
+                first, self._first = self._first, _NOTHING
+                add(first)
+                yield first
+            if self._closed:
+                return
+            for chunk in self._chunks:
+                add(chunk)
+                yield chunk
+        except APIError as error:
+            if error.partial is None:
+                error.partial = self._accumulator.completion()
+            raise
+        finally:
+            # exhausted, broken out of (the generator is collected), or failed: release the connection
+            self.close()
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            close = getattr(self._chunks, "close", None)
+            if close is not None:
+                close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def get_final_completion(self) -> ChatCompletion:
+        """Read what is left of the stream and return every chunk merged (text, tool calls, usage)."""
+        if not self._consumed:
+            for _ in self:
+                pass
+        return self._accumulator.completion()
+
+    def text(self) -> Iterator[str]:
+        """Only the text deltas of the first choice."""
+        for chunk in self:
+            if chunk.choices and chunk.choices[0].delta.content:
+                yield chunk.choices[0].delta.content
+
+
+class AsyncStream:
+    """An asynchronous stream of ``ChatCompletionChunk``; use it in ``async with`` and iterate it once."""
+
+    def __init__(self, chunks: AsyncIterator[ChatCompletionChunk]) -> None:
+        self._chunks = chunks
+        self._accumulator = ChunkAccumulator()
+        self._first: ChatCompletionChunk = _NOTHING
+        self._closed = False
+        self._consumed = False
+
+    async def _open(self) -> Self:
+        try:
+            self._first = await self._chunks.__anext__()
+        except StopAsyncIteration:
+            self._first = _NOTHING
+            self._closed = True
+        except BaseException:
+            await self.aclose()
+            raise
+        return self
+
+    async def __aiter__(self) -> AsyncIterator[ChatCompletionChunk]:
+        if self._consumed:
+            raise RuntimeError("a stream can be iterated only once")
+        self._consumed = True
+        add = self._accumulator.add
+        try:
+            if self._first is not _NOTHING:
+                first, self._first = self._first, _NOTHING
+                add(first)
+                yield first
+            if self._closed:
+                return
+            async for chunk in self._chunks:
+                add(chunk)
+                yield chunk
+        except APIError as error:
+            if error.partial is None:
+                error.partial = self._accumulator.completion()
+            raise
+        finally:
+            await self.aclose()
+
+    async def aclose(self) -> None:
+        if not self._closed:
+            self._closed = True
+            aclose = getattr(self._chunks, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.aclose()
+
+    async def get_final_completion(self) -> ChatCompletion:
+        if not self._consumed:
+            async for _ in self:
+                pass
+        return self._accumulator.completion()
+
+    async def text(self) -> AsyncIterator[str]:
+        async for chunk in self:
+            if chunk.choices and chunk.choices[0].delta.content:
+                yield chunk.choices[0].delta.content
