@@ -1,0 +1,5 @@
+import sys
+
+from mixtral_client._cli import main
+
+sys.exit(main())

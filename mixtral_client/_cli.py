@@ -1,0 +1,142 @@
+"""The ``mixtral`` command.
+
+    mixtral chat "prompt" [--provider P] [--model M] [--system S] [--temperature T] [--max-tokens N] [--no-stream]
+    mixtral local init-tiny DIR
+
+With no provider configured (no ``--provider``, ``MIXTRAL_PROVIDER``, ``MIXTRAL_BASE_URL`` or
+``MIXTRAL_MODEL_PATH``), ``chat`` runs a tiny local Mixtral with random weights, written on first use, and
+says so: the command works offline, and its answers are noise until a real provider is configured.
+Every failure is one line on stderr naming the fix, and a non-zero exit status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+from mixtral_client._client import MixtralClient
+from mixtral_client._exceptions import APIError, ConfigurationError, MixtralError
+from mixtral_client._providers import PROVIDERS
+
+__all__ = ["main"]
+
+#: the answer length when the random tiny model is used (its text is noise; keep it short)
+_TINY_MAX_TOKENS = 48
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"mixtral: {message} (see `{self.prog} --help`)\n")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="mixtral", description="Chat with Mixtral-8x7B-Instruct on any backend.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    chat = commands.add_parser("chat", help="send one prompt and print the answer")
+    chat.add_argument("prompt", help="the user message")
+    chat.add_argument("--provider", choices=sorted(PROVIDERS), help="default: MIXTRAL_PROVIDER, else local")
+    chat.add_argument("--model", help="model id (default: the provider's Mixtral id)")
+    chat.add_argument("--base-url", help="an OpenAI-compatible base URL (provider openai)")
+    chat.add_argument("--model-path", help="a local checkpoint directory (provider local)")
+    chat.add_argument("--system", help="a system prompt")
+    chat.add_argument("--temperature", type=float)
+    chat.add_argument("--max-tokens", type=int)
+    chat.add_argument("--no-stream", action="store_true", help="wait for the whole answer")
+
+    local = commands.add_parser("local", help="local checkpoints")
+    local_commands = local.add_subparsers(dest="local_command", required=True, parser_class=_Parser)
+    tiny = local_commands.add_parser("init-tiny", help="write a tiny random Mixtral checkpoint (for tests and demos)")
+    tiny.add_argument("path", help="the directory to write")
+    tiny.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def _tiny_home(env: Mapping[str, str]) -> Path:
+    base = env.get("MIXTRAL_HOME") or os.path.join(env.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"),
+                                                  "mixtral-sdk")
+    return Path(base) / "tiny-mixtral"
+
+
+def _write_tiny(path: Path, seed: int = 0) -> None:
+    try:
+        from mixtral_local import write_tiny_checkpoint
+    except ImportError as exc:
+        raise ConfigurationError(
+            f"the local backend needs the local extra (missing {exc.name or exc}): pip install 'mixtral-sdk[local]'"
+        ) from exc
+    write_tiny_checkpoint(path, seed=seed)
+
+
+def _chat(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    configured = args.provider or args.base_url or args.model_path or any(
+        env.get(k) for k in ("MIXTRAL_PROVIDER", "MIXTRAL_BASE_URL", "MIXTRAL_MODEL_PATH"))
+    kwargs: dict[str, Any] = {}
+    max_tokens = args.max_tokens
+    if not configured:
+        path = _tiny_home(env)
+        if not (path / "config.json").exists():
+            _write_tiny(path)
+        print(f"mixtral: no provider configured, so this is a tiny local Mixtral with RANDOM weights ({path}): "
+              "its answer is noise. For real answers set MIXTRAL_PROVIDER and a key, e.g. "
+              "MIXTRAL_PROVIDER=nvidia NVIDIA_API_KEY=nvapi-... (docs/providers.md).", file=sys.stderr)
+        kwargs.update(provider="local", model_path=str(path))
+        max_tokens = max_tokens if max_tokens is not None else _TINY_MAX_TOKENS
+    else:
+        for name in ("provider", "base_url", "model_path"):
+            if getattr(args, name):
+                kwargs[name] = getattr(args, name)
+    if args.model:
+        kwargs["model"] = args.model
+
+    messages: list[dict[str, Any]] = []
+    if args.system:
+        messages.append({"role": "system", "content": args.system})
+    messages.append({"role": "user", "content": args.prompt})
+    params: dict[str, Any] = {}
+    if args.temperature is not None:
+        params["temperature"] = args.temperature
+    if max_tokens is not None:
+        params["max_tokens"] = max_tokens
+
+    with MixtralClient(env=env, **kwargs) as client:
+        if args.no_stream:
+            answer = client.chat.completions.create(messages=messages, **params)
+            print(answer.choices[0].message.content or "")
+            return 0
+        with client.chat.completions.create(messages=messages, stream=True, **params) as stream:
+            for text in stream.text():
+                sys.stdout.write(text)
+                sys.stdout.flush()
+        sys.stdout.write("\n")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    env = os.environ if env is None else env
+    try:
+        if args.command == "chat":
+            return _chat(args, env)
+        _write_tiny(Path(args.path), seed=args.seed)
+        print(f"wrote a tiny random Mixtral checkpoint to {args.path}")
+        return 0
+    except ConfigurationError as exc:
+        print(f"mixtral: {exc}", file=sys.stderr)
+        return 2
+    except APIError as exc:
+        print(f"mixtral: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    except MixtralError as exc:
+        print(f"mixtral: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
