@@ -1,0 +1,82 @@
+"""The `mixtral` command: streams answers, and fails with one clear line naming the fix."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from mixtral_client._cli import main
+from tests.loopback import Conn, LoopbackServer, Received, sse
+
+
+def _chunk(content: str | None, finish: str | None = None) -> dict[str, object]:
+    delta = {} if content is None else {"content": content}
+    return {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m",
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+
+
+def _host(req: Received, conn: Conn) -> None:
+    body = req.json()
+    if body.get("stream"):
+        conn.start(200, {"Content-Type": "text/event-stream"})
+        conn.write(sse(_chunk("Bon"), _chunk("jour"), _chunk(None, "stop")))
+        conn.finish()
+    else:
+        conn.respond(200, {"id": "x", "choices": [{"index": 0, "finish_reason": "stop",
+                                                    "message": {"role": "assistant", "content": "Salut"}}]})
+
+
+def test_chat_streams_the_answer_to_stdout(capsys: pytest.CaptureFixture[str]) -> None:
+    with LoopbackServer(_host) as server:
+        code = main(["chat", "Say hi", "--system", "Be French", "--temperature", "0.2", "--max-tokens", "9"],
+                    env={"MIXTRAL_BASE_URL": server.url, "MIXTRAL_API_KEY": "k"})
+    assert code == 0
+    assert capsys.readouterr().out == "Bonjour\n"
+    sent = server.requests[0].json()
+    assert sent["messages"] == [{"role": "system", "content": "Be French"}, {"role": "user", "content": "Say hi"}]
+    assert sent["temperature"] == 0.2 and sent["max_tokens"] == 9 and sent["stream"] is True
+
+
+def test_chat_no_stream_prints_the_whole_answer(capsys: pytest.CaptureFixture[str]) -> None:
+    with LoopbackServer(_host) as server:
+        code = main(["chat", "hi", "--no-stream", "--base-url", server.url], env={"MIXTRAL_API_KEY": "k"})
+    assert code == 0
+    assert capsys.readouterr().out == "Salut\n"
+    assert "stream" not in server.requests[0].json()
+
+
+def test_missing_key_exits_nonzero_with_one_line_naming_the_variable(capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["chat", "hi", "--provider", "nvidia"], env={})
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.count("\n") == 1 and "NVIDIA_API_KEY" in err
+
+
+def test_bad_option_exits_nonzero_with_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["chat", "hi", "--temperature", "warm"], env={})
+    err = capsys.readouterr().err
+    assert exc.value.code == 2
+    assert err.count("\n") == 1 and "--temperature" in err and "--help" in err
+
+
+def test_out_of_range_value_is_refused_before_sending(capsys: pytest.CaptureFixture[str]) -> None:
+    with LoopbackServer(_host) as server:
+        code = main(["chat", "hi", "--provider", "nvidia", "--base-url", server.url, "--temperature", "5"],
+                    env={"NVIDIA_API_KEY": "k"})
+    assert code == 2
+    assert "temperature" in capsys.readouterr().err
+    assert server.requests == []
+
+
+def test_host_error_exits_one_with_the_status(capsys: pytest.CaptureFixture[str]) -> None:
+    def refuse(req: Received, conn: Conn) -> None:
+        conn.respond(401, {"error": {"message": "bad key"}})
+
+    with LoopbackServer(refuse) as server:
+        code = main(["chat", "hi", "--base-url", server.url], env={"MIXTRAL_API_KEY": "k"})
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "AuthenticationError" in err and "bad key" in err
+    assert json.loads(server.requests[0].body)["messages"][0]["content"] == "hi"
