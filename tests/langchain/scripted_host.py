@@ -27,11 +27,12 @@ from tests.loopback import Conn, LoopbackServer, Received, sse
 __all__ = ["ScriptedHost", "example_from_schema"]
 
 
-def example_from_schema(schema: dict[str, Any], defs: dict[str, Any] | None = None) -> Any:
-    """A simple value that validates against ``schema``: default, example, first enum value, else by type."""
+def example_from_schema(schema: dict[str, Any], defs: dict[str, Any] | None = None, name: str = "text") -> Any:
+    """A simple value that validates against ``schema``: default, example, first enum value, else by type
+    (a string is "example <property name>")."""
     defs = defs if defs is not None else schema.get("$defs", schema.get("definitions", {}))
     if "$ref" in schema:
-        return example_from_schema(defs[schema["$ref"].rsplit("/", 1)[-1]], defs)
+        return example_from_schema(defs[schema["$ref"].rsplit("/", 1)[-1]], defs, name)
     for key in ("default", "const"):
         if key in schema:
             return schema[key]
@@ -42,14 +43,14 @@ def example_from_schema(schema: dict[str, Any], defs: dict[str, Any] | None = No
     for key in ("anyOf", "oneOf", "allOf"):
         options = [s for s in schema.get(key, []) if s.get("type") != "null"]
         if options:
-            return example_from_schema(options[0], defs)
+            return example_from_schema(options[0], defs, name)
     kind = schema.get("type", "object" if "properties" in schema else "string")
     if isinstance(kind, list):
         kind = next((k for k in kind if k != "null"), "null")
     if kind == "object":
-        return {name: example_from_schema(sub, defs) for name, sub in schema.get("properties", {}).items()}
+        return {key: example_from_schema(sub, defs, key) for key, sub in schema.get("properties", {}).items()}
     if kind == "array":
-        return [example_from_schema(schema.get("items", {}), defs)] * max(schema.get("minItems", 1), 1)
+        return [example_from_schema(schema.get("items", {}), defs, name)] * max(schema.get("minItems", 1), 1)
     if kind in ("integer", "number"):
         value = 0 if kind == "integer" else 0.5
         if "minimum" in schema:
@@ -61,7 +62,7 @@ def example_from_schema(schema: dict[str, Any], defs: dict[str, Any] | None = No
         return True
     if kind == "null":
         return None
-    return f"example {schema.get('title', 'text').lower()}".strip()
+    return f"example {name}"
 
 
 def _words(text: str) -> list[str]:
@@ -120,8 +121,13 @@ class ScriptedHost:
         self._counter += 1
         answer = self._answer(body)
         if body.get("stream"):
+            chunks = self._chunks(body, answer)
             conn.start(200, {"Content-Type": "text/event-stream"})
-            conn.write(sse(*self._chunks(body, answer), done=self.error_after is None))
+            if self.error_after is not None:  # let the good chunks arrive on their own before the error
+                conn.write(sse(*chunks[:-1], done=False))
+                time.sleep(0.05)
+                chunks = chunks[-1:]
+            conn.write(sse(*chunks, done=self.error_after is None))
             conn.finish()
         else:
             conn.respond(200, self._completion(body, answer))
