@@ -122,6 +122,7 @@ class ChatMixtral(BaseChatModel):
 
     _clients_lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
     _sync_client: MixtralClient | None = PrivateAttr(default=None)
+    _close_sync_client: weakref.finalize[Any, Any] | None = PrivateAttr(default=None)
     _async_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, tuple[AsyncMixtralClient, Any]] = (
         PrivateAttr(default_factory=weakref.WeakKeyDictionary))
 
@@ -216,9 +217,9 @@ class ChatMixtral(BaseChatModel):
     def _client(self) -> MixtralClient:
         with self._clients_lock:
             if self._sync_client is None:
-                client = MixtralClient(self.provider, **self._client_args())
-                weakref.finalize(self, client.close)  # a dropped model returns its connections
-                self._sync_client = client
+                self._sync_client = MixtralClient(self.provider, **self._client_args())
+                # a model dropped without close() still returns its connections (at exit at the latest)
+                self._close_sync_client = weakref.finalize(self, self._sync_client.close)
             return self._sync_client
 
     async def _aclient(self) -> AsyncMixtralClient:
@@ -235,9 +236,9 @@ class ChatMixtral(BaseChatModel):
     def close(self) -> None:
         """Close the synchronous client's connections (async clients close with their event loop)."""
         with self._clients_lock:
-            client, self._sync_client = self._sync_client, None
-        if client is not None:
-            client.close()
+            close, self._close_sync_client, self._sync_client = self._close_sync_client, None, None
+        if close is not None:
+            close()  # a finalizer runs at most once
 
     @property
     def _runs_in_process(self) -> bool:
