@@ -189,10 +189,11 @@ class ChatMixtral(BaseChatModel):
                   "seed": self.seed, **self.model_kwargs}
         return {k: v for k, v in params.items() if v is not None}
 
-    def _create_params(self, messages: list[BaseMessage], stop: list[str] | None, stream: bool,
+    def _create_params(self, messages: list[BaseMessage], stop: list[str] | None, stream: bool, /,
                        **kwargs: Any) -> dict[str, Any]:
         """Everything ``create()`` gets for one call: messages, sampling, tools; unknown keys into extra_body."""
         stream_usage = kwargs.pop("stream_usage", self.stream_usage)
+        kwargs.pop("stream", None)  # LangChain's own switch (``invoke(..., stream=True)``), already acted on
         params: dict[str, Any] = {**self._default_params(), **kwargs}
         params = {k: v for k, v in params.items() if v is not None}
         stops = stop if stop is not None else params.pop("stop", None) or self.stop
@@ -250,7 +251,7 @@ class ChatMixtral(BaseChatModel):
     def _generate(self, messages: list[BaseMessage], stop: list[str] | None = None,
                   run_manager: CallbackManagerForLLMRun | None = None,  # noqa: ARG002 (part of the interface)
                   **kwargs: Any) -> ChatResult:
-        params = self._create_params(messages, stop, stream=False, **kwargs)
+        params = self._create_params(messages, stop, False, **kwargs)
         completion = self._client().chat.completions.create(**params)
         return to_chat_result(completion, params.get("model") or self._model_name)
 
@@ -258,13 +259,13 @@ class ChatMixtral(BaseChatModel):
                          run_manager: AsyncCallbackManagerForLLMRun | None = None, **kwargs: Any) -> ChatResult:
         if self._runs_in_process:
             return await super()._agenerate(messages, stop, run_manager, **kwargs)
-        params = self._create_params(messages, stop, stream=False, **kwargs)
+        params = self._create_params(messages, stop, False, **kwargs)
         completion = await (await self._aclient()).chat.completions.create(**params)
         return to_chat_result(completion, params.get("model") or self._model_name)
 
     def _stream(self, messages: list[BaseMessage], stop: list[str] | None = None,
                 run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> Iterator[ChatGenerationChunk]:
-        params = self._create_params(messages, stop, stream=True, **kwargs)
+        params = self._create_params(messages, stop, True, **kwargs)
         converter = ChunkConverter(params.get("model") or self._model_name)
         with self._client().chat.completions.create(stream=True, **params) as stream:
             for chunk in stream:
@@ -281,7 +282,7 @@ class ChatMixtral(BaseChatModel):
             async for in_thread in super()._astream(messages, stop, run_manager, **kwargs):
                 yield in_thread
             return
-        params = self._create_params(messages, stop, stream=True, **kwargs)
+        params = self._create_params(messages, stop, True, **kwargs)
         converter = ChunkConverter(params.get("model") or self._model_name)
         async with await (await self._aclient()).chat.completions.create(stream=True, **params) as stream:
             async for chunk in stream:

@@ -172,7 +172,7 @@ def test_hosts_without_tools_refuse_them_before_sending(host: ScriptedHost) -> N
 
 @pytest.mark.parametrize("method", ["function_calling", "json_schema"])
 def test_structured_output_parses_into_the_schema(host: ScriptedHost, method: str) -> None:
-    joke = model_on(host).with_structured_output(Joke, method=method).invoke("a joke")  # type: ignore[arg-type]
+    joke = model_on(host).with_structured_output(Joke, method=method).invoke("a joke")
     assert joke == Joke(setup="example setup", punchline="example punchline")
 
 
@@ -266,6 +266,13 @@ def test_model_kwargs_known_ones_go_top_level_unknown_ones_into_the_body(host: S
 def test_model_kwargs_may_not_shadow_fields() -> None:
     with pytest.raises(ValueError, match="model_kwargs must not set"):
         ChatMixtral(provider="openai", base_url="http://127.0.0.1:9/v1", api_key="k", model_kwargs={"temperature": 1})
+
+
+def test_the_stream_switch_of_invoke_is_not_sent_as_a_body_field(llm: ChatMixtral, host: ScriptedHost) -> None:
+    assert llm.invoke("hi", stream=True).usage_metadata is not None
+    assert host.requests[-1]["stream"] is True
+    assert llm.invoke("hi", stream=False).content == "Hello! You said: hi"
+    assert "stream" not in host.requests[-1]
 
 
 def test_logprobs_reach_the_generation_info(host: ScriptedHost) -> None:
