@@ -94,7 +94,7 @@ class ChatMixtral(BaseChatModel):
     ``UnsupportedFeatureError`` before anything is sent. See docs/langchain.md.
     """
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(extra="forbid")
 
     provider: str | None = None
     """nvidia | openrouter | aimlapi | openai | bedrock | local (default: ``MIXTRAL_PROVIDER``, else inferred
@@ -132,8 +132,7 @@ class ChatMixtral(BaseChatModel):
         preset = PROVIDERS.get((self.provider or "").strip().lower())
         if isinstance(self.api_key, _EnvSecret) and preset and self.api_key.variable not in _key_variables(preset):
             self.api_key = None  # read for another provider: look again for this one's variables
-        bad = {"model", "stream", "messages"} & self.model_kwargs.keys() | self.model_kwargs.keys() & set(
-            type(self).model_fields)
+        bad = self.model_kwargs.keys() & ({"stream", "messages"} | type(self).model_fields.keys())
         if bad:
             raise ValueError(f"model_kwargs must not set {sorted(bad)}: pass them as ChatMixtral arguments")
         config = resolve_config(
@@ -143,7 +142,8 @@ class ChatMixtral(BaseChatModel):
         )
         self.provider = config.provider
         if self.api_key is None and config.api_key:
-            variable = next(v for v in _key_variables(config.preset) if os.environ.get(v) == config.api_key)
+            variable = next((v for v in _key_variables(config.preset) if os.environ.get(v) == config.api_key),
+                            "MIXTRAL_API_KEY")
             self.api_key = _EnvSecret(config.api_key, variable)
         return self
 
