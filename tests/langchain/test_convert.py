@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 from langchain_core.messages import AIMessage, ChatMessage, HumanMessage, SystemMessage, ToolMessage
 
@@ -84,3 +87,8 @@ def test_other_choices_of_a_stream_are_ignored() -> None:
     converter = ChunkConverter("m")
     other = ChatCompletionChunk.model_validate({"choices": [{"index": 1, "delta": {"content": "no"}}]})
     assert converter.convert(other) is None
+
+
+def test_the_package_exports_chat_mixtral_and_imports_no_torch() -> None:
+    code = "import sys, langchain_mixtral; assert langchain_mixtral.__all__ == ['ChatMixtral']; assert 'torch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=".", env={"PYTHONPATH": ".:integrations"})
