@@ -1,0 +1,367 @@
+"""``ChatMixtral``: the LangChain chat model over ``MixtralClient`` / ``AsyncMixtralClient``.
+
+A thin adapter: one payload builder (``_create_params``) feeds ``_generate``/``_agenerate``/``_stream``/
+``_astream``; ``_convert`` turns answers and chunks into LangChain objects. Every request goes through our
+client, which validates it against the provider's limits, retries, times out and maps errors; this module
+holds no HTTP code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import weakref
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from operator import itemgetter
+from typing import Any, Literal
+
+from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
+from langchain_core.language_models import BaseChatModel, LangSmithParams, LanguageModelInput
+from langchain_core.messages import AIMessage, BaseMessage
+from langchain_core.output_parsers import JsonOutputParser, PydanticOutputParser
+from langchain_core.output_parsers.base import OutputParserLike
+from langchain_core.output_parsers.openai_tools import JsonOutputKeyToolsParser, PydanticToolsParser
+from langchain_core.outputs import ChatGenerationChunk, ChatResult
+from langchain_core.runnables import Runnable, RunnableMap, RunnablePassthrough
+from langchain_core.tools import BaseTool
+from langchain_core.utils.function_calling import convert_to_openai_function, convert_to_openai_tool
+from langchain_core.utils.pydantic import is_basemodel_subclass
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SecretStr, model_validator
+
+from mixtral_client import (
+    PROVIDERS,
+    AsyncMixtralClient,
+    CompletionParams,
+    MixtralClient,
+    ProviderPreset,
+    Timeout,
+)
+from mixtral_client._config import resolve_config
+
+from ._convert import ChunkConverter, to_chat_result, to_wire_messages
+
+__all__ = ["ChatMixtral"]
+
+#: the keyword arguments ``create()`` takes; anything else in ``model_kwargs`` or a call goes to ``extra_body``
+_CREATE_KEYS = frozenset(CompletionParams.__annotations__)
+_TOOL_CHOICE_WORDS = {"auto": "auto", "none": "none", "required": "required", "any": "required"}
+_StructuredMethod = Literal["function_calling", "json_mode", "json_schema"]
+
+
+class _EnvSecret(SecretStr):
+    """A key read from an environment variable; it remembers which one.
+
+    ``configurable_fields`` rebuilds the model from its field values when a config switches ``provider``:
+    a key that came from the old provider's variable is then read again for the new provider instead of
+    being sent to another host.
+    """
+
+    def __init__(self, value: str, variable: str) -> None:
+        super().__init__(value)
+        self.variable = variable
+
+
+def _key_variables(preset: ProviderPreset) -> list[str]:
+    """Where a provider's key is looked up, in order (its own variable, then ``MIXTRAL_API_KEY``)."""
+    return [v for v in (preset.api_key_env, "MIXTRAL_API_KEY") if v]
+
+
+async def _close_at_loop_shutdown(client: AsyncMixtralClient, clients: weakref.WeakKeyDictionary[Any, Any],
+                                  loop: asyncio.AbstractEventLoop) -> AsyncIterator[None]:
+    """Parked on its event loop; ``asyncio.run`` (and any loop shut down properly) finalizes it on the way out."""
+    try:
+        yield
+    finally:
+        clients.pop(loop, None)
+        await client.aclose()
+
+
+class ChatMixtral(BaseChatModel):
+    """Mixtral-8x7B-Instruct as a LangChain chat model, on any provider ``mixtral_client`` knows.
+
+    ```python
+    from langchain_mixtral import ChatMixtral
+
+    llm = ChatMixtral(provider="openrouter", temperature=0)  # key from OPENROUTER_API_KEY
+    llm.invoke("Hello")
+    local = ChatMixtral(provider="local", model_path="/models/mixtral")  # in-process weights
+    ```
+
+    Keys are read from the provider's variable (``NVIDIA_API_KEY``, ``OPENROUTER_API_KEY``, ``AIMLAPI_API_KEY``,
+    or ``MIXTRAL_API_KEY``) when not given. Tools and structured output need a host that supports them
+    (``openai``-compatible endpoints, OpenRouter); NVIDIA, AIML API and the local backend refuse them with
+    ``UnsupportedFeatureError`` before anything is sent. See docs/langchain.md.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    provider: str | None = None
+    """nvidia | openrouter | aimlapi | openai | bedrock | local (default: ``MIXTRAL_PROVIDER``, else inferred
+    from ``base_url`` / ``model_path``)."""
+    model: str | None = None
+    """Model id sent to the host (default: the provider's own Mixtral-8x7B-Instruct id)."""
+    base_url: str | None = None
+    api_key: SecretStr | None = None
+    model_path: str | None = None
+    """Checkpoint directory for ``provider="local"``."""
+    temperature: float | None = None
+    top_p: float | None = None
+    max_tokens: int | None = None
+    stop: list[str] | None = None
+    seed: int | None = None
+    timeout: float | Timeout | None = None
+    """Seconds for the whole call (retries included), or a ``mixtral_client.Timeout``."""
+    max_retries: int = 2
+    streaming: bool = False
+    """Stream internally on ``invoke`` (callbacks see tokens as they arrive)."""
+    stream_usage: bool = True
+    """Ask for token usage when streaming (``stream_options.include_usage``)."""
+    model_kwargs: dict[str, Any] = Field(default_factory=dict)
+    """Other ``create()`` parameters (``n``, ``presence_penalty``, ...); unknown ones go to ``extra_body``."""
+
+    _clients_lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
+    _sync_client: MixtralClient | None = PrivateAttr(default=None)
+    _close_sync_client: weakref.finalize[Any, Any] | None = PrivateAttr(default=None)
+    _async_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, tuple[AsyncMixtralClient, Any]] = (
+        PrivateAttr(default_factory=weakref.WeakKeyDictionary))
+
+    @model_validator(mode="after")
+    def _resolve(self) -> ChatMixtral:
+        """Check the configuration now (nothing is built or sent); fill ``provider`` and ``api_key`` from the env."""
+        preset = PROVIDERS.get((self.provider or "").strip().lower())
+        if isinstance(self.api_key, _EnvSecret) and preset and self.api_key.variable not in _key_variables(preset):
+            self.api_key = None  # read for another provider: look again for this one's variables
+        bad = self.model_kwargs.keys() & ({"stream", "messages"} | type(self).model_fields.keys())
+        if bad:
+            raise ValueError(f"model_kwargs must not set {sorted(bad)}: pass them as ChatMixtral arguments")
+        config = resolve_config(
+            os.environ, provider=self.provider, base_url=self.base_url, model_path=self.model_path,
+            api_key=self.api_key.get_secret_value() if self.api_key else None, model=self.model,
+            timeout=self.timeout, max_retries=self.max_retries,
+        )
+        self.provider = config.provider
+        if self.api_key is None and config.api_key:
+            variable = next((v for v in _key_variables(config.preset) if os.environ.get(v) == config.api_key),
+                            "MIXTRAL_API_KEY")
+            self.api_key = _EnvSecret(config.api_key, variable)
+        return self
+
+    # -- LangChain metadata ---------------------------------------------------------------------------
+
+    @property
+    def _llm_type(self) -> str:
+        return "mixtral-chat"
+
+    @property
+    def _preset(self) -> ProviderPreset:
+        return PROVIDERS[self.provider or "openai"]
+
+    @property
+    def _model_name(self) -> str:
+        return self._preset.resolve_model(self.model or os.environ.get("MIXTRAL_MODEL") or None)
+
+    @property
+    def _identifying_params(self) -> dict[str, Any]:
+        return {"provider": self.provider, "model": self._model_name, "base_url": self.base_url,
+                **self._default_params()}
+
+    def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
+        params = LangSmithParams(
+            ls_provider=self.provider or "mixtral",
+            ls_model_name=kwargs.get("model") or self._model_name,
+            ls_model_type="chat",
+        )
+        temperature = kwargs.get("temperature", self.temperature)
+        if temperature is not None:
+            params["ls_temperature"] = temperature
+        max_tokens = kwargs.get("max_tokens", self.max_tokens)
+        if max_tokens is not None:
+            params["ls_max_tokens"] = max_tokens
+        if stop := stop or kwargs.get("stop") or self.stop:
+            params["ls_stop"] = [stop] if isinstance(stop, str) else stop
+        return params
+
+    # -- the payload builder --------------------------------------------------------------------------
+
+    def _default_params(self) -> dict[str, Any]:
+        params = {"temperature": self.temperature, "top_p": self.top_p, "max_tokens": self.max_tokens,
+                  "seed": self.seed, **self.model_kwargs}
+        return {k: v for k, v in params.items() if v is not None}
+
+    def _create_params(self, messages: list[BaseMessage], stop: list[str] | None, stream: bool, /,
+                       **kwargs: Any) -> dict[str, Any]:
+        """Everything ``create()`` gets for one call: messages, sampling, tools; unknown keys into extra_body."""
+        stream_usage = kwargs.pop("stream_usage", self.stream_usage)
+        kwargs.pop("stream", None)  # LangChain's own switch (``invoke(..., stream=True)``), already acted on
+        params: dict[str, Any] = {**self._default_params(), **kwargs}
+        params = {k: v for k, v in params.items() if v is not None}
+        stops = stop if stop is not None else params.pop("stop", None) or self.stop
+        params.pop("stop", None)
+        if stops:
+            params["stop"] = list(stops)
+        if stream and stream_usage:
+            params["stream_options"] = {"include_usage": True, **params.get("stream_options", {})}
+        extra = {k: params.pop(k) for k in list(params) if k not in _CREATE_KEYS}
+        if extra:
+            params["extra_body"] = {**extra, **params.get("extra_body", {})}
+        return {"messages": to_wire_messages(messages), **params}
+
+    # -- clients (built on first use) -----------------------------------------------------------------
+
+    def _client_args(self) -> dict[str, Any]:
+        args = {"base_url": self.base_url, "model": self.model, "model_path": self.model_path,
+                "timeout": self.timeout, "max_retries": self.max_retries,
+                "api_key": self.api_key.get_secret_value() if self.api_key else None}
+        return {k: v for k, v in args.items() if v is not None}
+
+    def _client(self) -> MixtralClient:
+        with self._clients_lock:
+            if self._sync_client is None:
+                self._sync_client = MixtralClient(self.provider, **self._client_args())
+                # a model dropped without close() still returns its connections (at exit at the latest)
+                self._close_sync_client = weakref.finalize(self, self._sync_client.close)
+            return self._sync_client
+
+    async def _aclient(self) -> AsyncMixtralClient:
+        """One async client per event loop (connections cannot cross loops), closed when that loop shuts down."""
+        loop = asyncio.get_running_loop()
+        entry = self._async_clients.get(loop)
+        if entry is None:
+            client = AsyncMixtralClient(self.provider, **self._client_args())
+            guard = _close_at_loop_shutdown(client, self._async_clients, loop)
+            await guard.__anext__()
+            entry = self._async_clients[loop] = (client, guard)
+        return entry[0]
+
+    def close(self) -> None:
+        """Close the synchronous client's connections (async clients close with their event loop)."""
+        with self._clients_lock:
+            close, self._close_sync_client, self._sync_client = self._close_sync_client, None, None
+        if close is not None:
+            close()  # a finalizer runs at most once
+
+    @property
+    def _runs_in_process(self) -> bool:
+        """The local backend computes in-process: its async paths run the sync ones in a thread."""
+        return self._preset.kind == "local"
+
+    # -- calls ----------------------------------------------------------------------------------------
+
+    def _generate(self, messages: list[BaseMessage], stop: list[str] | None = None,
+                  run_manager: CallbackManagerForLLMRun | None = None,  # noqa: ARG002 (part of the interface)
+                  **kwargs: Any) -> ChatResult:
+        params = self._create_params(messages, stop, False, **kwargs)
+        completion = self._client().chat.completions.create(**params)
+        return to_chat_result(completion, params.get("model") or self._model_name)
+
+    async def _agenerate(self, messages: list[BaseMessage], stop: list[str] | None = None,
+                         run_manager: AsyncCallbackManagerForLLMRun | None = None, **kwargs: Any) -> ChatResult:
+        if self._runs_in_process:
+            return await super()._agenerate(messages, stop, run_manager, **kwargs)
+        params = self._create_params(messages, stop, False, **kwargs)
+        completion = await (await self._aclient()).chat.completions.create(**params)
+        return to_chat_result(completion, params.get("model") or self._model_name)
+
+    def _stream(self, messages: list[BaseMessage], stop: list[str] | None = None,
+                run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> Iterator[ChatGenerationChunk]:
+        params = self._create_params(messages, stop, True, **kwargs)
+        converter = ChunkConverter(params.get("model") or self._model_name)
+        with self._client().chat.completions.create(stream=True, **params) as stream:
+            for chunk in stream:
+                if (generation := converter.convert(chunk)) is not None:
+                    if run_manager:
+                        run_manager.on_llm_new_token(generation.text, chunk=generation)
+                    yield generation
+        yield converter.last()
+
+    async def _astream(self, messages: list[BaseMessage], stop: list[str] | None = None,
+                       run_manager: AsyncCallbackManagerForLLMRun | None = None,
+                       **kwargs: Any) -> AsyncIterator[ChatGenerationChunk]:
+        if self._runs_in_process:
+            async for in_thread in super()._astream(messages, stop, run_manager, **kwargs):
+                yield in_thread
+            return
+        params = self._create_params(messages, stop, True, **kwargs)
+        converter = ChunkConverter(params.get("model") or self._model_name)
+        async with await (await self._aclient()).chat.completions.create(stream=True, **params) as stream:
+            async for chunk in stream:
+                if (generation := converter.convert(chunk)) is not None:
+                    if run_manager:
+                        await run_manager.on_llm_new_token(generation.text, chunk=generation)
+                    yield generation
+        yield converter.last()
+
+    # -- tools and structured output ------------------------------------------------------------------
+
+    def bind_tools(
+        self,
+        tools: Sequence[dict[str, Any] | type | Callable[..., Any] | BaseTool],
+        *,
+        tool_choice: str | dict[str, Any] | None = None,
+        strict: bool | None = None,
+        **kwargs: Any,
+    ) -> Runnable[LanguageModelInput, AIMessage]:
+        """Bind tools (OpenAI function format). ``tool_choice``: "auto", "any" (sent as "required"), "none",
+        a tool name, or an OpenAI tool-choice dict."""
+        formatted = [convert_to_openai_tool(t, strict=strict) for t in tools]
+        if tool_choice is not None:
+            kwargs["tool_choice"] = _format_tool_choice(tool_choice, [t["function"]["name"] for t in formatted])
+        return super().bind(tools=formatted, **kwargs)
+
+    def with_structured_output(
+        self,
+        schema: dict[str, Any] | type | None = None,
+        *,
+        method: _StructuredMethod = "function_calling",
+        include_raw: bool = False,
+        strict: bool | None = None,
+        **kwargs: Any,
+    ) -> Runnable[LanguageModelInput, dict[str, Any] | BaseModel]:
+        """Answers parsed into ``schema`` (a pydantic class, TypedDict, JSON schema or OpenAI tool).
+
+        ``function_calling`` forces a call to a tool built from the schema; ``json_mode`` asks for any JSON
+        object (say which keys in the prompt); ``json_schema`` sends the schema as ``response_format``.
+        """
+        if kwargs:
+            raise ValueError(f"with_structured_output got unsupported arguments {sorted(kwargs)}")
+        pydantic_schema = isinstance(schema, type) and is_basemodel_subclass(schema)
+        format_kwargs: dict[str, Any] = {"method": method} if method == "json_mode" else {"method": method, "strict": strict}
+        ls_format = {"kwargs": format_kwargs, "schema": schema} if schema is not None else None
+        parser: OutputParserLike[Any]
+        if method != "json_mode" and schema is None:
+            raise ValueError(f"method={method!r} needs a schema")
+        if method == "function_calling" and schema is not None:
+            name = convert_to_openai_tool(schema)["function"]["name"]
+            llm = self.bind_tools([schema], tool_choice=name, strict=strict, ls_structured_output_format=ls_format)
+            parser = (PydanticToolsParser(tools=[schema], first_tool_only=True) if pydantic_schema
+                      else JsonOutputKeyToolsParser(key_name=name, first_tool_only=True))
+        elif method == "json_mode" or (method == "json_schema" and schema is not None):
+            if method == "json_mode" or schema is None:
+                response_format: dict[str, Any] = {"type": "json_object"}
+            else:
+                function = convert_to_openai_function(schema, strict=strict)
+                response_format = {"type": "json_schema", "json_schema": {
+                    "name": function["name"], "schema": function["parameters"],
+                    **({"strict": strict} if strict is not None else {}),
+                    **({"description": function["description"]} if function.get("description") else {}),
+                }}
+            llm = self.bind(response_format=response_format, ls_structured_output_format=ls_format)
+            parser = PydanticOutputParser(pydantic_object=schema) if pydantic_schema else JsonOutputParser()
+        else:
+            raise ValueError(f"method must be function_calling, json_mode or json_schema, got {method!r}")
+        if not include_raw:
+            return llm | parser
+        parse = RunnablePassthrough.assign(parsed=itemgetter("raw") | parser, parsing_error=lambda _: None)
+        fallback = RunnablePassthrough.assign(parsed=lambda _: None)
+        return RunnableMap(raw=llm) | parse.with_fallbacks([fallback], exception_key="parsing_error")
+
+
+def _format_tool_choice(choice: str | Mapping[str, Any], names: list[str]) -> str | dict[str, Any]:
+    if isinstance(choice, Mapping):
+        return dict(choice)
+    if choice in _TOOL_CHOICE_WORDS:
+        return _TOOL_CHOICE_WORDS[choice]
+    if choice in names:
+        return {"type": "function", "function": {"name": choice}}
+    raise ValueError(f"tool_choice {choice!r} is neither auto/any/none/required nor one of the tools {names}")
