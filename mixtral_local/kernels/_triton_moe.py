@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+from triton.runtime.jit import JITFunction
 
-__all__ = ["w13_silu_kernel", "w2_weighted_kernel"]
+__all__ = ["interpreted", "w13_silu_kernel", "w2_weighted_kernel"]
 
 
 @triton.jit
@@ -155,3 +156,8 @@ def w2_weighted_kernel(
     acc = acc * weight[:, None]
     out_ptrs = out_ptr + slots[:, None] * stride_om + offs_n[None, :] * stride_on
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+def interpreted() -> bool:
+    """Whether these kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1 when this module was imported)."""
+    return not isinstance(w13_silu_kernel, JITFunction)

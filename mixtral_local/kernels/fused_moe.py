@@ -15,14 +15,13 @@ keeps every slot index far from int32 limits.
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Mapping
 from typing import NamedTuple
 
 import torch
 import triton
 
-from ._triton_moe import w2_weighted_kernel, w13_silu_kernel
+from ._triton_moe import interpreted, w2_weighted_kernel, w13_silu_kernel
 from .configs import MoEConfig, device_name, get_config
 from .reference import route
 
@@ -113,8 +112,10 @@ def _check_inputs(
     if len(devices) != 1:
         raise ValueError(f"all inputs must be on one device, got {sorted(map(str, devices))}")
     device = hidden.device
-    if device.type != "cuda" and not (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"):
-        raise ValueError(f"fused_moe needs CUDA tensors (CPU only under TRITON_INTERPRET=1), got {device}")
+    if device.type != "cuda" and not (device.type == "cpu" and interpreted()):
+        raise ValueError(
+            f"fused_moe needs CUDA tensors (CPU ones only under TRITON_INTERPRET=1), got {device}"
+        )
     for name, t in (("hidden", hidden), ("w13", w13), ("w2", w2)):
         if t.stride(-1) != 1:
             raise ValueError(f"{name} must be contiguous in its last dimension, got strides {t.stride()}")
