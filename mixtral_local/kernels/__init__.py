@@ -17,7 +17,7 @@ import torch
 
 from .reference import moe_reference, route
 
-__all__ = ["MoEBackend", "MoEFn", "fused_moe", "moe_reference", "resolve_moe_backend", "route"]
+__all__ = ["MoEBackend", "MoEFn", "moe_reference", "resolve_moe_backend", "route"]
 
 MoEFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
 MoEBackend = Literal["auto", "torch", "triton"]
@@ -45,12 +45,3 @@ def resolve_moe_backend(name: str, device: torch.device | str) -> tuple[str, MoE
     from .fused_moe import fused_moe
 
     return "triton", fused_moe
-
-
-def __getattr__(name: str) -> object:
-    """``fused_moe`` on first access, so that importing this package never imports triton."""
-    if name == "fused_moe":
-        from .fused_moe import fused_moe
-
-        return fused_moe
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
