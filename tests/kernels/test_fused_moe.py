@@ -1,7 +1,7 @@
 """fused_moe against moe_reference and a float64 loop, on CPU through Triton's interpreter (fp32 and fp16).
 
 The interpreter's bf16 ``tl.dot`` is broken in triton 3.9, so bf16 is covered by the GPU tests only.
-Shapes are tiny and odd (H=37, INTER=45) so that every tile has a ragged edge.
+Shapes are tiny and odd (H=37, I=45) so that every tile has a ragged edge.
 """
 
 from __future__ import annotations
