@@ -42,6 +42,14 @@ def _block_coords(num_m_blocks, N, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr)
 
 
 @triton.jit
+def _block_rows(pid_m, sorted_slots_ptr, block_expert_ptr, num_slots, BLOCK_M: tl.constexpr):
+    """(expert, slot ids [BLOCK_M] int64, which rows are real slots) of sorted block ``pid_m``."""
+    expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+    slots = tl.load(sorted_slots_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    return expert, slots, slots < num_slots
+
+
+@triton.jit
 def w13_silu_kernel(
     x_ptr,  # [M, H] hidden
     w_ptr,  # [E, 2I, H] w13
@@ -70,11 +78,7 @@ def w13_silu_kernel(
     pid_m, pid_n = _block_coords(num_m_blocks, N, HALF_N, GROUP_M)
     if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
         return
-    expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    slots = tl.load(sorted_slots_ptr + offs_m).to(tl.int64)
-    row_ok = slots < num_slots
+    expert, slots, row_ok = _block_rows(pid_m, sorted_slots_ptr, block_expert_ptr, num_slots, BLOCK_M)
     tokens = slots // top_k
     offs_n = pid_n * HALF_N + tl.arange(0, HALF_N).to(tl.int64)
     col_ok = offs_n < N
@@ -131,11 +135,7 @@ def w2_weighted_kernel(
     pid_m, pid_n = _block_coords(num_m_blocks, N, BLOCK_N, GROUP_M)
     if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
         return
-    expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    slots = tl.load(sorted_slots_ptr + offs_m).to(tl.int64)
-    row_ok = slots < num_slots
+    expert, slots, row_ok = _block_rows(pid_m, sorted_slots_ptr, block_expert_ptr, num_slots, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
     col_ok = offs_n < N
     offs_k = tl.arange(0, BLOCK_K)

@@ -136,9 +136,9 @@ def fused_moe(
     ``config`` fixes the tiles (a ``MoEConfig`` or its dict); by default they come from the tuned table
     for this shape and GPU, chosen by M. ``max_chunk_slots`` bounds the slots (M * top_k) of one launch.
     """
-    _check_inputs(hidden, w13, w2, router_logits, top_k)
     if isinstance(config, Mapping):
         config = MoEConfig.from_dict(config)
+    _check_inputs(hidden, w13, w2, router_logits, top_k)
     if max_chunk_slots < top_k:
         raise ValueError(f"max_chunk_slots must hold one token's {top_k} slots, got {max_chunk_slots}")
     m = hidden.shape[0]
