@@ -1,0 +1,218 @@
+"""Fused MoE on Triton: the launcher of the kernels in ``_triton_moe.py``; same signature as ``moe_reference``.
+
+    fused_moe(hidden [M, H], w13 [E, 2I, H], w2 [E, H, I], router_logits [M, E], top_k) -> [M, H]
+
+1. route: softmax in fp32, top-k, renormalise (``reference.route``, so both paths pick the same experts);
+2. ``moe_align``: sort the M * top_k slots by expert, pad each expert's run to BLOCK_M (no host sync);
+3. ``w13_silu_kernel``: grouped GEMM over w13 with SiLU(gate) * up in its epilogue -> act [slots, I];
+4. ``w2_weighted_kernel``: grouped GEMM over w2 times each slot's routing weight -> [slots, H];
+5. sum the top_k rows of each token (in torch: deterministic, unlike atomic adds).
+
+Calls of more than ``max_chunk_slots`` slots run in chunks of tokens, which bounds the scratch memory and
+keeps every slot index far from int32 limits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Mapping
+from typing import NamedTuple
+
+import torch
+import triton
+
+from ._triton_moe import interpreted, w2_weighted_kernel, w13_silu_kernel
+from .configs import MoEConfig, device_name, get_config
+from .reference import route
+
+__all__ = ["CHUNK_SLOTS", "MoEAlignment", "fused_moe", "moe_align"]
+
+CHUNK_SLOTS = 65536
+_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+class MoEAlignment(NamedTuple):
+    """Slots sorted by expert, each expert's run padded to a multiple of ``block_m``.
+
+    sorted_slots  [num_m_blocks * block_m] int32  slot ids by expert; padding holds num_slots
+    block_expert  [num_m_blocks] int32            expert owning each block; -1 for blocks past the end
+    num_padded    [1] int32                       sorted positions in use (a multiple of block_m)
+    """
+
+    sorted_slots: torch.Tensor
+    block_expert: torch.Tensor
+    num_padded: torch.Tensor
+
+    @property
+    def num_m_blocks(self) -> int:
+        return self.block_expert.numel()
+
+
+def moe_align(expert_ids: torch.Tensor, n_experts: int, block_m: int) -> MoEAlignment:
+    """Sort the slots of ``expert_ids`` [M, top_k] by expert and pad each expert's run to ``block_m``.
+
+    Runs on the device without a host sync: the buffers are sized by an upper bound on the blocks,
+    ceil(slots / block_m) + min(E, slots), and ``num_padded`` tells the kernels where the real blocks end.
+    Experts with no slot own no block.
+    """
+    device = expert_ids.device
+    flat = expert_ids.flatten().long()  # [S]
+    num_slots = flat.numel()
+    num_m_blocks = triton.cdiv(num_slots, block_m) + min(n_experts, num_slots)
+
+    counts = torch.zeros(n_experts, dtype=torch.long, device=device)
+    counts.scatter_add_(0, flat, torch.ones_like(flat))
+    padded = (counts + block_m - 1) // block_m * block_m
+    padded_end = torch.cumsum(padded, 0)  # [E] end of each expert's padded run
+    padded_start = padded_end - padded
+    count_start = torch.cumsum(counts, 0) - counts  # [E] start of each expert's run among sorted slots
+
+    sorted_experts, order = torch.sort(flat, stable=True)  # order: slot ids grouped by expert
+    rank = torch.arange(num_slots, device=device) - count_start[sorted_experts]
+    dest = padded_start[sorted_experts] + rank
+    sorted_slots = torch.full((num_m_blocks * block_m,), num_slots, dtype=torch.int32, device=device)
+    sorted_slots[dest] = order.to(torch.int32)
+
+    block_starts = torch.arange(num_m_blocks, device=device) * block_m
+    block_expert = torch.searchsorted(padded_end, block_starts, right=True)  # first expert ending after it
+    block_expert = torch.where(block_expert < n_experts, block_expert, -1).to(torch.int32)
+    return MoEAlignment(sorted_slots, block_expert, padded_end[-1:].to(torch.int32))
+
+
+def _check_inputs(
+    hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, router_logits: torch.Tensor, top_k: int
+) -> None:
+    """Raise ValueError with the reason when the inputs cannot go to the kernels as they are."""
+    if hidden.dim() != 2:
+        raise ValueError(f"hidden must be 2-D [M, H], got shape {tuple(hidden.shape)}")
+    if w13.dim() != 3 or w2.dim() != 3:
+        raise ValueError(f"w13 and w2 must be 3-D, got {tuple(w13.shape)} and {tuple(w2.shape)}")
+    m, h = hidden.shape
+    n_experts, two_i, w13_h = w13.shape
+    if two_i % 2 != 0:
+        raise ValueError(f"w13 must stack gate and up rows [E, 2I, H]; its {two_i} rows are odd")
+    inter = two_i // 2
+    if w13_h != h:
+        raise ValueError(f"w13 {tuple(w13.shape)} does not match hidden size H={h}")
+    if tuple(w2.shape) != (n_experts, h, inter):
+        raise ValueError(f"w2 must be [E, H, I] = {(n_experts, h, inter)}, got {tuple(w2.shape)}")
+    if tuple(router_logits.shape) != (m, n_experts):
+        raise ValueError(f"router_logits must be [M, E] = {(m, n_experts)}, got {tuple(router_logits.shape)}")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= n_experts:
+        raise ValueError(f"top_k must be an int in 1..{n_experts}, got {top_k!r}")
+    if hidden.dtype not in _SUPPORTED_DTYPES:
+        raise ValueError(f"hidden dtype must be float16, bfloat16 or float32, got {hidden.dtype}")
+    if w13.dtype != hidden.dtype or w2.dtype != hidden.dtype:
+        raise ValueError(
+            f"hidden, w13 and w2 must share a dtype, got {hidden.dtype}, {w13.dtype}, {w2.dtype}"
+        )
+    if not router_logits.dtype.is_floating_point:
+        raise ValueError(f"router_logits must be floating point, got {router_logits.dtype}")
+    devices = {t.device for t in (hidden, w13, w2, router_logits)}
+    if len(devices) != 1:
+        raise ValueError(f"all inputs must be on one device, got {sorted(map(str, devices))}")
+    device = hidden.device
+    if device.type != "cuda" and not (device.type == "cpu" and interpreted()):
+        raise ValueError(
+            f"fused_moe needs CUDA tensors (CPU ones only under TRITON_INTERPRET=1), got {device}"
+        )
+    for name, t in (("hidden", hidden), ("w13", w13), ("w2", w2)):
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name} must be contiguous in its last dimension, got strides {t.stride()}")
+
+
+def fused_moe(
+    hidden: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    router_logits: torch.Tensor,
+    top_k: int = 2,
+    *,
+    config: MoEConfig | Mapping[str, int] | None = None,
+    max_chunk_slots: int = CHUNK_SLOTS,
+) -> torch.Tensor:
+    """The MoE layer of ``moe_reference`` as two fused grouped GEMMs; returns [M, H] in hidden's dtype.
+
+    ``config`` fixes the tiles (a ``MoEConfig`` or its dict); by default they come from the tuned table
+    for this shape and GPU, chosen by M. ``max_chunk_slots`` bounds the slots (M * top_k) of one launch.
+    """
+    if isinstance(config, Mapping):
+        config = MoEConfig.from_dict(config)
+    _check_inputs(hidden, w13, w2, router_logits, top_k)
+    if max_chunk_slots < top_k:
+        raise ValueError(f"max_chunk_slots must hold one token's {top_k} slots, got {max_chunk_slots}")
+    m = hidden.shape[0]
+    out = torch.empty_like(hidden)
+    if m == 0:
+        return out
+
+    weights, expert_ids = route(router_logits, top_k)  # [M, k] fp32, [M, k] int64
+    chunk_tokens = max_chunk_slots // top_k
+    for start in range(0, m, chunk_tokens):
+        stop = min(start + chunk_tokens, m)
+        chunk_config = config or get_config(
+            stop - start, w13.shape[0], w2.shape[2], hidden.shape[1], top_k, hidden.dtype,
+            device_name(hidden.device),
+        )  # fmt: skip
+        with _on_device(hidden.device):
+            _moe_chunk(
+                hidden[start:stop],
+                w13,
+                w2,
+                weights[start:stop],
+                expert_ids[start:stop],
+                chunk_config,
+                out[start:stop],
+            )
+    return out
+
+
+def _on_device(device: torch.device) -> contextlib.AbstractContextManager[object]:
+    """Launch on the inputs' GPU, not the current one."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def _moe_chunk(
+    hidden: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    weights: torch.Tensor,
+    expert_ids: torch.Tensor,
+    config: MoEConfig,
+    out: torch.Tensor,
+) -> None:
+    """One chunk of tokens through both kernels; writes ``out`` [m, H]."""
+    m, h = hidden.shape
+    top_k = expert_ids.shape[1]
+    n_experts, inter = w13.shape[0], w2.shape[2]
+    num_slots = m * top_k
+    block_m, block_n = config.BLOCK_SIZE_M, config.BLOCK_SIZE_N
+    align = moe_align(expert_ids, n_experts, block_m)
+    launch = {"num_warps": config.num_warps, "num_stages": config.num_stages}
+    blocks = {"BLOCK_M": block_m, "BLOCK_K": config.BLOCK_SIZE_K, "GROUP_M": config.GROUP_SIZE_M}
+
+    act = torch.empty(num_slots, inter, dtype=hidden.dtype, device=hidden.device)  # [slots, I]
+    grid = (align.num_m_blocks * triton.cdiv(inter, block_n // 2),)
+    w13_silu_kernel[grid](
+        hidden, w13, act,
+        align.sorted_slots, align.block_expert, align.num_padded,
+        align.num_m_blocks, num_slots, top_k, inter, h,
+        hidden.stride(0), hidden.stride(1),
+        w13.stride(0), w13.stride(1), w13.stride(2),
+        act.stride(0), act.stride(1),
+        BLOCK_N=block_n, **blocks, **launch,
+    )  # fmt: skip
+
+    per_slot = torch.empty(num_slots, h, dtype=hidden.dtype, device=hidden.device)  # [slots, H]
+    slot_weights = weights.reshape(-1).contiguous()  # [slots] fp32
+    grid = (align.num_m_blocks * triton.cdiv(h, block_n),)
+    w2_weighted_kernel[grid](
+        act, w2, per_slot, slot_weights,
+        align.sorted_slots, align.block_expert, align.num_padded,
+        align.num_m_blocks, num_slots, h, inter,
+        act.stride(0), act.stride(1),
+        w2.stride(0), w2.stride(1), w2.stride(2),
+        per_slot.stride(0), per_slot.stride(1),
+        BLOCK_N=block_n, **blocks, **launch,
+    )  # fmt: skip
+    torch.sum(per_slot.view(m, top_k, h), dim=1, out=out)
