@@ -1,0 +1,255 @@
+"""Loading Hugging Face safetensors checkpoints (single file or sharded) into ``MixtralModel``.
+
+Everything is checked from the file headers before a byte of weights is allocated: every tensor the
+config implies is present, nothing unexpected is there, every shape matches, no file is shorter than its
+header says, and the model fits the free memory of the target device. Experts may be stored one by one
+(``block_sparse_moe.experts.{e}.w1/w2/w3``) or stacked as newer transformers holds them
+(``mlp.experts.gate_up_proj`` [E, 2I, H], ``mlp.experts.down_proj`` [E, H, I]); both load into the stacked
+``w13`` / ``w2`` of the model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from tqdm.auto import tqdm
+
+from .config import CheckpointError, MixtralConfig
+from .kernels import resolve_moe_backend
+from .model import MixtralModel
+
+__all__ = ["TensorInfo", "free_memory", "load_model", "read_header", "resolve_device", "resolve_dtype"]
+
+_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+_DTYPE_NAMES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+                "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+_IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)  # buffers some old checkpoints saved
+
+
+@dataclass(frozen=True, slots=True)
+class TensorInfo:
+    file: Path
+    dtype: str
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class _Target:
+    param: str  # our parameter
+    index: tuple[int | slice, ...]  # where the checkpoint tensor goes inside it
+    shape: tuple[int, ...]  # the shape the checkpoint must have
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+    """"auto" is bfloat16 on CUDA and float32 elsewhere."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    try:
+        return _DTYPE_NAMES[dtype]
+    except KeyError:
+        raise ValueError(f"dtype must be one of auto, {', '.join(_DTYPE_NAMES)}; got {dtype!r}") from None
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """"auto" is the first CUDA device when there is one, else the CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def read_header(path: Path) -> dict[str, TensorInfo]:
+    """The tensors a safetensors file declares, after checking the file holds all their bytes."""
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            raise CheckpointError(f"{path}: truncated ({size} bytes, not even a safetensors header)")
+        n = int.from_bytes(prefix, "little")
+        if n > size - 8:
+            raise CheckpointError(f"{path}: truncated or corrupt (header claims {n} bytes, the file has {size})")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise CheckpointError(f"{path}: corrupt safetensors header ({exc})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
+    header.pop("__metadata__", None)
+    data_size = size - 8 - n
+    out: dict[str, TensorInfo] = {}
+    for name, info in header.items():
+        try:
+            dtype, shape, (begin, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
+        except (TypeError, KeyError, ValueError):
+            raise CheckpointError(f"{path}: corrupt header entry for tensor {name!r}") from None
+        if dtype not in _DTYPES:
+            raise CheckpointError(f"{path}: tensor {name!r} has dtype {dtype}; only floating-point weights load")
+        numel = 1
+        for d in shape:
+            numel *= d
+        if end - begin != numel * _DTYPES[dtype].itemsize:
+            raise CheckpointError(f"{path}: corrupt header: tensor {name!r} {list(shape)} {dtype} spans "
+                                  f"{end - begin} bytes")
+        if end > data_size:
+            raise CheckpointError(f"{path}: truncated: tensor {name!r} needs bytes up to {8 + n + end}, "
+                                  f"the file has {size}")
+        out[name] = TensorInfo(path, dtype, shape)
+    return out
+
+
+def _checkpoint_files(root: Path) -> dict[str, TensorInfo]:
+    """Every tensor of the checkpoint in ``root``, single-file or sharded."""
+    index = root / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            files = sorted(set(weight_map.values()))
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as exc:
+            raise CheckpointError(f"{index}: not a safetensors index ({exc!r})") from None
+        tensors: dict[str, TensorInfo] = {}
+        for name in files:
+            shard = root / name
+            if not shard.is_file():
+                raise CheckpointError(f"{index}: names shard {name}, which is missing")
+            tensors.update(read_header(shard))
+        for name, shard_name in weight_map.items():
+            if name not in tensors or tensors[name].file.name != shard_name:
+                raise CheckpointError(f"{root / shard_name}: has no tensor {name!r}, which {index.name} puts there")
+        return tensors
+    single = root / "model.safetensors"
+    if single.is_file():
+        return read_header(single)
+    raise CheckpointError(f"{root}: no model.safetensors or model.safetensors.index.json")
+
+
+def _targets(config: MixtralConfig, names: set[str]) -> dict[str, _Target]:
+    """Checkpoint tensor name -> where it goes, for the layout each layer of the checkpoint uses."""
+    h, v, d, e, i = (config.hidden_size, config.vocab_size, config.head_dim, config.num_local_experts,
+                     config.intermediate_size)
+    q, kv = config.num_attention_heads * d, config.num_key_value_heads * d
+    t: dict[str, _Target] = {
+        "model.embed_tokens.weight": _Target("tok_embeddings.weight", (), (v, h)),
+        "model.norm.weight": _Target("norm.weight", (), (h,)),
+    }
+    if not config.tie_word_embeddings or "lm_head.weight" in names:
+        t["lm_head.weight"] = _Target("output.weight", (), (v, h))
+    for n in range(config.num_hidden_layers):
+        src, dst = f"model.layers.{n}.", f"layers.{n}."
+        qkv = dst + "attention.wqkv.weight"
+        t[src + "self_attn.q_proj.weight"] = _Target(qkv, (slice(0, q),), (q, h))
+        t[src + "self_attn.k_proj.weight"] = _Target(qkv, (slice(q, q + kv),), (kv, h))
+        t[src + "self_attn.v_proj.weight"] = _Target(qkv, (slice(q + kv, q + 2 * kv),), (kv, h))
+        t[src + "self_attn.o_proj.weight"] = _Target(dst + "attention.wo.weight", (), (h, q))
+        t[src + "input_layernorm.weight"] = _Target(dst + "attention_norm.weight", (), (h,))
+        t[src + "post_attention_layernorm.weight"] = _Target(dst + "ffn_norm.weight", (), (h,))
+        stacked = next((m for m in ("mlp", "block_sparse_moe") if f"{src}{m}.experts.gate_up_proj" in names), None)
+        moe = stacked or ("mlp" if f"{src}mlp.gate.weight" in names else "block_sparse_moe")
+        t[f"{src}{moe}.gate.weight"] = _Target(dst + "moe.gate.weight", (), (e, h))
+        if stacked:
+            t[f"{src}{moe}.experts.gate_up_proj"] = _Target(dst + "moe.w13", (), (e, 2 * i, h))
+            t[f"{src}{moe}.experts.down_proj"] = _Target(dst + "moe.w2", (), (e, h, i))
+            continue
+        for x in range(e):
+            ex = f"{src}block_sparse_moe.experts.{x}."
+            t[ex + "w1.weight"] = _Target(dst + "moe.w13", (x, slice(0, i)), (i, h))
+            t[ex + "w3.weight"] = _Target(dst + "moe.w13", (x, slice(i, 2 * i)), (i, h))
+            t[ex + "w2.weight"] = _Target(dst + "moe.w2", (x,), (h, i))
+    return t
+
+
+def free_memory(device: torch.device) -> int | None:
+    """Bytes that can be allocated on ``device`` now (None where unknown)."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+def load_model(
+    path: str | os.PathLike[str],
+    *,
+    dtype: str | torch.dtype = "auto",
+    device: str | torch.device = "auto",
+    moe_backend: str = "auto",
+    progress: bool | None = None,
+) -> MixtralModel:
+    """Load a Hugging Face Mixtral checkpoint directory; returns the model in eval mode.
+
+    ``progress``: a progress bar on stderr (None: only when stderr is a terminal).
+    Raises ``CheckpointError`` (naming the file and tensor) before allocating anything when the
+    checkpoint is incomplete, mismatched, truncated or larger than the device's free memory.
+    """
+    root = Path(path)
+    if not root.is_dir():
+        raise CheckpointError(f"{root}: not a checkpoint directory")
+    config = MixtralConfig.from_hf(root)
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    _, moe_fn = resolve_moe_backend(moe_backend, dev)
+
+    tensors = _checkpoint_files(root)
+    targets = _targets(config, set(tensors))
+    for name, info in tensors.items():
+        target = targets.get(name)
+        if target is None:
+            if name.endswith(_IGNORED_SUFFIXES):
+                continue
+            raise CheckpointError(f"{info.file}: unexpected tensor {name!r} for this config.json")
+        if info.shape != target.shape:
+            raise CheckpointError(f"{info.file}: tensor {name!r} has shape {list(info.shape)}, "
+                                  f"config.json implies {list(target.shape)}")
+    missing = [name for name in targets if name not in tensors]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise CheckpointError(f"{root}: checkpoint has no tensor {missing[0]!r}{more}")
+
+    with torch.device("meta"):
+        model = MixtralModel(config, moe_fn).to(dt)
+    needed = sum(p.numel() for p in model.parameters()) * dt.itemsize
+    free = free_memory(dev)
+    if free is not None and needed > free:
+        raise CheckpointError(f"{root}: the model needs {_gib(needed)} in {str(dt).removeprefix('torch.')}, "
+                              f"{dev} has {_gib(free)} free")
+
+    model = model.to_empty(device=dev)
+    model.inv_freq = model.rope_inv_freq(dev)
+    params = dict(model.named_parameters())
+    by_file: dict[Path, list[str]] = {}
+    for name, info in tensors.items():
+        if name in targets:
+            by_file.setdefault(info.file, []).append(name)
+    total = sum(p.numel() for p in params.values()) * dt.itemsize
+    bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"Loading {root.name}",
+               disable=None if progress is None else not progress)
+    with torch.no_grad(), bar:
+        for file, names in by_file.items():
+            with safe_open(str(file), framework="pt", device="cpu") as f:
+                for name in names:
+                    target = targets[name]
+                    dest = params[target.param][target.index]
+                    dest.copy_(f.get_tensor(name))
+                    bar.update(dest.numel() * dt.itemsize)
+        if "lm_head.weight" not in targets:
+            params["output.weight"].copy_(params["tok_embeddings.weight"])
+    return model.eval().requires_grad_(False)
