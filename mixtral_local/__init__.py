@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .config import CheckpointError, MixtralConfig
-    from .engine import Completion, Engine, SamplingParams, generate
+    from .engine import Completion, Engine, SamplingParams
     from .loader import load_model
     from .model import MixtralModel
     from .tiny import write_tiny_checkpoint
@@ -24,7 +24,6 @@ __all__ = [
     "MixtralModel",
     "MixtralTokenizer",
     "SamplingParams",
-    "generate",
     "load_model",
     "write_tiny_checkpoint",
 ]
@@ -35,7 +34,6 @@ _HOME = {
     "Completion": "engine",
     "Engine": "engine",
     "SamplingParams": "engine",
-    "generate": "engine",
     "load_model": "loader",
     "MixtralModel": "model",
     "write_tiny_checkpoint": "tiny",

@@ -17,9 +17,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import MixtralConfig
-from .kernels import MoEFn, moe_reference
+from .kernels import MoEFn, moe_reference, route
 
-__all__ = ["KVPair", "MixtralModel"]
+__all__ = ["KVPair", "MixtralModel", "moe_one_token"]
 
 KVPair = tuple[Tensor, Tensor]  # (k, v), each [B, Hkv, T_max, D]
 
@@ -77,6 +77,16 @@ class Attention(nn.Module):
         return self.wo(y.transpose(1, 2).reshape(b, s, self.q_size))
 
 
+def moe_one_token(x: Tensor, w13: Tensor, w2: Tensor, router_logits: Tensor, top_k: int) -> Tensor:
+    """``moe_reference`` for a single token [1, H]: the k chosen experts indexed directly, no bookkeeping."""
+    weights, ids = route(router_logits, top_k)  # [1, k], [1, k]
+    out = torch.zeros_like(x)
+    for weight, e in zip(weights[0].tolist(), ids[0].tolist(), strict=True):
+        gate, up = F.linear(x, w13[e]).chunk(2, dim=-1)  # [1, I] each
+        out += F.linear(F.silu(gate) * up, w2[e]) * weight
+    return out
+
+
 class SparseMoE(nn.Module):
     def __init__(self, config: MixtralConfig, moe_fn: MoEFn) -> None:
         super().__init__()
@@ -90,7 +100,8 @@ class SparseMoE(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # [M, H]
-        return self.moe_fn(x, self.w13, self.w2, self.gate(x), self.top_k).view(shape)
+        moe = moe_one_token if x.shape[0] == 1 and self.moe_fn is moe_reference else self.moe_fn
+        return moe(x, self.w13, self.w2, self.gate(x), self.top_k).view(shape)
 
 
 class Block(nn.Module):
