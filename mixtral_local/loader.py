@@ -11,6 +11,7 @@ header says, and the model fits the free memory of the target device. Experts ma
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,10 +21,19 @@ from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from .config import CheckpointError, MixtralConfig
-from .kernels import resolve_moe_backend
+from .kernels import MoEFn, resolve_moe_backend
 from .model import MixtralModel
 
-__all__ = ["TensorInfo", "free_memory", "load_model", "read_header", "resolve_device", "resolve_dtype"]
+__all__ = [
+    "CheckpointPlan",
+    "TensorInfo",
+    "check_checkpoint",
+    "free_memory",
+    "load_model",
+    "read_header",
+    "resolve_device",
+    "resolve_dtype",
+]
 
 _DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
 _DTYPE_NAMES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
@@ -186,19 +196,30 @@ def _gib(n: int) -> str:
     return f"{n / 2**30:.2f} GiB"
 
 
-def load_model(
+@dataclass(frozen=True, slots=True)
+class CheckpointPlan:
+    """A checked checkpoint: what to load, from where, into which device and dtype."""
+
+    root: Path
+    config: MixtralConfig
+    device: torch.device
+    dtype: torch.dtype
+    moe_fn: MoEFn
+    tensors: dict[str, TensorInfo]
+    targets: dict[str, _Target]
+
+
+def check_checkpoint(
     path: str | os.PathLike[str],
     *,
     dtype: str | torch.dtype = "auto",
     device: str | torch.device = "auto",
     moe_backend: str = "auto",
-    progress: bool | None = None,
-) -> MixtralModel:
-    """Load a Hugging Face Mixtral checkpoint directory; returns the model in eval mode.
+) -> CheckpointPlan:
+    """Every check ``load_model`` makes, from config.json and the safetensors headers, allocating nothing.
 
-    ``progress``: a progress bar on stderr (None: only when stderr is a terminal).
-    Raises ``CheckpointError`` (naming the file and tensor) before allocating anything when the
-    checkpoint is incomplete, mismatched, truncated or larger than the device's free memory.
+    Raises ``CheckpointError`` naming the file and tensor: a missing, unexpected or wrongly shaped tensor,
+    a truncated or corrupt file, or a model larger than the free memory of the device.
     """
     root = Path(path)
     if not root.is_dir():
@@ -224,32 +245,55 @@ def load_model(
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise CheckpointError(f"{root}: checkpoint has no tensor {missing[0]!r}{more}")
 
-    with torch.device("meta"):
-        model = MixtralModel(config, moe_fn).to(dt)
-    needed = sum(p.numel() for p in model.parameters()) * dt.itemsize
+    needed = sum(math.prod(t.shape) for t in targets.values()) * dt.itemsize
+    if "lm_head.weight" not in targets:  # tied embeddings still get their own output matrix
+        needed += config.vocab_size * config.hidden_size * dt.itemsize
     free = free_memory(dev)
     if free is not None and needed > free:
         raise CheckpointError(f"{root}: the model needs {_gib(needed)} in {str(dt).removeprefix('torch.')}, "
                               f"{dev} has {_gib(free)} free")
+    return CheckpointPlan(root, config, dev, dt, moe_fn, tensors, targets)
 
+
+def load_model(
+    path: str | os.PathLike[str],
+    *,
+    dtype: str | torch.dtype = "auto",
+    device: str | torch.device = "auto",
+    moe_backend: str = "auto",
+    progress: bool | None = None,
+) -> MixtralModel:
+    """Load a Hugging Face Mixtral checkpoint directory; returns the model in eval mode.
+
+    ``dtype``: "auto" (bfloat16 on CUDA, float32 elsewhere), "float32", "bfloat16", "float16" or a torch dtype.
+    ``device``: "auto" (CUDA when available), "cpu", "cuda", "cuda:1", ...
+    ``moe_backend``: "auto", "torch" or "triton" (see ``mixtral_local.kernels.resolve_moe_backend``).
+    ``progress``: a progress bar on stderr (None: only when stderr is a terminal).
+    Everything ``check_checkpoint`` checks is refused before any weight is allocated.
+    """
+    plan = check_checkpoint(path, dtype=dtype, device=device, moe_backend=moe_backend)
+    dt, dev = plan.dtype, plan.device
+    with torch.device("meta"):
+        model = MixtralModel(plan.config, plan.moe_fn).to(dt)
     model = model.to_empty(device=dev)
     model.inv_freq = model.rope_inv_freq(dev)
     params = dict(model.named_parameters())
     by_file: dict[Path, list[str]] = {}
-    for name, info in tensors.items():
-        if name in targets:
+    for name, info in plan.tensors.items():
+        if name in plan.targets:
             by_file.setdefault(info.file, []).append(name)
     total = sum(p.numel() for p in params.values()) * dt.itemsize
-    bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"Loading {root.name}",
+    bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"Loading {plan.root.name}",
                disable=None if progress is None else not progress)
     with torch.no_grad(), bar:
         for file, names in by_file.items():
             with safe_open(str(file), framework="pt", device="cpu") as f:
                 for name in names:
-                    target = targets[name]
+                    target = plan.targets[name]
                     dest = params[target.param][target.index]
                     dest.copy_(f.get_tensor(name))
                     bar.update(dest.numel() * dt.itemsize)
-        if "lm_head.weight" not in targets:
+        if "lm_head.weight" not in plan.targets:
             params["output.weight"].copy_(params["tok_embeddings.weight"])
+            bar.update(params["output.weight"].numel() * dt.itemsize)
     return model.eval().requires_grad_(False)
