@@ -77,11 +77,11 @@ class Engine:
         """How many tokens a request may generate; refuses a prompt that does not fit the context."""
         if prompt_len == 0:
             raise InvalidRequestError("the prompt is empty", param="messages", provider="local")
+        if prompt_len >= self.context:
+            raise InvalidRequestError(
+                f"the prompt is {prompt_len} tokens; the model's context is {self.context} tokens, "
+                "leaving no room for a completion", param="messages", provider="local")
         if max_tokens is None:
-            if prompt_len >= self.context:
-                raise InvalidRequestError(
-                    f"the prompt is {prompt_len} tokens; the model's context is {self.context} tokens, "
-                    "leaving no room for a completion", param="messages", provider="local")
             return self.context - prompt_len
         if prompt_len + max_tokens > self.context:
             raise InvalidRequestError(
