@@ -94,7 +94,7 @@ def _engine_for(options: LocalOptions) -> Engine:
                                moe_backend=options.moe_backend, progress=options.progress)
             engine = Engine(model, MixtralTokenizer.from_pretrained(options.path))
             if model.config.random_weights:
-                log.warning("%s holds RANDOM weights (a tiny test checkpoint): its text is nonsense", options.path)
+                log.info("%s holds RANDOM weights (a tiny test checkpoint): its text is nonsense", options.path)
             _engines[key] = engine
         return engine
 

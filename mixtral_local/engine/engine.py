@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 import torch
 
 from mixtral_client._exceptions import InvalidRequestError
+from mixtral_local.model import MixtralModel
+from mixtral_local.tokenizer import IncrementalDetokenizer, MixtralTokenizer
 
-from ..model import MixtralModel
-from ..tokenizer import IncrementalDetokenizer, MixtralTokenizer
 from .kv_cache import KVCache
 from .sampling import SamplingParams, sample
 from .stops import StopMatcher

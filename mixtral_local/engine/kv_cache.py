@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from ..config import MixtralConfig
-from ..model import KVPair
+from mixtral_local.config import MixtralConfig
+from mixtral_local.model import KVPair
 
 __all__ = ["KVCache"]
 
