@@ -11,8 +11,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from mixtral_local.checkpoint import free_memory
 from mixtral_local.config import CheckpointError, MixtralConfig
-from mixtral_local.loader import check_checkpoint, free_memory, load_model
+from mixtral_local.loader import check_checkpoint, load_model
 from mixtral_local.tiny import write_tiny_checkpoint
 
 SMALL = {"vocab_size": 1000, "hidden_size": 32, "intermediate_size": 48, "head_dim": 8,
