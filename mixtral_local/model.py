@@ -31,6 +31,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.dtype == torch.float32:  # one fused kernel; the same arithmetic as below
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)
@@ -52,12 +54,10 @@ class Attention(nn.Module):
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor, cache: KVPair | None,
                 kv_len: int) -> Tensor:
         b, s, _ = x.shape
-        q, k, v = self.wqkv(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(b, s, self.n_head, self.head_dim).transpose(1, 2)  # [B, Hq, S, D]
-        k = k.view(b, s, self.n_kv, self.head_dim).transpose(1, 2)  # [B, Hkv, S, D]
-        v = v.view(b, s, self.n_kv, self.head_dim).transpose(1, 2)  # [B, Hkv, S, D]
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
+        qkv = self.wqkv(x).view(b, s, self.n_head + 2 * self.n_kv, self.head_dim).transpose(1, 2)
+        qk, v = qkv[:, : self.n_head + self.n_kv], qkv[:, self.n_head + self.n_kv:]  # [B, Hq+Hkv, S, D], [B, Hkv, S, D]
+        qk = qk * cos + rotate_half(qk) * sin  # RoPE on queries and keys at once
+        q, k = qk[:, : self.n_head], qk[:, self.n_head:]  # [B, Hq, S, D], [B, Hkv, S, D]
         mask = None
         if cache is not None:
             k_cache, v_cache = cache
@@ -80,11 +80,12 @@ class Attention(nn.Module):
 def moe_one_token(x: Tensor, w13: Tensor, w2: Tensor, router_logits: Tensor, top_k: int) -> Tensor:
     """``moe_reference`` for a single token [1, H]: the k chosen experts indexed directly, no bookkeeping."""
     weights, ids = route(router_logits, top_k)  # [1, k], [1, k]
-    out = torch.zeros_like(x)
+    out = None
     for weight, e in zip(weights[0].tolist(), ids[0].tolist(), strict=True):
         gate, up = F.linear(x, w13[e]).chunk(2, dim=-1)  # [1, I] each
-        out += F.linear(F.silu(gate) * up, w2[e]) * weight
-    return out
+        y = F.linear(F.silu(gate) * up, w2[e]) * weight  # [1, H]
+        out = y if out is None else out + y
+    return out if out is not None else torch.zeros_like(x)
 
 
 class SparseMoE(nn.Module):
