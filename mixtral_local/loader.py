@@ -196,4 +196,8 @@ def load_model(
         if "lm_head.weight" not in plan.targets:
             params["output.weight"].copy_(params["tok_embeddings.weight"])
             bar.update(params["output.weight"].numel() * dt.itemsize)
+        if dev.type == "cpu":
+            # the same [V, H] matrix stored column-major: a one-row GEMV then streams it contiguously, ~3x faster
+            out = params["output.weight"]
+            out.data = out.data.t().contiguous().t()
     return model.eval().requires_grad_(False)
