@@ -173,12 +173,9 @@ class LocalCore:
                                           usage=usage)
 
     def complete(self, request: ChatRequest, should_stop: Callable[[], bool] | None = None) -> ChatCompletion:
-        text: list[str] = []
-        last: ChatCompletionChunk | None = None
-        for chunk in self.chunks(request, should_stop):
-            text.append(chunk.choices[0].delta.content or "")
-            last = chunk
-        assert last is not None  # chunks() always yields its first chunk
+        chunks = list(self.chunks(request, should_stop))  # never empty: the role chunk comes first
+        text = [c.choices[0].delta.content or "" for c in chunks]
+        last = chunks[-1]
         message = ChatCompletionMessage(role="assistant", content="".join(text))
         return ChatCompletion(id=last.id, created=last.created, model=last.model, usage=last.usage,
                               choices=[Choice(message=message, finish_reason=last.choices[0].finish_reason)])
