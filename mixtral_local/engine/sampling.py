@@ -1,0 +1,82 @@
+"""Sampling as side-effect-free functions of one row of logits.
+
+Order: penalties on the raw logits, then temperature, top-k, top-p, and a draw from the request's own
+generator (so a seeded request samples the same tokens alone or in a batch). Temperature 0 is greedy.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = ["SamplingParams", "apply_penalties", "logits_to_probs", "sample"]
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingParams:
+    """OpenAI's sampling parameters (and top_k); ``max_tokens=None`` means up to the end of the context."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0: off
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    max_tokens: int | None = None
+    stop: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 <= self.top_p <= 1:
+            raise ValueError(f"top_p must be between 0 and 1, got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0: off), got {self.top_k}")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise ValueError(f"stop strings must be non-empty strings, got {self.stop!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    @property
+    def penalized(self) -> bool:
+        return self.presence_penalty != 0 or self.frequency_penalty != 0
+
+
+def apply_penalties(logits: Tensor, counts: Tensor, presence: float, frequency: float) -> Tensor:
+    """OpenAI's penalties: logit[t] -= frequency * count[t] + presence * (count[t] > 0). Shapes [V]."""
+    return logits - frequency * counts - presence * (counts > 0).to(logits.dtype)
+
+
+def logits_to_probs(logits: Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0) -> Tensor:
+    """[V] logits -> [V] probabilities after temperature, top-k and top-p (nucleus) filtering."""
+    logits = logits.float() / max(temperature, 1e-5)
+    if 0 < top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, -math.inf)
+    probs = torch.softmax(logits, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        # drop a token when the tokens before it already reach top_p (the first one always stays)
+        drop = sorted_probs.cumsum(-1) - sorted_probs > top_p
+        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+        probs = probs / probs.sum()
+    return probs
+
+
+def sample(logits: Tensor, params: SamplingParams, counts: Tensor | None = None,
+           generator: torch.Generator | None = None) -> int:
+    """The next token for one row of logits [V]; ``counts`` [V]: how often each token was generated so far."""
+    if counts is not None and params.penalized:
+        logits = apply_penalties(logits, counts, params.presence_penalty, params.frequency_penalty)
+    if params.greedy:
+        return int(torch.argmax(logits))
+    probs = logits_to_probs(logits, params.temperature, params.top_k, params.top_p)
+    return int(torch.multinomial(probs, 1, generator=generator))

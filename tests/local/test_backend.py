@@ -1,0 +1,204 @@
+"""LocalBackend / AsyncLocalBackend: requests in, ChatCompletion and chunks out."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from mixtral_client._backends.base import AsyncBackend, SyncBackend
+from mixtral_client._config import ClientConfig, resolve_config
+from mixtral_client._exceptions import ConfigurationError, InvalidRequestError, UnsupportedFeatureError
+from mixtral_client._request import ChatRequest
+from mixtral_client.types import ChatCompletion
+from mixtral_local.backend import AsyncLocalBackend, LocalBackend
+from mixtral_local.config import CheckpointError
+from mixtral_local.tokenizer import MixtralTokenizer
+
+HELLO = [{"role": "user", "content": "Hello, who are you?"}]
+MakeRequest = Callable[..., ChatRequest]
+
+
+@pytest.fixture(scope="module")
+def backend(local_config: ClientConfig) -> LocalBackend:
+    return LocalBackend(local_config)
+
+
+@pytest.fixture(params=["asyncio", "trio"])
+def anyio_backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+def test_backends_implement_the_protocols(local_config: ClientConfig) -> None:
+    assert isinstance(LocalBackend(local_config), SyncBackend)
+    assert isinstance(AsyncLocalBackend(local_config), AsyncBackend)
+
+
+def test_complete_returns_a_chat_completion_with_real_usage(backend: LocalBackend, make_request: MakeRequest,
+                                                            tokenizer: MixtralTokenizer) -> None:
+    done = backend.complete(make_request(HELLO, temperature=0, max_tokens=7))
+    assert isinstance(done, ChatCompletion) and done.id.startswith("chatcmpl-local-")
+    assert done.model == "mixtral-local" and done.choices[0].finish_reason == "length"
+    assert done.usage is not None
+    assert (done.usage.prompt_tokens, done.usage.completion_tokens) == (len(tokenizer.encode_chat(HELLO)), 7)
+    assert done.usage.total_tokens == done.usage.prompt_tokens + 7
+
+
+def test_stream_adds_up_to_the_completion(backend: LocalBackend, make_request: MakeRequest) -> None:
+    params = {"temperature": 0.7, "seed": 3, "max_tokens": 12}
+    chunks = list(backend.stream(make_request(HELLO, stream=True, **params)))
+    done = backend.complete(make_request(HELLO, **params))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == done.choices[0].message.content
+    assert chunks[-1].choices[0].finish_reason == "length" and chunks[-1].usage == done.usage
+    assert all(c.usage is None for c in chunks[:-1]) and len({c.id for c in chunks}) == 1
+
+
+def test_stop_is_honoured(backend: LocalBackend, make_request: MakeRequest) -> None:
+    free = backend.complete(make_request(HELLO, temperature=0, max_tokens=12)).choices[0].message.content
+    assert free
+    stop = free[3:5]
+    done = backend.complete(make_request(HELLO, temperature=0, max_tokens=12, stop=[stop, "zzz"]))
+    assert done.choices[0].finish_reason == "stop"
+    assert done.choices[0].message.content == free[:free.index(stop)]
+
+
+def test_top_k_comes_through_extra_body(backend: LocalBackend, make_request: MakeRequest) -> None:
+    greedy = backend.complete(make_request(HELLO, temperature=0, max_tokens=6)).choices[0].message.content
+    top1 = backend.complete(make_request(HELLO, temperature=1.5, max_tokens=6, extra_body={"top_k": 1}))
+    assert top1.choices[0].message.content == greedy
+
+
+def test_unknown_extra_body_is_refused(backend: LocalBackend, make_request: MakeRequest) -> None:
+    with pytest.raises(InvalidRequestError, match="min_p"):
+        backend.complete(make_request(HELLO, extra_body={"min_p": 0.1}))
+
+
+def test_logprobs_are_refused(backend: LocalBackend, make_request: MakeRequest) -> None:
+    with pytest.raises(UnsupportedFeatureError, match="logprobs"):
+        backend.complete(make_request(HELLO, logprobs=True))
+
+
+def test_too_long_a_prompt_is_refused_before_the_first_chunk(backend: LocalBackend,
+                                                             make_request: MakeRequest) -> None:
+    long = [{"role": "user", "content": "word " * 1100}]
+    with pytest.raises(InvalidRequestError, match=r"the prompt is 11\d\d tokens; the model's context is 1024"):
+        next(iter(backend.stream(make_request(long, stream=True))))
+
+
+def test_unknown_local_option_is_a_configuration_error(tiny_dir: Path) -> None:
+    config = resolve_config({}, provider="local", model_path=str(tiny_dir), local_options={"dtipe": "float32"})
+    with pytest.raises(ConfigurationError, match="dtipe"):
+        LocalBackend(config)
+
+
+def test_broken_checkpoint_fails_at_construction(tmp_path: Path, tiny_dir: Path) -> None:
+    (tmp_path / "config.json").write_text((tiny_dir / "config.json").read_text())
+    config = resolve_config({}, provider="local", model_path=str(tmp_path))
+    with pytest.raises(CheckpointError, match="no model.safetensors"):
+        LocalBackend(config)
+
+
+def test_model_path_from_the_environment(tiny_dir: Path, make_request: MakeRequest) -> None:
+    config = resolve_config({"MIXTRAL_MODEL_PATH": str(tiny_dir)}, local_options={"device": "cpu"})
+    done = LocalBackend(config).complete(make_request(HELLO, temperature=0, max_tokens=2))
+    assert done.usage is not None and done.usage.completion_tokens == 2
+
+
+def test_backends_built_alike_share_one_engine(local_config: ClientConfig, make_request: MakeRequest) -> None:
+    a, b = LocalBackend(local_config), LocalBackend(local_config)
+    a.complete(make_request(HELLO, max_tokens=1))
+    b.complete(make_request(HELLO, max_tokens=1))
+    assert a._core.engine is b._core.engine
+
+
+@pytest.mark.anyio
+async def test_async_complete_equals_sync(local_config: ClientConfig, backend: LocalBackend,
+                                          make_request: MakeRequest) -> None:
+    request = make_request(HELLO, temperature=0.5, seed=9, max_tokens=8)
+    done = await AsyncLocalBackend(local_config).complete(request)
+    assert done.choices[0].message == backend.complete(request).choices[0].message
+
+
+@pytest.mark.anyio
+async def test_async_stream_equals_sync_stream(local_config: ClientConfig, backend: LocalBackend,
+                                               make_request: MakeRequest) -> None:
+    request = make_request(HELLO, stream=True, temperature=0, max_tokens=8)
+    texts = [c.choices[0].delta.content async for c in AsyncLocalBackend(local_config).stream(request)]
+    assert texts == [c.choices[0].delta.content for c in backend.stream(request)]
+
+
+@pytest.mark.anyio
+async def test_async_stream_does_not_block_the_event_loop(local_config: ClientConfig,
+                                                          make_request: MakeRequest) -> None:
+    ticks = 0
+
+    async def tick() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await anyio.sleep(0.001)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(tick)
+        stream = AsyncLocalBackend(local_config).stream(make_request(HELLO, stream=True, max_tokens=30))
+        chunks = [c async for c in stream]
+        tg.cancel_scope.cancel()
+    assert len(chunks) > 2 and ticks >= len(chunks) // 2
+
+
+def _counting(config: ClientConfig, make_request: MakeRequest) -> tuple[AsyncLocalBackend, list[float], Any]:
+    """An async backend whose model records each forward pass (and the hook handle to remove)."""
+    backend = AsyncLocalBackend(config)
+    backend._core.complete(make_request(HELLO, max_tokens=1))  # load now
+    calls: list[float] = []
+    handle = backend._core.engine.model.register_forward_hook(lambda *_: calls.append(time.monotonic()))
+    return backend, calls, handle
+
+
+async def _stops_running(calls: list[float]) -> bool:
+    await anyio.sleep(0.3)  # the step in flight finishes
+    before = len(calls)
+    await anyio.sleep(0.3)
+    return len(calls) == before
+
+
+@pytest.mark.anyio
+async def test_closing_an_async_stream_stops_generation(tiny_dir: Path, make_request: MakeRequest) -> None:
+    config = resolve_config({}, provider="local", model_path=str(tiny_dir), local_options={"device": "cpu"})
+    backend, calls, hook = _counting(config, make_request)
+    try:
+        stream = backend.stream(make_request(HELLO, stream=True, max_tokens=1000))
+        async for _ in stream:
+            if len(calls) >= 3:
+                break
+        await stream.aclose()
+        assert await _stops_running(calls)
+    finally:
+        hook.remove()
+
+
+@pytest.mark.anyio
+async def test_cancelling_async_complete_stops_generation(tiny_dir: Path, make_request: MakeRequest) -> None:
+    config = resolve_config({}, provider="local", model_path=str(tiny_dir), local_options={"device": "cpu"})
+    backend, calls, hook = _counting(config, make_request)
+    try:
+        with anyio.move_on_after(0.3) as scope:
+            await backend.complete(make_request(HELLO, max_tokens=1000))
+        assert scope.cancelled_caught and calls  # it was generating
+        assert await _stops_running(calls)
+    finally:
+        hook.remove()
+
+
+def test_usage_counts_match_the_tokenizer(backend: LocalBackend, make_request: MakeRequest,
+                                          tokenizer: MixtralTokenizer) -> None:
+    messages: list[dict[str, Any]] = [{"role": "system", "content": "Be terse."}, *HELLO]
+    done = backend.complete(make_request(messages, max_tokens=3))
+    assert done.usage is not None and done.usage.prompt_tokens == len(tokenizer.encode_chat(messages))
+    assert json.loads(done.model_dump_json())["object"] == "chat.completion"

@@ -1,0 +1,50 @@
+"""End to end through the public client: MixtralClient(provider="local") against transformers' generate."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from mixtral_local.tokenizer import MixtralTokenizer
+
+client_module = pytest.importorskip("mixtral_client._client", reason="the public client has not landed yet")
+MixtralClient = client_module.MixtralClient
+AsyncMixtralClient = client_module.AsyncMixtralClient
+
+MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name three rivers."}]
+LOCAL = {"local_options": {"dtype": "float32", "device": "cpu"}}
+
+
+def test_greedy_text_equals_transformers_generate(tiny_dir: Path, hf_model: Callable[..., Any],
+                                                  tokenizer: MixtralTokenizer) -> None:
+    prompt = tokenizer.encode_chat(MESSAGES)
+    with torch.no_grad():
+        out = hf_model(tiny_dir).generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=20,
+                                          pad_token_id=tokenizer.eos_id)
+    expected = tokenizer.decode([t for t in out[0, len(prompt):].tolist() if t != tokenizer.eos_id])
+    with MixtralClient(provider="local", model_path=str(tiny_dir), env={}, **LOCAL) as client:
+        done = client.chat.completions.create(messages=MESSAGES, temperature=0, max_tokens=20)
+    assert done.choices[0].message.content == expected
+    assert done.usage.prompt_tokens == len(prompt)
+
+
+def test_provider_and_path_from_the_environment(tiny_dir: Path) -> None:
+    env = {"MIXTRAL_PROVIDER": "local", "MIXTRAL_MODEL_PATH": str(tiny_dir)}
+    with MixtralClient(env=env, **LOCAL) as client:
+        assert client.provider == "local"
+        chunks = list(client.chat.completions.create(messages=MESSAGES, stream=True, max_tokens=4))
+    assert chunks[-1].usage.completion_tokens == 4
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio", "trio"])
+async def test_async_client_streams(tiny_dir: Path, anyio_backend: str) -> None:
+    async with AsyncMixtralClient(provider="local", model_path=str(tiny_dir), env={}, **LOCAL) as client:
+        stream = await client.chat.completions.create(messages=MESSAGES, stream=True, temperature=0, max_tokens=6)
+        chunks = [chunk async for chunk in stream]
+        whole = await client.chat.completions.create(messages=MESSAGES, temperature=0, max_tokens=6)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == whole.choices[0].message.content

@@ -1,0 +1,162 @@
+"""Loading safetensors checkpoints, and refusing broken ones before allocating anything."""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from mixtral_local.checkpoint import free_memory
+from mixtral_local.config import CheckpointError, MixtralConfig
+from mixtral_local.loader import check_checkpoint, load_model
+from mixtral_local.tiny import write_tiny_checkpoint
+
+SMALL = {"vocab_size": 1000, "hidden_size": 32, "intermediate_size": 48, "head_dim": 8,
+         "num_attention_heads": 4, "num_key_value_heads": 2, "num_local_experts": 3}
+
+
+@pytest.fixture
+def small(tmp_path: Path) -> Path:
+    return write_tiny_checkpoint(tmp_path / "ckpt", seed=3, **SMALL)
+
+
+def _rewrite(ckpt: Path, edit: dict[str, torch.Tensor | None]) -> None:
+    tensors = load_file(ckpt / "model.safetensors")
+    for name, value in edit.items():
+        if value is None:
+            del tensors[name]
+        else:
+            tensors[name] = value
+    save_file(tensors, ckpt / "model.safetensors")
+
+
+def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return dict(model.state_dict())
+
+
+def test_load_model_gives_float32_on_cpu_in_eval_mode(small: Path) -> None:
+    model = load_model(small, dtype="float32", device="cpu")
+    assert model.output.weight.dtype == torch.float32 and not model.training
+    assert model(torch.tensor([[1, 2, 3]])).shape == (1, 3, 1000)
+
+
+def test_load_model_converts_to_the_target_dtype(small: Path) -> None:
+    model = load_model(small, dtype="bfloat16", device="cpu")
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+
+
+def test_sharded_checkpoint_loads_the_same_weights(small: Path, tmp_path: Path) -> None:
+    sharded = write_tiny_checkpoint(tmp_path / "sharded", seed=3, shards=3, **SMALL)
+    assert len(json.loads((sharded / "model.safetensors.index.json").read_text())["weight_map"]) > 0
+    a, b = _state(load_model(small, device="cpu")), _state(load_model(sharded, device="cpu"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_stacked_experts_load_the_same_weights(small: Path, tmp_path: Path) -> None:
+    stacked = write_tiny_checkpoint(tmp_path / "stacked", seed=3, layout="stacked", **SMALL)
+    assert "model.layers.0.mlp.experts.gate_up_proj" in load_file(stacked / "model.safetensors")
+    a, b = _state(load_model(small, device="cpu")), _state(load_model(stacked, device="cpu"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_experts_are_stacked_gate_rows_first(small: Path) -> None:
+    raw = load_file(small / "model.safetensors")
+    moe = load_model(small, device="cpu").layers[1].moe
+    e = "model.layers.1.block_sparse_moe.experts.2."
+    assert torch.equal(moe.w13[2], torch.cat([raw[e + "w1.weight"], raw[e + "w3.weight"]]))
+    assert torch.equal(moe.w2[2], raw[e + "w2.weight"])
+
+
+def test_progress_bar_is_quiet_when_asked(small: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    load_model(small, device="cpu", progress=False)
+    assert capsys.readouterr().err == ""
+
+
+def test_missing_tensor_is_named(small: Path) -> None:
+    _rewrite(small, {"model.layers.1.self_attn.k_proj.weight": None})
+    with pytest.raises(CheckpointError, match=r"no tensor 'model\.layers\.1\.self_attn\.k_proj\.weight'"):
+        load_model(small, device="cpu")
+
+
+def test_unexpected_tensor_is_named_with_its_file(small: Path) -> None:
+    _rewrite(small, {"model.layers.0.mystery.weight": torch.zeros(2)})
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: unexpected tensor 'model\.layers\.0\.mystery"):
+        load_model(small, device="cpu")
+
+
+def test_wrong_shape_is_named_with_both_shapes(small: Path) -> None:
+    _rewrite(small, {"model.norm.weight": torch.ones(31)})
+    with pytest.raises(CheckpointError, match=r"'model\.norm\.weight' has shape \[31\], config.json implies \[32\]"):
+        load_model(small, device="cpu")
+
+
+def test_config_that_does_not_match_the_weights_is_refused(small: Path) -> None:
+    config = json.loads((small / "config.json").read_text())
+    (small / "config.json").write_text(json.dumps({**config, "intermediate_size": 64}))
+    with pytest.raises(CheckpointError, match="has shape"):
+        load_model(small, device="cpu")
+
+
+def test_truncated_file_is_named(small: Path) -> None:
+    file = small / "model.safetensors"
+    data = file.read_bytes()
+    file.write_bytes(data[:-100])
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: truncated"):
+        load_model(small, device="cpu")
+
+
+def test_corrupt_header_is_named(small: Path) -> None:
+    file = small / "model.safetensors"
+    data = bytearray(file.read_bytes())
+    data[8:16] = b"\xff\xfe garb"
+    file.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: corrupt"):
+        load_model(small, device="cpu")
+
+
+def test_missing_shard_is_named(tmp_path: Path) -> None:
+    sharded = write_tiny_checkpoint(tmp_path / "sharded", seed=3, shards=2, **SMALL)
+    (sharded / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="model-00002-of-00002.safetensors, which is missing"):
+        load_model(sharded, device="cpu")
+
+
+def test_directory_without_weights_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text(json.dumps(MixtralConfig(hidden_size=32, head_dim=8).to_hf()))
+    with pytest.raises(CheckpointError, match="no model.safetensors"):
+        load_model(tmp_path, device="cpu")
+
+
+def _header_only_checkpoint(root: Path, config: MixtralConfig) -> int:
+    """config.json and a sparse model.safetensors whose header declares every tensor; returns its bytes."""
+    from mixtral_local.loader import _targets
+
+    root.mkdir()
+    (root / "config.json").write_text(json.dumps(config.to_hf()))
+    header, offset = {}, 0
+    for name, target in _targets(config, set()).items():
+        size = math.prod(target.shape) * 4
+        header[name] = {"dtype": "F32", "shape": list(target.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header).encode()
+    with (root / "model.safetensors").open("wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        f.truncate(8 + len(raw) + offset)  # sparse: no disk is used for the weights
+    return offset
+
+
+def test_checkpoint_larger_than_free_memory_is_refused_before_allocating(tmp_path: Path) -> None:
+    config = MixtralConfig(hidden_size=8, intermediate_size=8, num_hidden_layers=1, num_attention_heads=1,
+                           num_key_value_heads=1, head_dim=8, num_local_experts=2, num_experts_per_tok=1,
+                           vocab_size=1_500_000_000)
+    needed = _header_only_checkpoint(tmp_path / "huge", config)
+    free = free_memory(torch.device("cpu"))
+    if free is None or free > needed:
+        pytest.skip("this machine has more free memory than the fake checkpoint needs")
+    with pytest.raises(CheckpointError, match=r"the model needs 89\.4\d GiB in float32, cpu has .* GiB free"):
+        check_checkpoint(tmp_path / "huge", device="cpu")
