@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["Conn", "LoopbackServer", "Received", "sse"]
+__all__ = ["Conn", "LoopbackServer", "Received", "in_turn", "sse"]
 
 
 @dataclass
@@ -40,6 +40,8 @@ class Conn:
     closed: bool = False
     keep_alive: bool = True
     sent: list[bytes] = field(default_factory=list)
+    #: set when the server shuts down; ``pause`` wakes on it so a stalled handler never delays a test's end
+    stopping: threading.Event = field(default_factory=threading.Event)
 
     def start(self, status: int = 200, headers: dict[str, str] | None = None, *, chunked: bool = True,
               content_length: int | None = None) -> None:
@@ -68,6 +70,10 @@ class Conn:
                 self._raw(piece)
             if delay:
                 time.sleep(delay)
+
+    def pause(self, seconds: float) -> bool:
+        """Stall for ``seconds`` (or until the server stops); True when the server is stopping."""
+        return self.stopping.wait(seconds)
 
     def finish(self) -> None:
         if self.chunked:
@@ -100,6 +106,20 @@ class Conn:
 Handler = Callable[[Received, Conn], None]
 
 
+def in_turn(*handlers: Handler) -> Handler:
+    """A handler that serves the n-th request with the n-th handler (the last one serves the rest)."""
+    lock = threading.Lock()
+    served = [0]
+
+    def handle(req: Received, conn: Conn) -> None:
+        with lock:
+            n = served[0]
+            served[0] += 1
+        handlers[min(n, len(handlers) - 1)](req, conn)
+
+    return handle
+
+
 def sse(*events: Any, done: bool = True) -> bytes:
     """An SSE body from dicts (JSON data events) or raw strings (sent verbatim)."""
     out = []
@@ -121,6 +141,7 @@ class LoopbackServer:
         self.url = f"http://127.0.0.1:{self.port}/v1"
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
+        self._socks: list[socket.socket] = []
         self._accepter = threading.Thread(target=self._accept, daemon=True)
         self.errors: list[BaseException] = []
 
@@ -133,6 +154,11 @@ class LoopbackServer:
 
     def close(self) -> None:
         self._stop.set()
+        for sock in [self._sock, *self._socks]:  # wakes threads blocked in accept() or recv() at once
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
         self._accepter.join(timeout=5)
         self._sock.close()
         for t in self._threads:
@@ -147,6 +173,7 @@ class LoopbackServer:
             except OSError:
                 return
             self.connections += 1
+            self._socks.append(sock)
             t = threading.Thread(target=self._serve, args=(sock, self.connections), daemon=True)
             self._threads.append(t)
             t.start()
@@ -185,7 +212,7 @@ class LoopbackServer:
                 body, buf = buf[:length], buf[length:]
                 received = Received(method, path, headers, body, connection_id)
                 self.requests.append(received)
-                conn = Conn(sock)
+                conn = Conn(sock, stopping=self._stop)
                 self.handler(received, conn)
                 if conn.closed:
                     return
