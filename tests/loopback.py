@@ -172,6 +172,7 @@ class LoopbackServer:
                 continue
             except OSError:
                 return
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # each write leaves at once
             self.connections += 1
             self._socks.append(sock)
             t = threading.Thread(target=self._serve, args=(sock, self.connections), daemon=True)
