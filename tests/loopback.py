@@ -10,15 +10,16 @@ a stall, a connection dropped mid-body. Every request is recorded in ``server.re
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["Conn", "LoopbackServer", "Received", "in_turn", "sse"]
+__all__ = ["Conn", "LoopbackServer", "Received", "in_turn", "sse", "unanswered_port"]
 
 
 @dataclass
@@ -128,6 +129,26 @@ def sse(*events: Any, done: bool = True) -> bytes:
     if done:
         out.append("data: [DONE]\n\n")
     return "".join(out).encode()
+
+
+@contextlib.contextmanager
+def unanswered_port() -> Iterator[int]:
+    """A 127.0.0.1 port whose accept queue is full, so a new connection attempt hangs (for connect timeouts)."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    fillers = [socket.socket() for _ in range(3)]
+    try:
+        for filler in fillers:
+            filler.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                filler.connect(("127.0.0.1", port))
+        time.sleep(0.05)
+        yield port
+    finally:
+        for sock in [*fillers, listener]:
+            sock.close()
 
 
 class LoopbackServer:

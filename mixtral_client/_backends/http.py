@@ -253,9 +253,10 @@ class _StreamReader:
         if not chunks and error is None and not self.done:
             self._check_idle()
         self._check_total()
-        yield from chunks
-        # the caller asked for more: from now on the reader waits for the next content
-        self.waiting_since = time.monotonic()
+        if chunks:
+            yield from chunks
+            # the caller asked for more: from now on the reader waits for the next content
+            self.waiting_since = time.monotonic()
         if error is not None:
             raise error
 

@@ -3,11 +3,12 @@ that runs one scenario through the sync client, or the async client under asynci
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable, Iterator
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import anyio
+import httpx
 import pytest
 
 from mixtral_client import AsyncMixtralClient, ChatCompletion, ChatCompletionChunk, MixtralClient
@@ -114,32 +115,44 @@ def serve() -> Iterator[Callable[[Handler], LoopbackServer]]:
 class Driver:
     """One scenario, three ways: ``MixtralClient``, or ``AsyncMixtralClient`` under asyncio or trio.
 
-    ``client`` holds the client's keyword arguments; ``create`` arguments pass through.
+    ``client`` holds the client's keyword arguments; ``create`` arguments pass through. The clients get
+    an ``http_client`` without TLS set up (the loopback server speaks plain HTTP): loading the CA bundle
+    costs more than most of these tests.
     """
 
     def __init__(self, mode: str) -> None:
         self.mode = mode
+        self.seen: list[ChatCompletionChunk] = []
 
     def __repr__(self) -> str:
         return self.mode
 
-    def _run(self, fn: Callable[..., Any], **kwargs: Any) -> Any:
-        return anyio.run(functools.partial(fn, **kwargs), backend=self.mode)
+    @staticmethod
+    @contextlib.contextmanager
+    def _sync(server: LoopbackServer, client: dict[str, Any] | None) -> Iterator[MixtralClient]:
+        with httpx.Client(verify=False) as http, \
+                MixtralClient(base_url=server.url, api_key="sk-test", http_client=http, **(client or {})) as c:
+            yield c
 
     @staticmethod
-    def _client_kwargs(server: LoopbackServer, client: dict[str, Any] | None) -> dict[str, Any]:
-        return {"base_url": server.url, "api_key": "sk-test", **(client or {})}
+    @contextlib.asynccontextmanager
+    async def _async(server: LoopbackServer, client: dict[str, Any] | None) -> AsyncIterator[AsyncMixtralClient]:
+        async with httpx.AsyncClient(verify=False) as http, \
+                AsyncMixtralClient(base_url=server.url, api_key="sk-test", http_client=http, **(client or {})) as c:
+            yield c
+
+    def _run(self, fn: Callable[[], Awaitable[Any]]) -> Any:
+        return anyio.run(fn, backend=self.mode)
 
     def complete(self, server: LoopbackServer, *, client: dict[str, Any] | None = None,
                  **params: Any) -> ChatCompletion:
         params.setdefault("messages", MESSAGES)
-        kwargs = self._client_kwargs(server, client)
         if self.mode == "sync":
-            with MixtralClient(**kwargs) as c:
+            with self._sync(server, client) as c:
                 return c.chat.completions.create(**params)
 
         async def run() -> ChatCompletion:
-            async with AsyncMixtralClient(**kwargs) as c:
+            async with self._async(server, client) as c:
                 result: ChatCompletion = await c.chat.completions.create(**params)
                 return result
 
@@ -149,23 +162,20 @@ class Driver:
                **params: Any) -> list[ChatCompletionChunk]:
         """Every chunk of a stream; an error escapes with the chunks seen so far on ``self.seen``."""
         params.setdefault("messages", MESSAGES)
-        kwargs = self._client_kwargs(server, client)
-        self.seen: list[ChatCompletionChunk] = []
+        self.seen = []
         if self.mode == "sync":
-            with MixtralClient(**kwargs) as c, c.chat.completions.create(stream=True, **params) as stream:
+            with self._sync(server, client) as c, c.chat.completions.create(stream=True, **params) as stream:
                 self.seen.extend(stream)
                 return self.seen
 
-        async def run() -> list[ChatCompletionChunk]:
-            async with AsyncMixtralClient(**kwargs) as c:
-                stream = await c.chat.completions.create(stream=True, **params)
-                async with stream:
+        async def run() -> None:
+            async with self._async(server, client) as c:
+                async with await c.chat.completions.create(stream=True, **params) as stream:
                     async for item in stream:
                         self.seen.append(item)
-            return self.seen
 
-        result: list[ChatCompletionChunk] = self._run(run)
-        return result
+        self._run(run)
+        return self.seen
 
     def text(self, server: LoopbackServer, **kwargs: Any) -> str:
         return "".join(c.choices[0].delta.content or "" for c in self.chunks(server, **kwargs) if c.choices)
@@ -174,15 +184,13 @@ class Driver:
               **params: Any) -> ChatCompletion:
         """``get_final_completion()`` of a stream."""
         params.setdefault("messages", MESSAGES)
-        kwargs = self._client_kwargs(server, client)
         if self.mode == "sync":
-            with MixtralClient(**kwargs) as c, c.chat.completions.create(stream=True, **params) as stream:
+            with self._sync(server, client) as c, c.chat.completions.create(stream=True, **params) as stream:
                 return stream.get_final_completion()
 
         async def run() -> ChatCompletion:
-            async with AsyncMixtralClient(**kwargs) as c:
-                stream = await c.chat.completions.create(stream=True, **params)
-                async with stream:
+            async with self._async(server, client) as c:
+                async with await c.chat.completions.create(stream=True, **params) as stream:
                     result: ChatCompletion = await stream.get_final_completion()
                     return result
 
@@ -191,4 +199,10 @@ class Driver:
 
 @pytest.fixture(params=["sync", "asyncio", "trio"])
 def driver(request: pytest.FixtureRequest) -> Driver:
+    return Driver(str(request.param))
+
+
+@pytest.fixture(params=["sync", "trio"])
+def sync_or_async(request: pytest.FixtureRequest) -> Driver:
+    """For slow, timed behaviour whose asyncio and trio paths are the same code: one run of each client."""
     return Driver(str(request.param))

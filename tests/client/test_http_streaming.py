@@ -166,7 +166,7 @@ def test_connection_dropped_before_any_event_is_retried(driver: Driver, serve) -
     assert len(server.requests) == 2
 
 
-def test_stream_cut_before_first_event_is_retried(driver: Driver, serve) -> None:
+def test_stream_cut_before_first_event_is_retried(sync_or_async: Driver, serve) -> None:
     def cut(req: Received, conn: Conn) -> None:
         conn.start(200, {"Content-Type": "text/event-stream"})
         conn.write(b": processing\n\n")
@@ -174,7 +174,7 @@ def test_stream_cut_before_first_event_is_retried(driver: Driver, serve) -> None
 
     server = serve(in_turn(cut, streaming(text_stream("ok"))))
 
-    assert driver.text(server) == "ok"
+    assert sync_or_async.text(server) == "ok"
     assert len(server.requests) == 2
 
 
