@@ -12,7 +12,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Generator, Iterator
-from typing import Any, NoReturn
+from typing import Any
 
 import anyio
 import httpx
@@ -156,6 +156,10 @@ class HTTPCore:
             headers["Accept"] = "text/event-stream"
         return client.build_request("GET", url, headers=headers, timeout=self.timeout(request, deadline))
 
+    def poll_delay(self, deadline: Deadline) -> float:
+        """How long to wait before asking about a pending job again (never past the total deadline)."""
+        return deadline.cap(_POLL_INTERVAL) or _POLL_INTERVAL
+
     # -- responses ---------------------------------------------------------------------------------
 
     def request_id(self, headers: httpx.Headers) -> str | None:
@@ -189,18 +193,25 @@ class HTTPCore:
                                         request_id=request_id, body=body, code=code, partial=partial)
 
     def parse_completion(self, response: httpx.Response, raw: bytes) -> ChatCompletion:
+        """A whole answer; an error object in it (top-level or in a choice) raises, as a status would."""
+        rid = self.request_id(response.headers)
         try:
-            completion = ChatCompletion.model_validate_json(raw)
+            body: Any = json.loads(raw)
+        except ValueError:
+            body = None
+        if isinstance(body, dict) and body.get("error") and "choices" not in body:
+            raise self.error_from_payload(body["error"], request_id=rid, body=body)
+        try:
+            completion = ChatCompletion.model_validate(body)
         except pydantic.ValidationError as exc:
             raise APIConnectionError(f"{self.provider} sent an answer that is not a chat completion: {exc}",
-                                     provider=self.provider, request_id=self.request_id(response.headers),
+                                     provider=self.provider, request_id=rid,
                                      body=raw.decode("utf-8", errors="replace")) from exc
         for choice in completion.choices:
             error = (choice.model_extra or {}).get("error")
             if error is not None or choice.finish_reason == "error":
                 raise self.error_from_payload(error or {"message": "the host ended the answer with an error"},
-                                              request_id=self.request_id(response.headers),
-                                              body=json.loads(raw), partial=completion)
+                                              request_id=rid, body=body, partial=completion)
         return completion
 
     def chunk(self, event: ServerSentEvent, request_id: str | None) -> ChatCompletionChunk | None:
@@ -302,10 +313,6 @@ _Opened = tuple[httpx.Response, Generator[ChatCompletionChunk, None, None], Chat
 _AsyncOpened = tuple[httpx.Response, AsyncGenerator[ChatCompletionChunk, None], ChatCompletionChunk | None]
 
 
-def _raise_status(core: HTTPCore, response: httpx.Response, raw: bytes) -> NoReturn:
-    raise core.status_error(response, raw)
-
-
 class HTTPBackend:
     """Synchronous sender over one ``httpx.Client`` (its pool is shared by every request)."""
 
@@ -324,17 +331,19 @@ class HTTPBackend:
         core = self.core
         with transport_errors(core.provider):
             response = self._client.send(core.build(self._client, request, deadline), stream=True)
-            while (poll := core.poll_request(self._client, response, request, deadline)) is not None:
-                response.close()
-                time.sleep(min(_POLL_INTERVAL, max(deadline.remaining() or _POLL_INTERVAL, 0.0)))
-                response = self._client.send(poll, stream=True)
-            if response.status_code >= 400:
-                try:
-                    raw = response.read()
-                finally:
+            try:
+                while (poll := core.poll_request(self._client, response, request, deadline)) is not None:
                     response.close()
-                _raise_status(core, response, raw)
-        return response
+                    time.sleep(core.poll_delay(deadline))
+                    response = self._client.send(poll, stream=True)
+                if response.status_code < 400:
+                    return response
+                raw = response.read()
+            except BaseException:  # a poll past the deadline, a cut while reading an error, a cancellation
+                response.close()
+                raise
+            response.close()
+        raise core.status_error(response, raw)
 
     def _complete_once(self, request: ChatRequest, deadline: Deadline) -> ChatCompletion:
         response = self._send(request, deadline)
@@ -421,17 +430,19 @@ class AsyncHTTPBackend:
         core = self.core
         with transport_errors(core.provider):
             response = await self._client.send(core.build(self._client, request, deadline), stream=True)
-            while (poll := core.poll_request(self._client, response, request, deadline)) is not None:
-                await _aclose(response)
-                await anyio.sleep(min(_POLL_INTERVAL, max(deadline.remaining() or _POLL_INTERVAL, 0.0)))
-                response = await self._client.send(poll, stream=True)
-            if response.status_code >= 400:
-                try:
-                    raw = await response.aread()
-                finally:
+            try:
+                while (poll := core.poll_request(self._client, response, request, deadline)) is not None:
                     await _aclose(response)
-                _raise_status(core, response, raw)
-        return response
+                    await anyio.sleep(core.poll_delay(deadline))
+                    response = await self._client.send(poll, stream=True)
+                if response.status_code < 400:
+                    return response
+                raw = await response.aread()
+            except BaseException:
+                await _aclose(response)
+                raise
+            await _aclose(response)
+        raise core.status_error(response, raw)
 
     async def _complete_once(self, request: ChatRequest, deadline: Deadline) -> ChatCompletion:
         response = await self._send(request, deadline)

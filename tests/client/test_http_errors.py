@@ -159,3 +159,13 @@ def test_aimlapi_empty_tool_calls_list_and_leading_space_are_kept(serve) -> None
 
     assert answer.choices[0].message.content == " Hello"
     assert answer.choices[0].message.tool_calls == []
+
+
+def test_non_streaming_200_with_a_top_level_error_raises_typed(driver: Driver, serve) -> None:
+    server = serve(replying(200, {"error": {"code": 503, "message": "no provider available"}}))
+
+    with pytest.raises(InternalServerError) as info:
+        driver.complete(server, client={"max_retries": 0})
+
+    assert info.value.status_code == 503
+    assert info.value.message == "no provider available"

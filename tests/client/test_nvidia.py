@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import httpx
 import pytest
 
-from mixtral_client import APITimeoutError, Timeout
+from mixtral_client import APITimeoutError, AsyncMixtralClient, MixtralClient, Timeout
 from mixtral_client._backends.http import HTTPCore
 from mixtral_client._config import resolve_config
-from tests.client.conftest import Driver, completion, text_stream
+from tests.client.conftest import MESSAGES, Driver, completion, text_stream
 from tests.loopback import Conn, Received
 
 NVIDIA = {"provider": "nvidia"}
@@ -92,3 +93,40 @@ def test_overridden_base_url_polls_its_own_origin() -> None:
     config = resolve_config({}, provider="nvidia", api_key="nvapi-x", base_url="https://nim.example.com:8443/proxy/v1")
 
     assert HTTPCore(config).poll_url("abc") == "https://nim.example.com:8443/v2/nvcf/pexec/status/abc"
+
+
+def test_polling_that_times_out_returns_its_connection(serve) -> None:
+    def handle(req: Received, conn: Conn) -> None:
+        if req.method == "POST" and req.json()["messages"][0]["content"] == "ready?":
+            conn.respond(200, completion("ready"))
+        else:
+            conn.respond(202, b"", {"NVCF-REQID": "req-slow"})
+
+    server = serve(handle)
+    with httpx.Client(limits=httpx.Limits(max_connections=1)) as http, \
+            MixtralClient("nvidia", base_url=server.url, api_key="k", http_client=http, max_retries=0) as client:
+        for _ in range(3):
+            with pytest.raises(APITimeoutError):
+                client.chat.completions.create(messages=MESSAGES, timeout=Timeout(connect=1, idle=1, total=0.3))
+        answer = client.chat.completions.create(messages=[{"role": "user", "content": "ready?"}], timeout=2)
+
+    assert answer.choices[0].message.content == "ready"
+
+
+@pytest.mark.anyio
+async def test_async_polling_that_times_out_returns_its_connection(serve) -> None:
+    def handle(req: Received, conn: Conn) -> None:
+        if req.method == "POST" and req.json()["messages"][0]["content"] == "ready?":
+            conn.respond(200, completion("ready"))
+        else:
+            conn.respond(202, b"", {"NVCF-REQID": "req-slow"})
+
+    server = serve(handle)
+    async with httpx.AsyncClient(limits=httpx.Limits(max_connections=1)) as http, \
+            AsyncMixtralClient("nvidia", base_url=server.url, api_key="k", http_client=http, max_retries=0) as client:
+        for _ in range(3):
+            with pytest.raises(APITimeoutError):
+                await client.chat.completions.create(messages=MESSAGES, timeout=Timeout(connect=1, idle=1, total=0.3))
+        answer = await client.chat.completions.create(messages=[{"role": "user", "content": "ready?"}], timeout=2)
+
+    assert answer.choices[0].message.content == "ready"
