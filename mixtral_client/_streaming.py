@@ -67,6 +67,7 @@ class Stream:
             self.close()
 
     def close(self) -> None:
+        self._first = _NOTHING  # a closed stream yields nothing more, not even the chunk read ahead
         if not self._closed:
             self._closed = True
             close = getattr(self._chunks, "close", None)
@@ -145,6 +146,7 @@ class AsyncStream:
         return chunk
 
     async def aclose(self) -> None:
+        self._first = _NOTHING
         if not self._closed:
             self._closed = True
             aclose = getattr(self._chunks, "aclose", None)
@@ -164,7 +166,22 @@ class AsyncStream:
                 pass
         return self._accumulator.completion()
 
-    async def text(self) -> AsyncIterator[str]:
-        async for chunk in self:
+    def text(self) -> AsyncIterator[str]:
+        """Only the text deltas of the first choice."""
+        return _TextDeltas(self.__aiter__())
+
+
+class _TextDeltas:
+    """``AsyncStream.text()``: an iterator object too, so leaving it early leaves nothing to the GC."""
+
+    def __init__(self, stream: AsyncStream) -> None:
+        self._stream = stream
+
+    def __aiter__(self) -> Self:
+        return self
+
+    async def __anext__(self) -> str:
+        while True:
+            chunk = await self._stream.__anext__()
             if chunk.choices and chunk.choices[0].delta.content:
-                yield chunk.choices[0].delta.content
+                return chunk.choices[0].delta.content
