@@ -35,25 +35,25 @@ def nvcf(pending_polls: int, *, repeat_reqid: bool = True, stream: bool = False)
 
 
 def test_202_is_polled_on_the_same_origin_until_the_answer_is_ready(driver: Driver, serve) -> None:
-    server = serve(nvcf(pending_polls=2))
+    server = serve(nvcf(pending_polls=1))
 
     answer = driver.complete(server, client=NVIDIA)
 
     assert answer.choices[0].message.content == "polled answer"
     post, *polls = server.requests
     assert (post.method, post.path) == ("POST", "/v1/chat/completions")
-    assert [(p.method, p.path) for p in polls] == [("GET", "/v2/nvcf/pexec/status/req-42")] * 3
+    assert [(p.method, p.path) for p in polls] == [("GET", "/v2/nvcf/pexec/status/req-42")] * 2
     assert all(p.headers["authorization"] == "Bearer sk-test" for p in polls)
     assert all(p.body == b"" for p in polls)
 
 
 def test_pending_poll_without_reqid_asks_the_same_status_url_again(serve) -> None:
-    server = serve(nvcf(pending_polls=2, repeat_reqid=False))
+    server = serve(nvcf(pending_polls=1, repeat_reqid=False))
 
     answer = Driver("sync").complete(server, client=NVIDIA)
 
     assert answer.choices[0].message.content == "polled answer"
-    assert [r.path for r in server.requests[1:]] == ["/v2/nvcf/pexec/status/req-42"] * 3
+    assert [r.path for r in server.requests[1:]] == ["/v2/nvcf/pexec/status/req-42"] * 2
 
 
 def test_streamed_answer_is_polled_too(driver: Driver, serve) -> None:
@@ -95,19 +95,21 @@ def test_overridden_base_url_polls_its_own_origin() -> None:
     assert HTTPCore(config).poll_url("abc") == "https://nim.example.com:8443/v2/nvcf/pexec/status/abc"
 
 
-def test_polling_that_times_out_returns_its_connection(serve) -> None:
-    def handle(req: Received, conn: Conn) -> None:
-        if req.method == "POST" and req.json()["messages"][0]["content"] == "ready?":
-            conn.respond(200, completion("ready"))
-        else:
-            conn.respond(202, b"", {"NVCF-REQID": "req-slow"})
+def pending_unless_ready(req: Received, conn: Conn) -> None:
+    """Every job stays pending, except a request asking "ready?"."""
+    if req.method == "POST" and req.json()["messages"][0]["content"] == "ready?":
+        conn.respond(200, completion("ready"))
+    else:
+        conn.respond(202, b"", {"NVCF-REQID": "req-slow"})
 
-    server = serve(handle)
+
+def test_polling_that_times_out_returns_its_connection(serve) -> None:
+    server = serve(pending_unless_ready)
     with httpx.Client(limits=httpx.Limits(max_connections=1)) as http, \
             MixtralClient("nvidia", base_url=server.url, api_key="k", http_client=http, max_retries=0) as client:
-        for _ in range(3):
+        for _ in range(2):
             with pytest.raises(APITimeoutError):
-                client.chat.completions.create(messages=MESSAGES, timeout=Timeout(connect=1, idle=1, total=0.3))
+                client.chat.completions.create(messages=MESSAGES, timeout=Timeout(connect=1, idle=1, total=0.2))
         answer = client.chat.completions.create(messages=[{"role": "user", "content": "ready?"}], timeout=2)
 
     assert answer.choices[0].message.content == "ready"
@@ -115,18 +117,12 @@ def test_polling_that_times_out_returns_its_connection(serve) -> None:
 
 @pytest.mark.anyio
 async def test_async_polling_that_times_out_returns_its_connection(serve) -> None:
-    def handle(req: Received, conn: Conn) -> None:
-        if req.method == "POST" and req.json()["messages"][0]["content"] == "ready?":
-            conn.respond(200, completion("ready"))
-        else:
-            conn.respond(202, b"", {"NVCF-REQID": "req-slow"})
-
-    server = serve(handle)
+    server = serve(pending_unless_ready)
     async with httpx.AsyncClient(limits=httpx.Limits(max_connections=1)) as http, \
             AsyncMixtralClient("nvidia", base_url=server.url, api_key="k", http_client=http, max_retries=0) as client:
-        for _ in range(3):
+        for _ in range(2):
             with pytest.raises(APITimeoutError):
-                await client.chat.completions.create(messages=MESSAGES, timeout=Timeout(connect=1, idle=1, total=0.3))
+                await client.chat.completions.create(messages=MESSAGES, timeout=Timeout(connect=1, idle=1, total=0.2))
         answer = await client.chat.completions.create(messages=[{"role": "user", "content": "ready?"}], timeout=2)
 
     assert answer.choices[0].message.content == "ready"
