@@ -95,7 +95,6 @@ class HTTPCore:
             headers["X-Title"] = config.app_name
         headers.update(config.default_headers)
         self.headers = headers
-        self.debug = log.isEnabledFor(logging.DEBUG)
 
     # -- requests ----------------------------------------------------------------------------------
 
@@ -120,7 +119,7 @@ class HTTPCore:
             params=dict(opts.extra_query) if opts.extra_query else None,
             timeout=self.timeout(request, deadline),
         )
-        if self.debug:
+        if log.isEnabledFor(logging.DEBUG):  # asked per request: logging may be set up after the client
             shown = {k: ("<redacted>" if k.lower() in _REDACT else v) for k, v in built.headers.items()}
             log.debug("POST %s headers=%s body=%s", built.url, shown, content[:2000].decode(errors="replace"))
         return built

@@ -52,6 +52,8 @@ def test_model_path_alone_means_local() -> None:
     ({"MIXTRAL_API_KEY": "k"}, {"provider": "openai"}, "needs base_url"),
     ({"MIXTRAL_API_KEY": "k"}, {"base_url": "ftp://host/v1"}, "http:// or https://"),
     ({"NVIDIA_API_KEY": "k"}, {"provider": "nvidia", "max_retries": -1}, "max_retries"),
+    ({"NVIDIA_API_KEY": "k"}, {"provider": "nvidia", "timeout": 0}, "timeout"),
+    ({"NVIDIA_API_KEY": "k"}, {"provider": "nvidia", "timeout": "30"}, "timeout"),
     ({}, {"provider": "local"}, "model_path"),
     ({}, {"provider": "bedrock"}, "region"),
 ])
@@ -133,6 +135,16 @@ def test_mixtral_log_debug_logs_requests_with_keys_redacted(serve, caplog: pytes
     assert '"messages"' in text
     assert "sk-very-secret" not in text and "other-secret" not in text
     assert "<redacted>" in text
+
+
+def test_debug_logging_set_up_after_the_client_is_honoured(serve, caplog: pytest.LogCaptureFixture) -> None:
+    server = serve(replying(200, completion()))
+
+    with MixtralClient(base_url=server.url, api_key="k", env={}) as client:
+        with caplog.at_level(logging.DEBUG, logger="mixtral_client"):
+            client.chat.completions.create(messages=MESSAGES)
+
+    assert "POST http://127.0.0.1" in caplog.text
 
 
 def test_logging_is_silent_without_mixtral_log(serve, caplog: pytest.LogCaptureFixture) -> None:
