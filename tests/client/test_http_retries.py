@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import socket
 import time
 
 import pytest
 
-from mixtral_client import APIConnectionError, APIStatusError, InternalServerError, RateLimitError, Timeout
+from mixtral_client import (
+    APIConnectionError,
+    APIStatusError,
+    APITimeoutError,
+    InternalServerError,
+    RateLimitError,
+    Timeout,
+)
 from tests.client.conftest import Driver, completion, dropping, replying, streaming, text_stream
 from tests.loopback import Conn, Received, in_turn
 
@@ -94,12 +102,17 @@ def test_dropped_connection_is_retried(sync_or_async: Driver, serve) -> None:
 
 
 def test_connection_refused_raises_connection_error(sync_or_async: Driver) -> None:
-    class Nowhere:  # a port nothing listens on
-        url = "http://127.0.0.1:9/v1"
+    with socket.socket() as probe:  # a port that was free a moment ago: nothing listens there
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+
+    class Nowhere:
+        url = f"http://127.0.0.1:{port}/v1"
 
     with pytest.raises(APIConnectionError) as info:
         sync_or_async.complete(Nowhere(), client={"max_retries": 0})  # type: ignore[arg-type]
 
+    assert not isinstance(info.value, APITimeoutError)
     assert info.value.partial is None
 
 
