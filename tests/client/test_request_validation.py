@@ -15,7 +15,7 @@ from mixtral_client import (
     UnsupportedFeatureError,
 )
 from mixtral_client._request import RequestOptions, build_request
-from tests.client.conftest import MESSAGES, Driver, completion, replying
+from tests.client.conftest import MESSAGES, Driver, completion, replying, streaming, text_stream
 
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
 
@@ -55,8 +55,6 @@ def test_openai_parameters_and_extras_are_sent(driver: Driver, serve) -> None:
 
 
 def test_stream_options_are_sent_with_streams(driver: Driver, serve) -> None:
-    from tests.client.conftest import streaming, text_stream
-
     server = serve(streaming(text_stream("x")))
 
     driver.chunks(server, stream_options={"include_usage": True})
