@@ -66,8 +66,24 @@ def test_silent_stream_hits_the_idle_deadline(sync_or_async: Driver, serve) -> N
     assert 0.3 <= elapsed < 1.0
 
 
+def chunks_with_keepalives(*pieces: str):
+    """Each piece as its own write, each followed by a keep-alive comment in a write of its own."""
+
+    def handle(req: Received, conn: Conn) -> None:
+        conn.start(200, {"Content-Type": "text/event-stream"})
+        for piece in pieces:
+            conn.write(sse(chunk(piece), done=False))
+            conn.pause(0.02)
+            conn.write(b": keep-alive\n\n")
+            conn.pause(0.02)
+        conn.write(sse(chunk(finish="stop")))
+        conn.finish()
+
+    return handle
+
+
 def test_slow_consumer_does_not_trip_the_idle_deadline(serve) -> None:
-    server = serve(streaming(text_stream("a", "b", "c")))
+    server = serve(chunks_with_keepalives("a", "b", "c"))
 
     with MixtralClient(base_url=server.url, api_key="k", timeout=Timeout(connect=1, idle=0.1, total=10)) as client:
         pieces = []
@@ -80,7 +96,7 @@ def test_slow_consumer_does_not_trip_the_idle_deadline(serve) -> None:
 
 @pytest.mark.anyio
 async def test_slow_async_consumer_does_not_trip_the_idle_deadline(serve) -> None:
-    server = serve(streaming(text_stream("a", "b")))
+    server = serve(chunks_with_keepalives("a", "b"))
 
     async with AsyncMixtralClient(base_url=server.url, api_key="k",
                                   timeout=Timeout(connect=1, idle=0.1, total=10)) as client:
