@@ -2,7 +2,9 @@
 
 Tool-call fragments are keyed by their ``index``. Hosts that send ``index: null`` are tolerated: a
 fragment with a new ``id`` opens a new call, a fragment with a known ``id`` continues that call, and a
-fragment with neither continues the last call of its choice. Whole calls in one delta work the same way.
+fragment with neither continues the last call of its choice, unless its position says otherwise: it
+is not the first entry of its delta (several whole calls in one delta), or it carries a function name
+while the last call already has one (a name only ever opens a call).
 """
 
 from __future__ import annotations
@@ -46,14 +48,15 @@ class _ChoiceParts:
         self.by_index: dict[int, _ToolCallParts] = {}
         self.by_id: dict[str, _ToolCallParts] = {}
 
-    def tool_call(self, delta: ChoiceDeltaToolCall) -> _ToolCallParts:
+    def tool_call(self, delta: ChoiceDeltaToolCall, position: int) -> _ToolCallParts:
+        """The call a fragment belongs to; ``position`` is the fragment's place in its delta's list."""
         if delta.index is not None:
             parts = self.by_index.get(delta.index)
             if parts is None:
                 parts = self.by_index[delta.index] = self._new()
         elif delta.id is not None and delta.id in self.by_id:
             parts = self.by_id[delta.id]
-        elif delta.id is not None or not self.calls:
+        elif delta.id is not None or not self.calls or position > 0 or self._names_another(delta):
             parts = self._new()
         else:
             parts = self.calls[-1]
@@ -61,6 +64,9 @@ class _ChoiceParts:
             parts.id = delta.id
             self.by_id[delta.id] = parts
         return parts
+
+    def _names_another(self, delta: ChoiceDeltaToolCall) -> bool:
+        return bool(delta.function and delta.function.name and self.calls[-1].name)
 
     def _new(self) -> _ToolCallParts:
         parts = _ToolCallParts()
@@ -108,8 +114,8 @@ class ChunkAccumulator:
             if choice.logprobs is not None:
                 parts.logprobs.append(choice.logprobs)
             if delta.tool_calls:
-                for call in delta.tool_calls:
-                    into = parts.tool_call(call)
+                for position, call in enumerate(delta.tool_calls):
+                    into = parts.tool_call(call, position)
                     if call.type:
                         into.type = call.type
                     fn = call.function

@@ -74,7 +74,8 @@ class _ClientCore:
             extra_body=params.get("extra_body") or {},
         )
         sampling = {k: v for k, v in params.items() if k not in _TRANSPORT}
-        return build_request(config.preset, model=params.get("model") or config.model, messages=messages,
+        model = params.get("model")
+        return build_request(config.preset, model=config.model if model is None else model, messages=messages,
                              stream=stream, options=options, params=sampling)
 
 

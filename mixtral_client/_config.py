@@ -18,7 +18,7 @@ from typing import Any
 
 import httpx
 
-from ._exceptions import ConfigurationError
+from ._exceptions import ConfigurationError, InvalidRequestError
 from ._providers import ProviderPreset, get_preset
 from ._timeouts import Timeout, coerce_timeout
 
@@ -85,6 +85,10 @@ def resolve_config(
     preset = get_preset(name.strip().lower())
     if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
         raise ConfigurationError(f"max_retries must be an integer >= 0, got {max_retries!r}")
+    try:
+        client_timeout = coerce_timeout(timeout)
+    except InvalidRequestError as exc:  # the same check as per request, but this is the client's setting
+        raise ConfigurationError(str(exc)) from exc
 
     if preset.kind == "http":
         base_url = base_url or preset.base_url
@@ -116,7 +120,7 @@ def resolve_config(
         base_url=base_url.rstrip("/") if base_url else None,
         api_key=key,
         model=model or env.get("MIXTRAL_MODEL") or None,
-        timeout=coerce_timeout(timeout),
+        timeout=client_timeout,
         max_retries=max_retries,
         default_headers=dict(default_headers or {}),
         app_url=app_url,

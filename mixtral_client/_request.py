@@ -203,7 +203,7 @@ def build_request(
     if "stop" in given:
         stop = given["stop"]
         stops = [stop] if isinstance(stop, str) else stop
-        if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops):
+        if not isinstance(stops, list) or not stops or not all(isinstance(s, str) and s for s in stops):
             raise _fail("must be a non-empty string or a list of them", "stop", preset)
         if limits.max_stop is not None and len(stops) > limits.max_stop:
             raise _fail(f"{preset.name} accepts at most {limits.max_stop} stop sequences, got {len(stops)}",

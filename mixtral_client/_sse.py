@@ -2,7 +2,7 @@
 
 Feed it bytes as they arrive; it returns the events completed by them. It handles CR, LF and CRLF
 line ends (a CR at the end of one feed and LF at the start of the next are one line end), UTF-8
-characters split across feeds, multi-line ``data:`` (joined with ``\\n``), ``event:``/``id:``/``retry:``
+characters split across feeds, a leading byte-order mark, multi-line ``data:`` (joined with ``\\n``), ``event:``/``id:``/``retry:``
 fields and ``:`` comments (counted, so a driver can tell keep-alives from content).
 """
 
@@ -40,7 +40,8 @@ class SSEDecoder:
     __slots__ = ("_buffer", "_data", "_decoder", "_event", "_id", "_retry", "_pending_cr", "comments")
 
     def __init__(self) -> None:
-        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        # utf-8-sig: a byte-order mark at the very start is dropped, as the spec asks
+        self._decoder = codecs.getincrementaldecoder("utf-8-sig")(errors="replace")
         self._buffer = ""
         self._pending_cr = False
         self._data: list[str] = []
@@ -51,7 +52,9 @@ class SSEDecoder:
         self.comments = 0
 
     def feed(self, chunk: bytes) -> list[ServerSentEvent]:
-        text = self._decoder.decode(chunk)
+        return self._text(self._decoder.decode(chunk))
+
+    def _text(self, text: str) -> list[ServerSentEvent]:
         if not text:
             return []
         if self._pending_cr:
@@ -76,10 +79,7 @@ class SSEDecoder:
 
     def end(self) -> list[ServerSentEvent]:
         """The stream closed: flush what is buffered (an unterminated last event is dispatched)."""
-        tail = self._decoder.decode(b"", final=True)
-        events: list[ServerSentEvent] = []
-        if tail:
-            events.extend(self.feed(tail.encode()))
+        events = self._text(self._decoder.decode(b"", final=True))
         if self._buffer:
             line, self._buffer = self._buffer, ""
             event = self._line(line)
@@ -113,7 +113,7 @@ class SSEDecoder:
         elif name == "id":
             if "\0" not in value:
                 self._id = value
-        elif name == "retry" and value.isdigit():
+        elif name == "retry" and value.isascii() and value.isdigit():
             self._retry = int(value)
         return None
 

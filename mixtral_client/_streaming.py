@@ -67,6 +67,7 @@ class Stream:
             self.close()
 
     def close(self) -> None:
+        self._first = _NOTHING  # a closed stream yields nothing more, not even the chunk read ahead
         if not self._closed:
             self._closed = True
             close = getattr(self._chunks, "close", None)
@@ -95,7 +96,11 @@ class Stream:
 
 
 class AsyncStream:
-    """An asynchronous stream of ``ChatCompletionChunk``; use it in ``async with`` and iterate it once."""
+    """An asynchronous stream of ``ChatCompletionChunk``; use it in ``async with`` and iterate it once.
+
+    Unlike ``Stream`` it is its own iterator rather than an async generator: an async generator left
+    suspended by ``break`` would be finalized by the event loop's garbage-collection hook (trio warns).
+    """
 
     def __init__(self, chunks: AsyncIterator[ChatCompletionChunk]) -> None:
         self._chunks = chunks
@@ -115,29 +120,33 @@ class AsyncStream:
             raise
         return self
 
-    async def __aiter__(self) -> AsyncIterator[ChatCompletionChunk]:
+    def __aiter__(self) -> Self:
         if self._consumed:
             raise RuntimeError("a stream can be iterated only once")
         self._consumed = True
-        add = self._accumulator.add
-        try:
-            if self._first is not _NOTHING:
-                first, self._first = self._first, _NOTHING
-                add(first)
-                yield first
-            if self._closed:
-                return
-            async for chunk in self._chunks:
-                add(chunk)
-                yield chunk
-        except APIError as error:
-            if error.partial is None:
-                error.partial = self._accumulator.completion()
-            raise
-        finally:
-            await self.aclose()
+        return self
+
+    async def __anext__(self) -> ChatCompletionChunk:
+        if self._first is not _NOTHING:
+            chunk, self._first = self._first, _NOTHING
+        elif self._closed:
+            raise StopAsyncIteration
+        else:
+            try:
+                chunk = await self._chunks.__anext__()
+            except APIError as error:
+                if error.partial is None:
+                    error.partial = self._accumulator.completion()
+                await self.aclose()
+                raise
+            except BaseException:  # the end (StopAsyncIteration), a cancellation, anything else
+                await self.aclose()
+                raise
+        self._accumulator.add(chunk)
+        return chunk
 
     async def aclose(self) -> None:
+        self._first = _NOTHING
         if not self._closed:
             self._closed = True
             aclose = getattr(self._chunks, "aclose", None)
@@ -157,7 +166,22 @@ class AsyncStream:
                 pass
         return self._accumulator.completion()
 
-    async def text(self) -> AsyncIterator[str]:
-        async for chunk in self:
+    def text(self) -> AsyncIterator[str]:
+        """Only the text deltas of the first choice."""
+        return _TextDeltas(self.__aiter__())
+
+
+class _TextDeltas:
+    """``AsyncStream.text()``: an iterator object too, so leaving it early leaves nothing to the GC."""
+
+    def __init__(self, stream: AsyncStream) -> None:
+        self._stream = stream
+
+    def __aiter__(self) -> Self:
+        return self
+
+    async def __anext__(self) -> str:
+        while True:
+            chunk = await self._stream.__anext__()
             if chunk.choices and chunk.choices[0].delta.content:
-                yield chunk.choices[0].delta.content
+                return chunk.choices[0].delta.content

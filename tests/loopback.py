@@ -10,15 +10,16 @@ a stall, a connection dropped mid-body. Every request is recorded in ``server.re
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["Conn", "LoopbackServer", "Received", "sse"]
+__all__ = ["Conn", "LoopbackServer", "Received", "in_turn", "sse", "unanswered_port"]
 
 
 @dataclass
@@ -40,6 +41,8 @@ class Conn:
     closed: bool = False
     keep_alive: bool = True
     sent: list[bytes] = field(default_factory=list)
+    #: set when the server shuts down; ``pause`` wakes on it so a stalled handler never delays a test's end
+    stopping: threading.Event = field(default_factory=threading.Event)
 
     def start(self, status: int = 200, headers: dict[str, str] | None = None, *, chunked: bool = True,
               content_length: int | None = None) -> None:
@@ -68,6 +71,10 @@ class Conn:
                 self._raw(piece)
             if delay:
                 time.sleep(delay)
+
+    def pause(self, seconds: float) -> bool:
+        """Stall for ``seconds`` (or until the server stops); True when the server is stopping."""
+        return self.stopping.wait(seconds)
 
     def finish(self) -> None:
         if self.chunked:
@@ -100,6 +107,20 @@ class Conn:
 Handler = Callable[[Received, Conn], None]
 
 
+def in_turn(*handlers: Handler) -> Handler:
+    """A handler that serves the n-th request with the n-th handler (the last one serves the rest)."""
+    lock = threading.Lock()
+    served = [0]
+
+    def handle(req: Received, conn: Conn) -> None:
+        with lock:
+            n = served[0]
+            served[0] += 1
+        handlers[min(n, len(handlers) - 1)](req, conn)
+
+    return handle
+
+
 def sse(*events: Any, done: bool = True) -> bytes:
     """An SSE body from dicts (JSON data events) or raw strings (sent verbatim)."""
     out = []
@@ -108,6 +129,26 @@ def sse(*events: Any, done: bool = True) -> bytes:
     if done:
         out.append("data: [DONE]\n\n")
     return "".join(out).encode()
+
+
+@contextlib.contextmanager
+def unanswered_port() -> Iterator[int]:
+    """A 127.0.0.1 port whose accept queue is full, so a new connection attempt hangs (for connect timeouts)."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    fillers = [socket.socket() for _ in range(3)]
+    try:
+        for filler in fillers:
+            filler.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                filler.connect(("127.0.0.1", port))
+        time.sleep(0.05)
+        yield port
+    finally:
+        for sock in [*fillers, listener]:
+            sock.close()
 
 
 class LoopbackServer:
@@ -121,6 +162,7 @@ class LoopbackServer:
         self.url = f"http://127.0.0.1:{self.port}/v1"
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
+        self._socks: list[socket.socket] = []
         self._accepter = threading.Thread(target=self._accept, daemon=True)
         self.errors: list[BaseException] = []
 
@@ -133,6 +175,11 @@ class LoopbackServer:
 
     def close(self) -> None:
         self._stop.set()
+        for sock in [self._sock, *self._socks]:  # wakes threads blocked in accept() or recv() at once
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
         self._accepter.join(timeout=5)
         self._sock.close()
         for t in self._threads:
@@ -146,7 +193,9 @@ class LoopbackServer:
                 continue
             except OSError:
                 return
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # each write leaves at once
             self.connections += 1
+            self._socks.append(sock)
             t = threading.Thread(target=self._serve, args=(sock, self.connections), daemon=True)
             self._threads.append(t)
             t.start()
@@ -185,7 +234,7 @@ class LoopbackServer:
                 body, buf = buf[:length], buf[length:]
                 received = Received(method, path, headers, body, connection_id)
                 self.requests.append(received)
-                conn = Conn(sock)
+                conn = Conn(sock, stopping=self._stop)
                 self.handler(received, conn)
                 if conn.closed:
                     return

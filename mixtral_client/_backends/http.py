@@ -11,8 +11,8 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Iterator
-from typing import Any, NoReturn
+from collections.abc import AsyncGenerator, AsyncIterator, Generator, Iterator
+from typing import Any
 
 import anyio
 import httpx
@@ -21,6 +21,7 @@ import pydantic
 from mixtral_client._config import ClientConfig
 from mixtral_client._exceptions import (
     APIConnectionError,
+    APIError,
     APIStatusError,
     APITimeoutError,
     ConfigurationError,
@@ -94,7 +95,6 @@ class HTTPCore:
             headers["X-Title"] = config.app_name
         headers.update(config.default_headers)
         self.headers = headers
-        self.debug = log.isEnabledFor(logging.DEBUG)
 
     # -- requests ----------------------------------------------------------------------------------
 
@@ -119,7 +119,7 @@ class HTTPCore:
             params=dict(opts.extra_query) if opts.extra_query else None,
             timeout=self.timeout(request, deadline),
         )
-        if self.debug:
+        if log.isEnabledFor(logging.DEBUG):  # asked per request: logging may be set up after the client
             shown = {k: ("<redacted>" if k.lower() in _REDACT else v) for k, v in built.headers.items()}
             log.debug("POST %s headers=%s body=%s", built.url, shown, content[:2000].decode(errors="replace"))
         return built
@@ -133,11 +133,19 @@ class HTTPCore:
 
     def poll_request(self, client: httpx.Client | httpx.AsyncClient, response: httpx.Response,
                      request: ChatRequest, deadline: Deadline) -> httpx.Request | None:
-        """The follow-up request for a 202 answer, or None when the 202 is not a pending NVCF job."""
+        """The follow-up request for a 202 answer, or None when the 202 is not a pending NVCF job.
+
+        The first 202 names the job in ``NVCF-REQID``; a later 202 from the status URL may omit it, and
+        then the same status URL is asked again.
+        """
         if response.status_code != 202:
             return None
         reqid = response.headers.get("nvcf-reqid")
-        if not reqid:
+        if reqid:
+            url: str | httpx.URL = self.poll_url(reqid)
+        elif response.request.method == "GET":  # the only GETs sent are polls
+            url = response.request.url
+        else:
             return None
         if deadline.expired():
             raise APITimeoutError(f"{self.provider} answer still pending when the total deadline passed",
@@ -145,8 +153,11 @@ class HTTPCore:
         headers = {"Authorization": self.headers["Authorization"], "User-Agent": self.headers["User-Agent"]}
         if request.stream:
             headers["Accept"] = "text/event-stream"
-        return client.build_request("GET", self.poll_url(reqid), headers=headers,
-                                    timeout=self.timeout(request, deadline))
+        return client.build_request("GET", url, headers=headers, timeout=self.timeout(request, deadline))
+
+    def poll_delay(self, deadline: Deadline) -> float:
+        """How long to wait before asking about a pending job again (never past the total deadline)."""
+        return deadline.cap(_POLL_INTERVAL) or _POLL_INTERVAL
 
     # -- responses ---------------------------------------------------------------------------------
 
@@ -181,18 +192,25 @@ class HTTPCore:
                                         request_id=request_id, body=body, code=code, partial=partial)
 
     def parse_completion(self, response: httpx.Response, raw: bytes) -> ChatCompletion:
+        """A whole answer; an error object in it (top-level or in a choice) raises, as a status would."""
+        rid = self.request_id(response.headers)
         try:
-            completion = ChatCompletion.model_validate_json(raw)
+            body: Any = json.loads(raw)
+        except ValueError:
+            body = None
+        if isinstance(body, dict) and body.get("error") and "choices" not in body:
+            raise self.error_from_payload(body["error"], request_id=rid, body=body)
+        try:
+            completion = ChatCompletion.model_validate(body)
         except pydantic.ValidationError as exc:
             raise APIConnectionError(f"{self.provider} sent an answer that is not a chat completion: {exc}",
-                                     provider=self.provider, request_id=self.request_id(response.headers),
+                                     provider=self.provider, request_id=rid,
                                      body=raw.decode("utf-8", errors="replace")) from exc
         for choice in completion.choices:
             error = (choice.model_extra or {}).get("error")
             if error is not None or choice.finish_reason == "error":
                 raise self.error_from_payload(error or {"message": "the host ended the answer with an error"},
-                                              request_id=self.request_id(response.headers),
-                                              body=json.loads(raw), partial=completion)
+                                              request_id=rid, body=body, partial=completion)
         return completion
 
     def chunk(self, event: ServerSentEvent, request_id: str | None) -> ChatCompletionChunk | None:
@@ -222,52 +240,76 @@ class HTTPCore:
         return chunk
 
 
-class _StreamState:
-    """What one stream has seen: used for the idle deadline and to tell a clean end from a cut one."""
+class _StreamReader:
+    """One response body to chunks, with no I/O: SSE decoding, the idle and total deadlines, error
+    events, and telling a finished answer from a cut one. The backends only feed it the bytes they read."""
 
-    __slots__ = ("done", "finished", "last_content")
+    __slots__ = ("core", "deadline", "decoder", "done", "finished", "idle", "rid", "waiting_since")
 
-    def __init__(self) -> None:
-        self.last_content = time.monotonic()
+    def __init__(self, core: HTTPCore, request: ChatRequest, deadline: Deadline, response: httpx.Response) -> None:
+        self.core = core
+        self.deadline = deadline
+        self.idle = request.options.timeout.idle
+        self.rid = core.request_id(response.headers)
+        self.decoder = SSEDecoder()
+        #: when the reader last started waiting for content (keep-alive comments do not reset it)
+        self.waiting_since = time.monotonic()
         self.done = False
         self.finished = False
 
-    def check(self, core: HTTPCore, request: ChatRequest, deadline: Deadline, request_id: str | None) -> None:
-        idle = request.options.timeout.idle
-        if idle is not None and time.monotonic() - self.last_content > idle:
-            raise APITimeoutError(f"no content from {core.provider} for {idle:g} s (idle deadline)",
-                                  provider=core.provider, request_id=request_id)
-        if deadline.expired():
-            raise APITimeoutError(f"the total deadline passed while streaming from {core.provider}",
-                                  provider=core.provider, request_id=request_id)
+    def feed(self, raw: bytes) -> Iterator[ChatCompletionChunk]:
+        """The chunks these bytes complete; then the error event among them, if any, is raised."""
+        chunks, error = self._take(self.decoder.feed(raw))
+        if not chunks and error is None and not self.done:
+            self._check_idle()
+        self._check_total()
+        if chunks:
+            yield from chunks
+            # the caller asked for more: from now on the reader waits for the next content
+            self.waiting_since = time.monotonic()
+        if error is not None:
+            raise error
 
-    def take(self, core: HTTPCore, events: list[ServerSentEvent], rid: str | None) -> list[ChatCompletionChunk]:
-        chunks = []
+    def end(self) -> Iterator[ChatCompletionChunk]:
+        """The body ended: the last chunks, then an error unless the answer was complete."""
+        chunks, error = self._take(self.decoder.end())
+        yield from chunks
+        if error is not None:
+            raise error
+        if not self.done and not self.finished:
+            raise APIConnectionError(f"the {self.core.provider} stream ended before the answer was complete",
+                                     provider=self.core.provider, request_id=self.rid)
+
+    def _take(self, events: list[ServerSentEvent]) -> tuple[list[ChatCompletionChunk], APIError | None]:
+        chunks: list[ChatCompletionChunk] = []
         for event in events:
-            chunk = core.chunk(event, rid)
+            try:
+                chunk = self.core.chunk(event, self.rid)
+            except APIError as error:
+                return chunks, error
             if chunk is None:
                 self.done = True
                 break
             if any(c.finish_reason is not None for c in chunk.choices):
                 self.finished = True
             chunks.append(chunk)
-        if events:
-            self.last_content = time.monotonic()
-        return chunks
+        return chunks, None
 
-    def end(self, core: HTTPCore, rid: str | None) -> None:
-        if not self.done and not self.finished:
-            raise APIConnectionError(f"the {core.provider} stream ended before the answer was complete",
-                                     provider=core.provider, request_id=rid)
+    def _check_idle(self) -> None:
+        if self.idle is not None and time.monotonic() - self.waiting_since > self.idle:
+            raise APITimeoutError(f"no content from {self.core.provider} for {self.idle:g} s (idle deadline)",
+                                  provider=self.core.provider, request_id=self.rid)
 
-
-#: an opened stream: the response, its byte iterator, the decoder and state, and the first chunks
-_Opened = tuple[httpx.Response, Iterator[bytes], SSEDecoder, _StreamState, list[ChatCompletionChunk]]
-_AsyncOpened = tuple[httpx.Response, AsyncIterator[bytes], SSEDecoder, _StreamState, list[ChatCompletionChunk]]
+    def _check_total(self) -> None:
+        if self.deadline.expired():
+            raise APITimeoutError(f"the total deadline passed while streaming from {self.core.provider}",
+                                  provider=self.core.provider, request_id=self.rid)
 
 
-def _raise_status(core: HTTPCore, response: httpx.Response, raw: bytes) -> NoReturn:
-    raise core.status_error(response, raw)
+#: a stream whose first chunk has arrived: the response, its chunk generator, and that first chunk
+#: (None when the stream ended without any)
+_Opened = tuple[httpx.Response, Generator[ChatCompletionChunk, None, None], ChatCompletionChunk | None]
+_AsyncOpened = tuple[httpx.Response, AsyncGenerator[ChatCompletionChunk, None], ChatCompletionChunk | None]
 
 
 class HTTPBackend:
@@ -288,17 +330,19 @@ class HTTPBackend:
         core = self.core
         with transport_errors(core.provider):
             response = self._client.send(core.build(self._client, request, deadline), stream=True)
-            while (poll := core.poll_request(self._client, response, request, deadline)) is not None:
-                response.close()
-                time.sleep(min(_POLL_INTERVAL, max(deadline.remaining() or _POLL_INTERVAL, 0.0)))
-                response = self._client.send(poll, stream=True)
-            if response.status_code >= 400:
-                try:
-                    raw = response.read()
-                finally:
+            try:
+                while (poll := core.poll_request(self._client, response, request, deadline)) is not None:
                     response.close()
-                _raise_status(core, response, raw)
-        return response
+                    time.sleep(core.poll_delay(deadline))
+                    response = self._client.send(poll, stream=True)
+                if response.status_code < 400:
+                    return response
+                raw = response.read()
+            except BaseException:  # a poll past the deadline, a cut while reading an error, a cancellation
+                response.close()
+                raise
+            response.close()
+        raise core.status_error(response, raw)
 
     def _complete_once(self, request: ChatRequest, deadline: Deadline) -> ChatCompletion:
         response = self._send(request, deadline)
@@ -313,50 +357,58 @@ class HTTPBackend:
         deadline = Deadline(request.options.timeout.total)
         return self.core.policy.retrying(deadline)(self._complete_once, request, deadline)
 
+    def _read(self, response: httpx.Response, request: ChatRequest,
+              deadline: Deadline) -> Generator[ChatCompletionChunk, None, None]:
+        reader = _StreamReader(self.core, request, deadline, response)
+        with transport_errors(self.core.provider):
+            for raw in response.iter_bytes():
+                yield from reader.feed(raw)
+                if reader.done:
+                    return
+            yield from reader.end()
+
     def _open_stream(self, request: ChatRequest, deadline: Deadline) -> _Opened:
         """Send, and read until the first chunk: all of this is retried as one attempt."""
-        core = self.core
         response = self._send(request, deadline)
-        rid = core.request_id(response.headers)
-        decoder, state = SSEDecoder(), _StreamState()
-        byte_iter = response.iter_bytes()
+        chunks = self._read(response, request, deadline)
         try:
-            with transport_errors(core.provider):
-                for raw in byte_iter:
-                    chunks = state.take(core, decoder.feed(raw), rid)
-                    if chunks or state.done:
-                        return response, byte_iter, decoder, state, chunks
-                    state.check(core, request, deadline, rid)
-                chunks = state.take(core, decoder.end(), rid)
-                if not chunks:
-                    state.end(core, rid)
-            return response, iter(()), decoder, state, chunks
+            return response, chunks, next(chunks, None)
         except BaseException:
+            chunks.close()
             response.close()
             raise
 
     def stream(self, request: ChatRequest) -> Iterator[ChatCompletionChunk]:
         deadline = Deadline(request.options.timeout.total)
-        core = self.core
-        response, byte_iter, decoder, state, first = self.core.policy.retrying(deadline)(
-            self._open_stream, request, deadline)
-        rid = core.request_id(response.headers)
+        response, chunks, first = self.core.policy.retrying(deadline)(self._open_stream, request, deadline)
         try:
-            yield from first
-            if state.done:
-                return
-            with transport_errors(core.provider):
-                for raw in byte_iter:
-                    chunks = state.take(core, decoder.feed(raw), rid)
-                    yield from chunks
-                    if state.done:
-                        return
-                    if not chunks:
-                        state.check(core, request, deadline, rid)
-                yield from state.take(core, decoder.end(), rid)
-            state.end(core, rid)
+            if first is not None:
+                yield first
+                yield from chunks
         finally:
+            chunks.close()
             response.close()
+
+
+async def _aclose(*closables: httpx.Response | AsyncGenerator[Any, None]) -> None:
+    """Close even inside a cancelled scope, so a cancelled task still returns its connection to the pool."""
+    with anyio.CancelScope(shield=True):
+        for closable in closables:
+            await closable.aclose()
+
+
+async def _discard(body: AsyncIterator[bytes], response: httpx.Response) -> None:
+    """Close ``response``, then run its body iterator to its end.
+
+    httpx's body iterators are nested async generators: closing the outer one leaves the inner ones to the
+    garbage collector, and trio warns about each (encode/httpx#3686). Once the response is closed, reading
+    on ends them all at once with a ``ReadError`` (or at once when the body was already read to its end).
+    """
+    with anyio.CancelScope(shield=True):
+        await response.aclose()
+        with contextlib.suppress(httpx.HTTPError, httpx.StreamError):
+            async for _ in body:
+                pass
 
 
 class AsyncHTTPBackend:
@@ -377,17 +429,19 @@ class AsyncHTTPBackend:
         core = self.core
         with transport_errors(core.provider):
             response = await self._client.send(core.build(self._client, request, deadline), stream=True)
-            while (poll := core.poll_request(self._client, response, request, deadline)) is not None:
-                await response.aclose()
-                await anyio.sleep(min(_POLL_INTERVAL, max(deadline.remaining() or _POLL_INTERVAL, 0.0)))
-                response = await self._client.send(poll, stream=True)
-            if response.status_code >= 400:
-                try:
-                    raw = await response.aread()
-                finally:
-                    await response.aclose()
-                _raise_status(core, response, raw)
-        return response
+            try:
+                while (poll := core.poll_request(self._client, response, request, deadline)) is not None:
+                    await _aclose(response)
+                    await anyio.sleep(core.poll_delay(deadline))
+                    response = await self._client.send(poll, stream=True)
+                if response.status_code < 400:
+                    return response
+                raw = await response.aread()
+            except BaseException:
+                await _aclose(response)
+                raise
+            await _aclose(response)
+        raise core.status_error(response, raw)
 
     async def _complete_once(self, request: ChatRequest, deadline: Deadline) -> ChatCompletion:
         response = await self._send(request, deadline)
@@ -395,7 +449,7 @@ class AsyncHTTPBackend:
             with transport_errors(self.core.provider):
                 raw = await response.aread()
         finally:
-            await response.aclose()
+            await _aclose(response)
         return self.core.parse_completion(response, raw)
 
     async def complete(self, request: ChatRequest) -> ChatCompletion:
@@ -404,56 +458,39 @@ class AsyncHTTPBackend:
             self._complete_once, request, deadline)
         return result
 
-    async def _open_stream(self, request: ChatRequest, deadline: Deadline) -> _AsyncOpened:
-        core = self.core
-        response = await self._send(request, deadline)
-        rid = core.request_id(response.headers)
-        decoder, state = SSEDecoder(), _StreamState()
-        byte_iter = response.aiter_bytes()
+    async def _read(self, response: httpx.Response, request: ChatRequest,
+                    deadline: Deadline) -> AsyncGenerator[ChatCompletionChunk, None]:
+        reader = _StreamReader(self.core, request, deadline, response)
+        body = response.aiter_bytes()
         try:
-            with transport_errors(core.provider):
-                async for raw in byte_iter:
-                    chunks = state.take(core, decoder.feed(raw), rid)
-                    if chunks or state.done:
-                        return response, byte_iter, decoder, state, chunks
-                    state.check(core, request, deadline, rid)
-                chunks = state.take(core, decoder.end(), rid)
-                if not chunks:
-                    state.end(core, rid)
-            return response, _empty(), decoder, state, chunks
+            with transport_errors(self.core.provider):
+                async for raw in body:
+                    for chunk in reader.feed(raw):
+                        yield chunk
+                    if reader.done:
+                        return
+                for chunk in reader.end():
+                    yield chunk
+        finally:
+            await _discard(body, response)
+
+    async def _open_stream(self, request: ChatRequest, deadline: Deadline) -> _AsyncOpened:
+        response = await self._send(request, deadline)
+        chunks = self._read(response, request, deadline)
+        try:
+            return response, chunks, await anext(chunks, None)
         except BaseException:
-            await response.aclose()
+            await _aclose(chunks, response)
             raise
 
     async def stream(self, request: ChatRequest) -> AsyncIterator[ChatCompletionChunk]:
         deadline = Deadline(request.options.timeout.total)
-        core = self.core
         opened: _AsyncOpened = await self.core.policy.async_retrying(deadline)(self._open_stream, request, deadline)
-        response, byte_iter, decoder, state, first = opened
-        rid = core.request_id(response.headers)
+        response, chunks, first = opened
         try:
-            for chunk in first:
-                yield chunk
-            if state.done:
-                return
-            with transport_errors(core.provider):
-                async for raw in byte_iter:
-                    chunks = state.take(core, decoder.feed(raw), rid)
-                    for chunk in chunks:
-                        yield chunk
-                    if state.done:
-                        return
-                    if not chunks:
-                        state.check(core, request, deadline, rid)
-                for chunk in state.take(core, decoder.end(), rid):
+            if first is not None:
+                yield first
+                async for chunk in chunks:
                     yield chunk
-            state.end(core, rid)
         finally:
-            with anyio.CancelScope(shield=True):
-                await response.aclose()
-
-
-async def _empty() -> AsyncIterator[bytes]:
-    return
-    yield b""  # pragma: no cover
-
+            await _aclose(chunks, response)

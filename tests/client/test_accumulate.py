@@ -1,0 +1,150 @@
+"""Merging stream chunks into one completion (pure)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mixtral_client import ChatCompletionChunk
+from mixtral_client._accumulate import ChunkAccumulator
+from tests.client.conftest import chunk, tool_delta
+
+
+def merged(*chunks: dict[str, Any]):
+    acc = ChunkAccumulator()
+    for c in chunks:
+        acc.add(ChatCompletionChunk.model_validate(c))
+    return acc.completion()
+
+
+def calls(completion) -> list[tuple[str, str, str]]:
+    return [(c.id, c.function.name, c.function.arguments) for c in completion.choices[0].message.tool_calls or []]
+
+
+def test_text_deltas_are_joined_with_role_and_finish_reason() -> None:
+    result = merged(chunk(role="assistant"), chunk("Hel"), chunk("lo"), chunk(finish="length"))
+
+    choice = result.choices[0]
+    assert (choice.message.role, choice.message.content, choice.finish_reason) == ("assistant", "Hello", "length")
+    assert (result.id, result.model, result.created) == ("chatcmpl-1", "m", 1)
+
+
+def test_nothing_added_gives_an_empty_completion() -> None:
+    assert ChunkAccumulator().completion().choices == []
+
+
+def test_tool_calls_are_keyed_by_index_when_interleaved() -> None:
+    result = merged(
+        chunk(tool_calls=[tool_delta(0, id="a", name="f", arguments='{"x"')]),
+        chunk(tool_calls=[tool_delta(1, id="b", name="g", arguments='{"y"')]),
+        chunk(tool_calls=[tool_delta(1, arguments=": 2}")]),
+        chunk(tool_calls=[tool_delta(0, arguments=": 1}")]),
+    )
+
+    assert calls(result) == [("a", "f", '{"x": 1}'), ("b", "g", '{"y": 2}')]
+    assert result.choices[0].message.content is None
+
+
+def test_two_calls_in_one_delta_stay_apart() -> None:
+    result = merged(chunk(tool_calls=[tool_delta(0, id="a", name="f", arguments="{}"),
+                                      tool_delta(1, id="b", name="g", arguments="[]")]))
+
+    assert calls(result) == [("a", "f", "{}"), ("b", "g", "[]")]
+
+
+def test_null_index_with_new_ids_opens_new_calls() -> None:
+    result = merged(
+        chunk(tool_calls=[tool_delta(None, id="a", name="f", arguments="1")]),
+        chunk(tool_calls=[tool_delta(None, id="b", name="g", arguments="2")]),
+    )
+
+    assert calls(result) == [("a", "f", "1"), ("b", "g", "2")]
+
+
+def test_null_index_with_a_known_id_continues_that_call() -> None:
+    result = merged(
+        chunk(tool_calls=[tool_delta(None, id="a", name="f", arguments="{")]),
+        chunk(tool_calls=[tool_delta(None, id="b", name="g", arguments="[")]),
+        chunk(tool_calls=[tool_delta(None, id="a", arguments="}")]),
+        chunk(tool_calls=[tool_delta(None, id="b", arguments="]")]),
+    )
+
+    assert calls(result) == [("a", "f", "{}"), ("b", "g", "[]")]
+
+
+def test_null_index_without_id_continues_the_last_call() -> None:
+    result = merged(
+        chunk(tool_calls=[tool_delta(None, id="a", name="f", arguments='{"q": ')]),
+        chunk(tool_calls=[tool_delta(None, arguments='"x"}')]),
+    )
+
+    assert calls(result) == [("a", "f", '{"q": "x"}')]
+
+
+def test_index_and_id_may_both_be_used_by_one_host() -> None:
+    result = merged(
+        chunk(tool_calls=[tool_delta(0, id="a", name="f", arguments="{")]),
+        chunk(tool_calls=[tool_delta(None, id="a", arguments="}")]),
+    )
+
+    assert calls(result) == [("a", "f", "{}")]
+
+
+def test_call_without_any_id_gets_a_stable_one() -> None:
+    result = merged(chunk(tool_calls=[tool_delta(0, name="f", arguments="{}")]))
+
+    assert calls(result) == [("call_0_0", "f", "{}")]
+
+
+def test_text_and_tool_calls_together_keep_both() -> None:
+    result = merged(chunk("Let me check. "), chunk(tool_calls=[tool_delta(0, id="a", name="f", arguments="{}")]))
+
+    assert result.choices[0].message.content == "Let me check. "
+    assert calls(result) == [("a", "f", "{}")]
+
+
+def test_choices_are_kept_apart_by_index() -> None:
+    result = merged(chunk("a", index=0), chunk("b", index=1), chunk("c", index=0), chunk("d", index=1))
+
+    assert [c.message.content for c in result.choices] == ["ac", "bd"]
+
+
+def test_usage_chunk_without_choices_sets_usage_and_keeps_its_extras() -> None:
+    usage = {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3, "cost": 0.5}
+    result = merged(chunk("x"), {**chunk(), "choices": [], "usage": usage})
+
+    assert result.usage is not None
+    assert result.usage.total_tokens == 3 and result.usage.model_extra == {"cost": 0.5}
+
+
+def test_top_level_extras_are_kept_but_not_an_error_object() -> None:
+    result = merged(chunk("x", provider="Together", error={"code": 500, "message": "m"}))
+
+    assert result.model_extra == {"provider": "Together"}
+
+
+def test_logprobs_content_is_concatenated() -> None:
+    first = {**chunk("a")}
+    first["choices"][0]["logprobs"] = {"content": [{"token": "a", "logprob": -0.1}]}
+    second = {**chunk("b")}
+    second["choices"][0]["logprobs"] = {"content": [{"token": "b", "logprob": -0.2}]}
+
+    result = merged(first, second)
+
+    assert [t["token"] for t in result.choices[0].logprobs["content"]] == ["a", "b"]
+
+
+def test_null_index_whole_calls_in_one_delta_stay_apart() -> None:
+    result = merged(chunk(tool_calls=[tool_delta(None, name="f", arguments="{}"),
+                                      tool_delta(None, name="g", arguments="[]")]))
+
+    assert calls(result) == [("call_0_0", "f", "{}"), ("call_0_1", "g", "[]")]
+
+
+def test_null_index_without_id_but_a_new_name_opens_a_new_call() -> None:
+    result = merged(
+        chunk(tool_calls=[tool_delta(None, name="f", arguments="{")]),
+        chunk(tool_calls=[tool_delta(None, arguments="}")]),
+        chunk(tool_calls=[tool_delta(None, name="g", arguments="[]")]),
+    )
+
+    assert calls(result) == [("call_0_0", "f", "{}"), ("call_0_1", "g", "[]")]
