@@ -3,6 +3,9 @@
 ``HTTPCore`` does everything that needs no I/O: building requests, mapping statuses and error bodies
 onto the error tree, parsing answers and stream events. ``HTTPBackend`` and ``AsyncHTTPBackend`` only
 send, read and sleep. ``transport_errors()`` is the one place httpx exceptions become ours.
+
+The senders drive any ``WireCore``: Bedrock's backend (``bedrock.py``) is these same senders over its
+own core (Converse bodies, SigV4, event-stream frames).
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Iterator
-from typing import Any, NoReturn
+from typing import Any, NoReturn, Protocol
 
 import anyio
 import httpx
@@ -33,14 +36,15 @@ from mixtral_client._timeouts import Deadline
 from mixtral_client._version import __version__
 from mixtral_client.types import ChatCompletion, ChatCompletionChunk
 
-__all__ = ["AsyncHTTPBackend", "HTTPBackend", "HTTPCore", "transport_errors"]
+__all__ = ["AsyncHTTPBackend", "EventDecoder", "HTTPBackend", "HTTPCore", "WireCore", "log_request",
+           "transport_errors"]
 
 log = logging.getLogger("mixtral_client")
 
 _NVCF_STATUS_PATH = "/v2/nvcf/pexec/status/"
 _NVCF_HOST = "https://api.nvcf.nvidia.com"
 _POLL_INTERVAL = 0.25
-_REDACT = frozenset({"authorization", "x-api-key", "api-key"})
+_REDACT = frozenset({"authorization", "x-api-key", "api-key", "x-amz-security-token"})
 
 
 @contextlib.contextmanager
@@ -52,6 +56,47 @@ def transport_errors(provider: str) -> Iterator[None]:
         raise APITimeoutError(f"{type(exc).__name__}: the {provider} request timed out", provider=provider) from exc
     except (httpx.TransportError, httpx.StreamError, httpx.DecodingError) as exc:
         raise APIConnectionError(f"{type(exc).__name__}: {exc}", provider=provider) from exc
+
+
+def log_request(built: httpx.Request, content: bytes) -> None:
+    """Log a request at debug level, with its credentials redacted."""
+    shown = {k: ("<redacted>" if k.lower() in _REDACT else v) for k, v in built.headers.items()}
+    log.debug("%s %s headers=%s body=%s", built.method, built.url, shown, content[:2000].decode(errors="replace"))
+
+
+class EventDecoder(Protocol):
+    """Bytes in, stream events out (``SSEDecoder``, Bedrock's event-stream decoder)."""
+
+    def feed(self, data: bytes, /) -> list[Any]: ...
+
+    def end(self) -> list[Any]: ...
+
+
+class WireCore(Protocol):
+    """What the senders below need from a core: ``HTTPCore`` here, ``BedrockCore`` for Bedrock. No I/O."""
+
+    provider: str
+    policy: RetryPolicy
+
+    def build(self, client: httpx.Client | httpx.AsyncClient, request: ChatRequest,
+              deadline: Deadline) -> httpx.Request: ...
+
+    def poll_request(self, client: httpx.Client | httpx.AsyncClient, response: httpx.Response,
+                     request: ChatRequest, deadline: Deadline) -> httpx.Request | None: ...
+
+    def request_id(self, headers: httpx.Headers) -> str | None: ...
+
+    def status_error(self, response: httpx.Response, raw: bytes) -> APIStatusError: ...
+
+    def parse_completion(self, response: httpx.Response, raw: bytes) -> ChatCompletion: ...
+
+    def decoder(self, response: httpx.Response, /) -> EventDecoder:
+        """A fresh decoder for one streamed answer."""
+        ...
+
+    def chunk(self, event: Any, request_id: str | None, /) -> ChatCompletionChunk | None:
+        """One decoded event as a chunk; None ends the stream. Error events raise."""
+        ...
 
 
 def _error_message(body: Any, status: int | None) -> tuple[str, str | int | None]:
@@ -98,7 +143,8 @@ class HTTPCore:
 
     # -- requests ----------------------------------------------------------------------------------
 
-    def timeout(self, request: ChatRequest, deadline: Deadline) -> httpx.Timeout:
+    @staticmethod
+    def timeout(request: ChatRequest, deadline: Deadline) -> httpx.Timeout:
         t = request.options.timeout
         connect = deadline.cap(t.connect)
         # streams: a read may wait at most `idle`; whole answers: the rest of the total deadline
@@ -120,8 +166,7 @@ class HTTPCore:
             timeout=self.timeout(request, deadline),
         )
         if self.debug:
-            shown = {k: ("<redacted>" if k.lower() in _REDACT else v) for k, v in built.headers.items()}
-            log.debug("POST %s headers=%s body=%s", built.url, shown, content[:2000].decode(errors="replace"))
+            log_request(built, content)
         return built
 
     def poll_url(self, request_id: str) -> str:
@@ -195,7 +240,10 @@ class HTTPCore:
                                               body=json.loads(raw), partial=completion)
         return completion
 
-    def chunk(self, event: ServerSentEvent, request_id: str | None) -> ChatCompletionChunk | None:
+    def decoder(self, _response: httpx.Response, /) -> SSEDecoder:
+        return SSEDecoder()
+
+    def chunk(self, event: ServerSentEvent, request_id: str | None, /) -> ChatCompletionChunk | None:
         """One stream event as a chunk; None for ``[DONE]``. Error events raise."""
         data = event.data
         if data == "[DONE]":
@@ -232,7 +280,7 @@ class _StreamState:
         self.done = False
         self.finished = False
 
-    def check(self, core: HTTPCore, request: ChatRequest, deadline: Deadline, request_id: str | None) -> None:
+    def check(self, core: WireCore, request: ChatRequest, deadline: Deadline, request_id: str | None) -> None:
         idle = request.options.timeout.idle
         if idle is not None and time.monotonic() - self.last_content > idle:
             raise APITimeoutError(f"no content from {core.provider} for {idle:g} s (idle deadline)",
@@ -241,7 +289,7 @@ class _StreamState:
             raise APITimeoutError(f"the total deadline passed while streaming from {core.provider}",
                                   provider=core.provider, request_id=request_id)
 
-    def take(self, core: HTTPCore, events: list[ServerSentEvent], rid: str | None) -> list[ChatCompletionChunk]:
+    def take(self, core: WireCore, events: list[Any], rid: str | None) -> list[ChatCompletionChunk]:
         chunks = []
         for event in events:
             chunk = core.chunk(event, rid)
@@ -255,26 +303,26 @@ class _StreamState:
             self.last_content = time.monotonic()
         return chunks
 
-    def end(self, core: HTTPCore, rid: str | None) -> None:
+    def end(self, core: WireCore, rid: str | None) -> None:
         if not self.done and not self.finished:
             raise APIConnectionError(f"the {core.provider} stream ended before the answer was complete",
                                      provider=core.provider, request_id=rid)
 
 
 #: an opened stream: the response, its byte iterator, the decoder and state, and the first chunks
-_Opened = tuple[httpx.Response, Iterator[bytes], SSEDecoder, _StreamState, list[ChatCompletionChunk]]
-_AsyncOpened = tuple[httpx.Response, AsyncIterator[bytes], SSEDecoder, _StreamState, list[ChatCompletionChunk]]
+_Opened = tuple[httpx.Response, Iterator[bytes], EventDecoder, _StreamState, list[ChatCompletionChunk]]
+_AsyncOpened = tuple[httpx.Response, AsyncIterator[bytes], EventDecoder, _StreamState, list[ChatCompletionChunk]]
 
 
-def _raise_status(core: HTTPCore, response: httpx.Response, raw: bytes) -> NoReturn:
+def _raise_status(core: WireCore, response: httpx.Response, raw: bytes) -> NoReturn:
     raise core.status_error(response, raw)
 
 
 class HTTPBackend:
     """Synchronous sender over one ``httpx.Client`` (its pool is shared by every request)."""
 
-    def __init__(self, config: ClientConfig) -> None:
-        self.core = HTTPCore(config)
+    def __init__(self, config: ClientConfig, core: WireCore | None = None) -> None:
+        self.core: WireCore = core or HTTPCore(config)
         self._owns_client = config.http_client is None
         self._client = config.http_client or httpx.Client(
             limits=httpx.Limits(max_connections=100, max_keepalive_connections=20), follow_redirects=True
@@ -318,7 +366,7 @@ class HTTPBackend:
         core = self.core
         response = self._send(request, deadline)
         rid = core.request_id(response.headers)
-        decoder, state = SSEDecoder(), _StreamState()
+        decoder, state = core.decoder(response), _StreamState()
         byte_iter = response.iter_bytes()
         try:
             with transport_errors(core.provider):
@@ -362,8 +410,8 @@ class HTTPBackend:
 class AsyncHTTPBackend:
     """Asynchronous sender over one ``httpx.AsyncClient``; runs under asyncio and trio (anyio)."""
 
-    def __init__(self, config: ClientConfig) -> None:
-        self.core = HTTPCore(config)
+    def __init__(self, config: ClientConfig, core: WireCore | None = None) -> None:
+        self.core: WireCore = core or HTTPCore(config)
         self._owns_client = config.async_http_client is None
         self._client = config.async_http_client or httpx.AsyncClient(
             limits=httpx.Limits(max_connections=100, max_keepalive_connections=20), follow_redirects=True
@@ -408,7 +456,7 @@ class AsyncHTTPBackend:
         core = self.core
         response = await self._send(request, deadline)
         rid = core.request_id(response.headers)
-        decoder, state = SSEDecoder(), _StreamState()
+        decoder, state = core.decoder(response), _StreamState()
         byte_iter = response.aiter_bytes()
         try:
             with transport_errors(core.provider):
