@@ -22,6 +22,7 @@ import botocore.session
 import httpx
 from botocore.auth import SigV4Auth
 from botocore.awsrequest import AWSRequest
+from botocore.exceptions import BotoCoreError
 
 from mixtral_client._config import ClientConfig
 from mixtral_client._converse import (
@@ -76,7 +77,10 @@ class BedrockCore:
             return
         # botocore's chain (environment, shared files and profiles, SSO, container and instance roles),
         # resolved once; get_frozen_credentials() refreshes temporary credentials when they near expiry
-        self._credentials = botocore.session.Session().get_credentials()
+        try:
+            self._credentials = botocore.session.Session().get_credentials()
+        except BotoCoreError as exc:
+            raise ConfigurationError(f"provider 'bedrock' could not load AWS credentials: {exc}") from exc
         if self._credentials is None:
             raise ConfigurationError(
                 "provider 'bedrock' found no credentials: pass api_key= (or set AWS_BEARER_TOKEN_BEDROCK) for a "
@@ -109,9 +113,14 @@ class BedrockCore:
         """A bearer header for an API key; otherwise SigV4 over the URL, headers and bytes being sent."""
         if self.config.api_key:
             return {"Authorization": f"Bearer {self.config.api_key}"}
+        try:
+            credentials = self._credentials.get_frozen_credentials()
+        except Exception as exc:  # a failed refresh: expired SSO session, credential process, role, ...
+            raise ConfigurationError(f"provider 'bedrock' could not refresh AWS credentials: "
+                                     f"{type(exc).__name__}: {exc}") from exc
         signed = AWSRequest(method=built.method, url=str(built.url), data=content,
                             headers={k: v for k, v in built.headers.items() if k.lower() not in _UNSIGNED})
-        SigV4Auth(self._credentials.get_frozen_credentials(), SIGNING_NAME, self.region).add_auth(signed)
+        SigV4Auth(credentials, SIGNING_NAME, self.region).add_auth(signed)
         return {k: str(v) for k, v in signed.headers.items()
                 if k.lower() in ("authorization", "x-amz-date", "x-amz-security-token")}
 

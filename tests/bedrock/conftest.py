@@ -39,10 +39,18 @@ def aws_keys(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
 
 
-@pytest.fixture
-def bedrock() -> Iterator[BedrockStandIn]:
+@pytest.fixture(scope="session")
+def _shared_standin() -> Iterator[BedrockStandIn]:
     with BedrockStandIn() as standin:
         yield standin
+
+
+@pytest.fixture
+def bedrock(_shared_standin: BedrockStandIn) -> Iterator[BedrockStandIn]:
+    """The stand-in (region REGION, the stand-in keys), with no request seen and nothing scripted."""
+    _shared_standin.reset()
+    yield _shared_standin
+    _shared_standin.raise_handler_errors()
 
 
 @pytest.fixture(params=["sigv4", "api-key"])

@@ -171,8 +171,20 @@ class BedrockStandIn:
 
     def __exit__(self, *exc: object) -> None:
         self.server.close()
+        self.raise_handler_errors()
+
+    def reset(self) -> None:
+        """Forget every request and script, so that one stand-in can serve test after test."""
+        self.server.requests.clear()
+        self.replies.clear()
+        self.calls.clear()
+        self.refused.clear()
+
+    def raise_handler_errors(self) -> None:
         if self.server.errors:
-            raise self.server.errors[0]
+            error = self.server.errors[0]
+            self.server.errors.clear()
+            raise error
 
     @property
     def requests(self) -> list[Received]:
