@@ -40,7 +40,7 @@ from mixtral_client._timeouts import Deadline
 from mixtral_client._version import __version__
 from mixtral_client.types import ChatCompletion, ChatCompletionChunk
 
-from .http import AsyncHTTPBackend, HTTPBackend, HTTPCore, log_request
+from .http import AsyncHTTPBackend, HTTPBackend, HTTPCore, log_request, read_error
 
 __all__ = ["AsyncBedrockBackend", "BedrockBackend", "BedrockCore", "region_from_url"]
 
@@ -136,15 +136,8 @@ class BedrockCore:
         return value
 
     def status_error(self, response: httpx.Response, raw: bytes) -> APIStatusError:
-        text = raw.decode("utf-8", errors="replace")
-        try:
-            body: Any = json.loads(text) if text.strip() else None
-        except ValueError:
-            body = text
-        message = (body.get("message") or body.get("Message")) if isinstance(body, dict) else None
-        if not message:
-            message = " ".join(text.split())[:200] or f"HTTP {response.status_code}"
-        return api_error(response.headers.get("x-amzn-errortype"), str(message), status=response.status_code,
+        body, message, _ = read_error(raw, response.status_code)  # Bedrock's body: {"message": ...}
+        return api_error(response.headers.get("x-amzn-errortype"), message, status=response.status_code,
                          provider=self.provider, request_id=self.request_id(response.headers), body=body,
                          headers=dict(response.headers))
 

@@ -37,7 +37,7 @@ from mixtral_client._version import __version__
 from mixtral_client.types import ChatCompletion, ChatCompletionChunk
 
 __all__ = ["AsyncHTTPBackend", "EventDecoder", "HTTPBackend", "HTTPCore", "WireCore", "log_request",
-           "transport_errors"]
+           "read_error", "transport_errors"]
 
 log = logging.getLogger("mixtral_client")
 
@@ -116,6 +116,16 @@ def _error_message(body: Any, status: int | None) -> tuple[str, str | int | None
         text = " ".join(body.split())
         return (text[:200] + "...") if len(text) > 200 else text, None
     return f"HTTP {status}", None
+
+
+def read_error(raw: bytes, status: int | None) -> tuple[Any, str, str | int | None]:
+    """An error answer's body (JSON, else text, None when empty), a readable message and a machine code."""
+    text = raw.decode("utf-8", errors="replace")
+    try:
+        body: Any = json.loads(text) if text.strip() else None
+    except ValueError:
+        body = text
+    return (body, *_error_message(body, status))
 
 
 class HTTPCore:
@@ -204,12 +214,7 @@ class HTTPCore:
         return fallback
 
     def status_error(self, response: httpx.Response, raw: bytes) -> APIStatusError:
-        text = raw.decode("utf-8", errors="replace")
-        try:
-            body: Any = json.loads(text) if text.strip() else None
-        except ValueError:
-            body = text
-        message, code = _error_message(body, response.status_code)
+        body, message, code = read_error(raw, response.status_code)
         cls = status_error_for(response.status_code)
         return cls(message, status_code=response.status_code, provider=self.provider,
                    request_id=self.request_id(response.headers), body=body, code=code,
