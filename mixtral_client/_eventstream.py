@@ -138,7 +138,7 @@ class ConverseStreamDecoder:
 
     def _frame_error(self, frame: Frame) -> APIError:
         payload = frame.payload
-        message = payload.get("message") or payload.get("Message") if isinstance(payload, dict) else payload
+        message = (payload.get("message") or payload.get("Message")) if isinstance(payload, dict) else payload
         return api_error(frame.name or frame.kind, str(message or f"{frame.kind} frame"), provider=self.provider,
                          request_id=self.request_id, body=payload)
 

@@ -327,7 +327,7 @@ class HTTPBackend:
     """Synchronous sender over one ``httpx.Client`` (its pool is shared by every request)."""
 
     def __init__(self, config: ClientConfig, core: WireCore | None = None) -> None:
-        self.core: WireCore = core or HTTPCore(config)
+        self.core: WireCore = core if core is not None else HTTPCore(config)
         self._owns_client = config.http_client is None
         self._client = config.http_client or httpx.Client(
             limits=httpx.Limits(max_connections=100, max_keepalive_connections=20), follow_redirects=True
@@ -416,7 +416,7 @@ class AsyncHTTPBackend:
     """Asynchronous sender over one ``httpx.AsyncClient``; runs under asyncio and trio (anyio)."""
 
     def __init__(self, config: ClientConfig, core: WireCore | None = None) -> None:
-        self.core: WireCore = core or HTTPCore(config)
+        self.core: WireCore = core if core is not None else HTTPCore(config)
         self._owns_client = config.async_http_client is None
         self._client = config.async_http_client or httpx.AsyncClient(
             limits=httpx.Limits(max_connections=100, max_keepalive_connections=20), follow_redirects=True

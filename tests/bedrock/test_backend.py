@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -442,7 +443,8 @@ def test_a_converse_answer_that_is_not_json_is_a_connection_error(bedrock: Bedro
 
 def test_importing_the_client_does_not_import_botocore() -> None:
     code = "import sys, mixtral_client; print(json.dumps(sorted(m for m in sys.modules if m.startswith('botocore'))))"
-    out = subprocess.run([sys.executable, "-c", "import json; " + code], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", "import json; " + code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).parents[2])
     assert json.loads(out.stdout) == []
 
 
@@ -451,3 +453,15 @@ def test_answers_with_other_stop_reasons(bedrock: BedrockStandIn, aws_keys: None
     with MixtralClient(provider="bedrock", base_url=bedrock.url, region=REGION) as client:
         assert sync_call(client, False).choices[0].finish_reason == "length"
         assert sync_call(client, True).choices[0].finish_reason == "content_filter"
+
+
+def test_debug_logging_redacts_credentials(bedrock: BedrockStandIn, monkeypatch: pytest.MonkeyPatch,
+                                           aws_keys: None, caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setenv("AWS_SESSION_TOKEN", "secret-session-token")
+    caplog.set_level(logging.DEBUG, logger="mixtral_client")
+    with MixtralClient(provider="bedrock", base_url=bedrock.url, region=REGION) as client, \
+            pytest.raises(PermissionDeniedError):  # the stand-in expects no session token
+        sync_call(client, False)
+    logged = "\n".join(r.getMessage() for r in caplog.records if r.name == "mixtral_client")
+    assert "/converse" in logged and "<redacted>" in logged
+    assert "secret-session-token" not in logged and "Signature=" not in logged
