@@ -3,6 +3,9 @@
 ``HTTPCore`` does everything that needs no I/O: building requests, mapping statuses and error bodies
 onto the error tree, parsing answers and stream events. ``HTTPBackend`` and ``AsyncHTTPBackend`` only
 send, read and sleep. ``transport_errors()`` is the one place httpx exceptions become ours.
+
+The senders drive any ``WireCore``: Bedrock's backend (``bedrock.py``) is these same senders over its
+own core (Converse bodies, SigV4, event-stream frames).
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Generator, Iterator
-from typing import Any
+from typing import Any, Protocol
 
 import anyio
 import httpx
@@ -34,14 +37,15 @@ from mixtral_client._timeouts import Deadline
 from mixtral_client._version import __version__
 from mixtral_client.types import ChatCompletion, ChatCompletionChunk
 
-__all__ = ["AsyncHTTPBackend", "HTTPBackend", "HTTPCore", "transport_errors"]
+__all__ = ["AsyncHTTPBackend", "EventDecoder", "HTTPBackend", "HTTPCore", "WireCore", "log_request",
+           "read_error", "transport_errors"]
 
 log = logging.getLogger("mixtral_client")
 
 _NVCF_STATUS_PATH = "/v2/nvcf/pexec/status/"
 _NVCF_HOST = "https://api.nvcf.nvidia.com"
 _POLL_INTERVAL = 0.25
-_REDACT = frozenset({"authorization", "x-api-key", "api-key"})
+_REDACT = frozenset({"authorization", "x-api-key", "api-key", "x-amz-security-token"})
 
 
 @contextlib.contextmanager
@@ -53,6 +57,49 @@ def transport_errors(provider: str) -> Iterator[None]:
         raise APITimeoutError(f"{type(exc).__name__}: the {provider} request timed out", provider=provider) from exc
     except (httpx.TransportError, httpx.StreamError, httpx.DecodingError) as exc:
         raise APIConnectionError(f"{type(exc).__name__}: {exc}", provider=provider) from exc
+
+
+def log_request(built: httpx.Request, content: bytes) -> None:
+    """Log a request at debug level, with its credentials redacted."""
+    shown = {k: ("<redacted>" if k.lower() in _REDACT else v) for k, v in built.headers.items()}
+    log.debug("%s %s headers=%s body=%s", built.method, built.url, shown, content[:2000].decode(errors="replace"))
+
+
+class EventDecoder(Protocol):
+    """Bytes in, stream events out (``SSEDecoder``, Bedrock's event-stream decoder)."""
+
+    def feed(self, data: bytes, /) -> list[Any]: ...
+
+    def end(self) -> list[Any]: ...
+
+
+class WireCore(Protocol):
+    """What the senders below need from a core: ``HTTPCore`` here, ``BedrockCore`` for Bedrock. No I/O."""
+
+    provider: str
+    policy: RetryPolicy
+
+    def build(self, client: httpx.Client | httpx.AsyncClient, request: ChatRequest,
+              deadline: Deadline) -> httpx.Request: ...
+
+    def poll_request(self, client: httpx.Client | httpx.AsyncClient, response: httpx.Response,
+                     request: ChatRequest, deadline: Deadline, /) -> httpx.Request | None: ...
+
+    def poll_delay(self, deadline: Deadline, /) -> float: ...
+
+    def request_id(self, headers: httpx.Headers) -> str | None: ...
+
+    def status_error(self, response: httpx.Response, raw: bytes) -> APIStatusError: ...
+
+    def parse_completion(self, response: httpx.Response, raw: bytes) -> ChatCompletion: ...
+
+    def decoder(self, response: httpx.Response, /) -> EventDecoder:
+        """A fresh decoder for one streamed answer."""
+        ...
+
+    def chunk(self, event: Any, request_id: str | None, /) -> ChatCompletionChunk | None:
+        """One decoded event as a chunk; None ends the stream. Error events raise."""
+        ...
 
 
 def _error_message(body: Any, status: int | None) -> tuple[str, str | int | None]:
@@ -72,6 +119,16 @@ def _error_message(body: Any, status: int | None) -> tuple[str, str | int | None
         text = " ".join(body.split())
         return (text[:200] + "...") if len(text) > 200 else text, None
     return f"HTTP {status}", None
+
+
+def read_error(raw: bytes, status: int | None) -> tuple[Any, str, str | int | None]:
+    """An error answer's body (JSON, else text, None when empty), a readable message and a machine code."""
+    text = raw.decode("utf-8", errors="replace")
+    try:
+        body: Any = json.loads(text) if text.strip() else None
+    except ValueError:
+        body = text
+    return (body, *_error_message(body, status))
 
 
 class HTTPCore:
@@ -98,7 +155,8 @@ class HTTPCore:
 
     # -- requests ----------------------------------------------------------------------------------
 
-    def timeout(self, request: ChatRequest, deadline: Deadline) -> httpx.Timeout:
+    @staticmethod
+    def timeout(request: ChatRequest, deadline: Deadline) -> httpx.Timeout:
         t = request.options.timeout
         connect = deadline.cap(t.connect)
         # streams: a read may wait at most `idle`; whole answers: the rest of the total deadline
@@ -120,8 +178,7 @@ class HTTPCore:
             timeout=self.timeout(request, deadline),
         )
         if log.isEnabledFor(logging.DEBUG):  # asked per request: logging may be set up after the client
-            shown = {k: ("<redacted>" if k.lower() in _REDACT else v) for k, v in built.headers.items()}
-            log.debug("POST %s headers=%s body=%s", built.url, shown, content[:2000].decode(errors="replace"))
+            log_request(built, content)
         return built
 
     def poll_url(self, request_id: str) -> str:
@@ -132,7 +189,7 @@ class HTTPCore:
         return origin.rstrip("/") + _NVCF_STATUS_PATH + request_id
 
     def poll_request(self, client: httpx.Client | httpx.AsyncClient, response: httpx.Response,
-                     request: ChatRequest, deadline: Deadline) -> httpx.Request | None:
+                     request: ChatRequest, deadline: Deadline, /) -> httpx.Request | None:
         """The follow-up request for a 202 answer, or None when the 202 is not a pending NVCF job.
 
         The first 202 names the job in ``NVCF-REQID``; a later 202 from the status URL may omit it, and
@@ -155,7 +212,7 @@ class HTTPCore:
             headers["Accept"] = "text/event-stream"
         return client.build_request("GET", url, headers=headers, timeout=self.timeout(request, deadline))
 
-    def poll_delay(self, deadline: Deadline) -> float:
+    def poll_delay(self, deadline: Deadline, /) -> float:
         """How long to wait before asking about a pending job again (never past the total deadline)."""
         return deadline.cap(_POLL_INTERVAL) or _POLL_INTERVAL
 
@@ -170,12 +227,7 @@ class HTTPCore:
         return fallback
 
     def status_error(self, response: httpx.Response, raw: bytes) -> APIStatusError:
-        text = raw.decode("utf-8", errors="replace")
-        try:
-            body: Any = json.loads(text) if text.strip() else None
-        except ValueError:
-            body = text
-        message, code = _error_message(body, response.status_code)
+        body, message, code = read_error(raw, response.status_code)
         cls = status_error_for(response.status_code)
         return cls(message, status_code=response.status_code, provider=self.provider,
                    request_id=self.request_id(response.headers), body=body, code=code,
@@ -213,7 +265,10 @@ class HTTPCore:
                                               request_id=rid, body=body, partial=completion)
         return completion
 
-    def chunk(self, event: ServerSentEvent, request_id: str | None) -> ChatCompletionChunk | None:
+    def decoder(self, _response: httpx.Response, /) -> SSEDecoder:
+        return SSEDecoder()
+
+    def chunk(self, event: ServerSentEvent, request_id: str | None, /) -> ChatCompletionChunk | None:
         """One stream event as a chunk; None for ``[DONE]``. Error events raise."""
         data = event.data
         if data == "[DONE]":
@@ -246,12 +301,12 @@ class _StreamReader:
 
     __slots__ = ("core", "deadline", "decoder", "done", "finished", "idle", "rid", "waiting_since")
 
-    def __init__(self, core: HTTPCore, request: ChatRequest, deadline: Deadline, response: httpx.Response) -> None:
+    def __init__(self, core: WireCore, request: ChatRequest, deadline: Deadline, response: httpx.Response) -> None:
         self.core = core
         self.deadline = deadline
         self.idle = request.options.timeout.idle
         self.rid = core.request_id(response.headers)
-        self.decoder = SSEDecoder()
+        self.decoder = core.decoder(response)
         #: when the reader last started waiting for content (keep-alive comments do not reset it)
         self.waiting_since = time.monotonic()
         self.done = False
@@ -280,7 +335,7 @@ class _StreamReader:
             raise APIConnectionError(f"the {self.core.provider} stream ended before the answer was complete",
                                      provider=self.core.provider, request_id=self.rid)
 
-    def _take(self, events: list[ServerSentEvent]) -> tuple[list[ChatCompletionChunk], APIError | None]:
+    def _take(self, events: list[Any]) -> tuple[list[ChatCompletionChunk], APIError | None]:
         chunks: list[ChatCompletionChunk] = []
         for event in events:
             try:
@@ -315,8 +370,8 @@ _AsyncOpened = tuple[httpx.Response, AsyncGenerator[ChatCompletionChunk, None], 
 class HTTPBackend:
     """Synchronous sender over one ``httpx.Client`` (its pool is shared by every request)."""
 
-    def __init__(self, config: ClientConfig) -> None:
-        self.core = HTTPCore(config)
+    def __init__(self, config: ClientConfig, core: WireCore | None = None) -> None:
+        self.core: WireCore = core if core is not None else HTTPCore(config)
         self._owns_client = config.http_client is None
         self._client = config.http_client or httpx.Client(
             limits=httpx.Limits(max_connections=100, max_keepalive_connections=20), follow_redirects=True
@@ -414,8 +469,8 @@ async def _discard(body: AsyncIterator[bytes], response: httpx.Response) -> None
 class AsyncHTTPBackend:
     """Asynchronous sender over one ``httpx.AsyncClient``; runs under asyncio and trio (anyio)."""
 
-    def __init__(self, config: ClientConfig) -> None:
-        self.core = HTTPCore(config)
+    def __init__(self, config: ClientConfig, core: WireCore | None = None) -> None:
+        self.core: WireCore = core if core is not None else HTTPCore(config)
         self._owns_client = config.async_http_client is None
         self._client = config.async_http_client or httpx.AsyncClient(
             limits=httpx.Limits(max_connections=100, max_keepalive_connections=20), follow_redirects=True
