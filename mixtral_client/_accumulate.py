@@ -20,6 +20,7 @@ from .types import (
     FunctionCall,
     ToolCall,
     Usage,
+    new_tool_call_id,
 )
 
 __all__ = ["ChunkAccumulator"]
@@ -129,9 +130,12 @@ class ChunkAccumulator:
         choices = []
         for index in sorted(self._choices):
             parts = self._choices[index]
+            for c in parts.calls:
+                if c.id is None:  # made up once, so every completion() of this stream agrees
+                    c.id = new_tool_call_id()
             calls = [
                 ToolCall(
-                    id=c.id or f"call_{index}_{i}",
+                    id=c.id,
                     type=c.type or "function",
                     function=FunctionCall(name="".join(c.name), arguments="".join(c.arguments)),
                 )

@@ -7,9 +7,11 @@ known literals or any string a host invents.
 
 from __future__ import annotations
 
+import secrets
+import string
 from typing import Any, Literal, Required, TypeAlias, TypedDict
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 __all__ = [
     "ChatCompletion",
@@ -28,6 +30,7 @@ __all__ = [
     "ToolCall",
     "ToolCallParam",
     "Usage",
+    "new_tool_call_id",
 ]
 
 FinishReason: TypeAlias = Literal["stop", "length", "tool_calls", "content_filter", "error"] | str
@@ -81,10 +84,24 @@ class FunctionCall(_Model):
     arguments: str = ""
 
 
+_ID_ALPHABET = string.ascii_letters + string.digits
+
+
+def new_tool_call_id() -> str:
+    """A Mistral-style tool-call id (9 alphanumeric characters), for hosts that send none."""
+    return "".join(secrets.choice(_ID_ALPHABET) for _ in range(9))
+
+
 class ToolCall(_Model):
-    id: str
+    #: the host's id; a Mistral-style one is made up when the host sends none
+    id: str = Field(default_factory=new_tool_call_id)
     type: str = "function"
     function: FunctionCall
+
+    @field_validator("id", mode="before")
+    @classmethod
+    def _id_or_new(cls, value: Any) -> Any:
+        return value or new_tool_call_id()
 
 
 class ChatCompletionMessage(_Model):

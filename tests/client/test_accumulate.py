@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from mixtral_client import ChatCompletionChunk
@@ -18,6 +19,16 @@ def merged(*chunks: dict[str, Any]):
 
 def calls(completion) -> list[tuple[str, str, str]]:
     return [(c.id, c.function.name, c.function.arguments) for c in completion.choices[0].message.tool_calls or []]
+
+
+MISTRAL_ID = re.compile(r"^[A-Za-z0-9]{9}$")
+
+
+def named(completion) -> list[tuple[str, str]]:
+    """(name, arguments) of each call, after checking the ids the accumulator made up: Mistral-style, distinct."""
+    ids = [c.id for c in completion.choices[0].message.tool_calls or []]
+    assert all(MISTRAL_ID.match(i) for i in ids) and len(set(ids)) == len(ids), ids
+    return [(name, arguments) for _, name, arguments in calls(completion)]
 
 
 def test_text_deltas_are_joined_with_role_and_finish_reason() -> None:
@@ -89,10 +100,14 @@ def test_index_and_id_may_both_be_used_by_one_host() -> None:
     assert calls(result) == [("a", "f", "{}")]
 
 
-def test_call_without_any_id_gets_a_stable_one() -> None:
-    result = merged(chunk(tool_calls=[tool_delta(0, name="f", arguments="{}")]))
+def test_call_without_any_id_gets_a_mistral_style_one_that_stays_the_same() -> None:
+    acc = ChunkAccumulator()
+    acc.add(ChatCompletionChunk.model_validate(chunk(tool_calls=[tool_delta(0, name="f", arguments="{}")])))
 
-    assert calls(result) == [("call_0_0", "f", "{}")]
+    first, again = acc.completion(), acc.completion()
+
+    assert named(first) == [("f", "{}")]
+    assert calls(first) == calls(again)
 
 
 def test_text_and_tool_calls_together_keep_both() -> None:
@@ -137,7 +152,7 @@ def test_null_index_whole_calls_in_one_delta_stay_apart() -> None:
     result = merged(chunk(tool_calls=[tool_delta(None, name="f", arguments="{}"),
                                       tool_delta(None, name="g", arguments="[]")]))
 
-    assert calls(result) == [("call_0_0", "f", "{}"), ("call_0_1", "g", "[]")]
+    assert named(result) == [("f", "{}"), ("g", "[]")]
 
 
 def test_null_index_without_id_but_a_new_name_opens_a_new_call() -> None:
@@ -147,4 +162,14 @@ def test_null_index_without_id_but_a_new_name_opens_a_new_call() -> None:
         chunk(tool_calls=[tool_delta(None, name="g", arguments="[]")]),
     )
 
-    assert calls(result) == [("call_0_0", "f", "{}"), ("call_0_1", "g", "[]")]
+    assert named(result) == [("f", "{}"), ("g", "[]")]
+
+
+def test_a_whole_answer_whose_tool_call_has_no_id_gets_a_mistral_style_one() -> None:
+    from mixtral_client import ChatCompletion
+
+    answer = ChatCompletion.model_validate({"choices": [{"message": {"role": "assistant", "content": None,
+        "tool_calls": [{"id": None, "type": "function", "function": {"name": "f", "arguments": "{}"}},
+                       {"type": "function", "function": {"name": "g", "arguments": "{}"}}]}}]})
+
+    assert [name for name, _ in named(answer)] == ["f", "g"]

@@ -102,8 +102,6 @@ def test_invoked_tool_calls_get_mistral_style_ids_when_the_host_sends_an_empty_o
     assert MISTRAL_ID.match(message.tool_calls[0]["id"] or "")
 
 
-@pytest.mark.xfail(strict=True, reason="client bug: mixtral_client.types.ToolCall.id is required, so an answer "
-                                       "whose tool call has no id fails as APIConnectionError")
 def test_invoked_tool_calls_get_mistral_style_ids_when_the_host_omits_them() -> None:
     def handler(req: Received, conn: Conn) -> None:
         conn.respond(200, {"id": "x", "model": "m", "choices": [{"index": 0, "finish_reason": "tool_calls", "message": {
