@@ -311,7 +311,7 @@ class HTTPBackend:
 
     def complete(self, request: ChatRequest) -> ChatCompletion:
         deadline = Deadline(request.options.timeout.total)
-        return self.core.policy.retrying(deadline)(self._complete_once, request, deadline)
+        return self.core.policy.call(deadline, self._complete_once, request, deadline)
 
     def _open_stream(self, request: ChatRequest, deadline: Deadline) -> _Opened:
         """Send, and read until the first chunk: all of this is retried as one attempt."""
@@ -338,8 +338,8 @@ class HTTPBackend:
     def stream(self, request: ChatRequest) -> Iterator[ChatCompletionChunk]:
         deadline = Deadline(request.options.timeout.total)
         core = self.core
-        response, byte_iter, decoder, state, first = self.core.policy.retrying(deadline)(
-            self._open_stream, request, deadline)
+        opened = core.policy.call(deadline, self._open_stream, request, deadline)
+        response, byte_iter, decoder, state, first = opened
         rid = core.request_id(response.headers)
         try:
             yield from first
@@ -400,9 +400,7 @@ class AsyncHTTPBackend:
 
     async def complete(self, request: ChatRequest) -> ChatCompletion:
         deadline = Deadline(request.options.timeout.total)
-        result: ChatCompletion = await self.core.policy.async_retrying(deadline)(
-            self._complete_once, request, deadline)
-        return result
+        return await self.core.policy.acall(deadline, self._complete_once, request, deadline)
 
     async def _open_stream(self, request: ChatRequest, deadline: Deadline) -> _AsyncOpened:
         core = self.core
@@ -428,7 +426,7 @@ class AsyncHTTPBackend:
     async def stream(self, request: ChatRequest) -> AsyncIterator[ChatCompletionChunk]:
         deadline = Deadline(request.options.timeout.total)
         core = self.core
-        opened: _AsyncOpened = await self.core.policy.async_retrying(deadline)(self._open_stream, request, deadline)
+        opened: _AsyncOpened = await core.policy.acall(deadline, self._open_stream, request, deadline)
         response, byte_iter, decoder, state, first = opened
         rid = core.request_id(response.headers)
         try:
