@@ -274,8 +274,11 @@ class _StreamState:
             if chunk is None:
                 self.done = True
                 break
-            if any(c.finish_reason is not None for c in chunk.choices):
-                self.finished = True
+            if not self.finished:
+                for choice in chunk.choices:
+                    if choice.finish_reason is not None:
+                        self.finished = True
+                        break
             chunks.append(chunk)
         if events:
             self.last_content = time.monotonic()
