@@ -270,9 +270,23 @@ def _machine() -> dict[str, Any]:
                 break
     except OSError:
         pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
+    try:
+        commit = subprocess.run(["git", "-C", str(ROOT), "describe", "--always", "--dirty"], capture_output=True,
+                                text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    return {"commit": commit, "cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
             "platform": platform.platform(), "httpx": httpx.__version__, "openai": openai.__version__,
-            "pydantic": pydantic.__version__}
+            "pydantic": pydantic.__version__, "openai_http": _openai_http()}
+
+
+def _openai_http() -> str:
+    """openai 3.x sends through its own httpx fork (``httpx2``), not httpx."""
+    try:
+        import httpx2  # type: ignore[import-not-found]
+    except ImportError:
+        return "httpx"
+    return f"httpx2 {httpx2.__version__}"
 
 
 def _start_server() -> tuple[subprocess.Popen[str], int]:
