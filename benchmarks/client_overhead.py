@@ -333,6 +333,7 @@ def main() -> None:
                         loop.run_until_complete(factories[name]["aclose"](c))
                 rows.append({"mode": mode, "route": route, "samples": samples,
                              **{name: _summary(s) for name, s in samples.items()}})
+            loop.run_until_complete(loop.shutdown_asyncgens())
             loop.close()
     finally:
         proc.kill()
