@@ -9,9 +9,9 @@ from __future__ import annotations
 import email.utils
 import random
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 import tenacity
@@ -20,6 +20,8 @@ from ._exceptions import APIConnectionError, APIStatusError
 from ._timeouts import Deadline
 
 __all__ = ["RetryPolicy", "parse_retry_after"]
+
+_T = TypeVar("_T")
 
 _RETRY_STATUSES = frozenset({408, 409, 429})
 _QUOTA_CODES = frozenset({"insufficient_quota", "quota_exceeded", "billing_hard_limit_reached"})
@@ -119,3 +121,43 @@ class RetryPolicy:
 
     def async_retrying(self, deadline: Deadline) -> tenacity.AsyncRetrying:
         return tenacity.AsyncRetrying(sleep=anyio.sleep, **self._kwargs(deadline))
+
+    # The first attempt runs without tenacity (building and entering a ``Retrying`` costs more than the rest
+    # of the client's per-request work). A failure that should be retried enters the tenacity loop, which
+    # sees that same failure as its attempt 1, so waits, stops and the error raised are exactly as if
+    # tenacity had run every attempt.
+
+    def call(self, deadline: Deadline, fn: Callable[..., _T], *args: Any) -> _T:
+        """``fn(*args)``, retried under this policy."""
+        try:
+            return fn(*args)
+        except BaseException as exc:
+            if not self.should_retry(exc):
+                raise
+            first = exc
+        pending = [first]
+
+        def attempt(*args: Any) -> _T:
+            if pending:
+                raise pending.pop()
+            return fn(*args)
+
+        return self.retrying(deadline)(attempt, *args)
+
+    async def acall(self, deadline: Deadline, fn: Callable[..., Awaitable[_T]], *args: Any) -> _T:
+        """``await fn(*args)``, retried under this policy."""
+        try:
+            return await fn(*args)
+        except BaseException as exc:
+            if not self.should_retry(exc):
+                raise
+            first = exc
+        pending = [first]
+
+        async def attempt(*args: Any) -> _T:
+            if pending:
+                raise pending.pop()
+            return await fn(*args)
+
+        result: _T = await self.async_retrying(deadline)(attempt, *args)
+        return result
