@@ -23,6 +23,12 @@ ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
 _TOOL_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _TOOL_CHOICE_WORDS = frozenset({"auto", "none", "required", "any"})
 _RESPONSE_FORMATS = frozenset({"text", "json_object", "json_schema"})
+#: the body fields of OpenAI's chat-completions API (what a strict host accepts)
+_OPENAI_BODY_FIELDS = frozenset({
+    "model", "messages", "stream", "temperature", "top_p", "max_tokens", "max_completion_tokens", "stop", "seed",
+    "n", "presence_penalty", "frequency_penalty", "logprobs", "top_logprobs", "tools", "tool_choice",
+    "response_format", "stream_options", "user", "logit_bias", "parallel_tool_calls",
+})
 
 
 @dataclass(slots=True)
@@ -234,6 +240,11 @@ def build_request(
             raise _fail("must be a dict such as {'include_usage': True}", "stream_options", preset)
     if "user" in given and not isinstance(given["user"], str):
         raise _fail("must be a string", "user", preset)
+    if preset.strict_body:
+        unknown = sorted(set(options.extra_body) - _OPENAI_BODY_FIELDS - preset.extra_body_keys)
+        if unknown:
+            raise _fail(f"{preset.name} rejects unknown body fields ({', '.join(unknown)}); send only the "
+                        "OpenAI chat-completions fields", "extra_body", preset)
     top_k = options.extra_body.get("top_k")
     if top_k is not None and limits.top_k is not None:
         _number(top_k, "top_k", preset, *limits.top_k, integer=True)

@@ -234,3 +234,28 @@ def test_malformed_tools_and_formats_are_refused(kwargs: dict[str, Any], param: 
 
 def test_invalid_request_error_is_a_value_error() -> None:
     assert isinstance(refused(temperature=9), ValueError)
+
+
+def test_nvidia_refuses_unknown_extra_body_fields_before_sending() -> None:
+    from mixtral_client import InvalidRequestError, MixtralClient
+    from tests.loopback import LoopbackServer
+
+    with LoopbackServer(lambda req, conn: conn.respond(500, "never")) as server:
+        client = MixtralClient(provider="nvidia", base_url=server.url, api_key="k")
+        with pytest.raises(InvalidRequestError, match="nvidia rejects unknown body fields \\(provider\\)") as exc:
+            client.chat.completions.create(messages=[{"role": "user", "content": "hi"}],
+                                           extra_body={"provider": {"order": ["x"]}, "logit_bias": {}})
+        client.close()
+    assert exc.value.param == "extra_body"
+    assert server.requests == []
+
+
+def test_openrouter_accepts_its_routing_fields_in_extra_body() -> None:
+    from mixtral_client._providers import get_preset
+    from mixtral_client._request import RequestOptions, build_request
+    from mixtral_client._timeouts import Timeout
+
+    request = build_request(get_preset("openrouter"), model=None, messages=[{"role": "user", "content": "hi"}],
+                            stream=False, params={},
+                            options=RequestOptions(timeout=Timeout(), extra_body={"provider": {"sort": "price"}}))
+    assert request.body()["provider"] == {"sort": "price"}
