@@ -10,7 +10,7 @@ import importlib
 import os
 from collections.abc import Mapping, Sequence
 from types import TracebackType
-from typing import Any, Literal, Self, TypedDict, Unpack, overload
+from typing import TYPE_CHECKING, Any, Literal, Self, TypedDict, Unpack, overload
 
 import httpx
 
@@ -180,7 +180,30 @@ class _ClientArgs(TypedDict, total=False):
     local_options: Mapping[str, Any]
 
 
-class MixtralClient:
+class _Shell:
+    """What the sync and async clients share beyond ``_ClientCore``: construction from the environment."""
+
+    config: ClientConfig
+
+    if TYPE_CHECKING:  # each client defines its own; this is the part from_env relies on
+
+        def __init__(self, provider: str | None = None, *, env: Mapping[str, str] | None = None,
+                     **kwargs: Unpack[_ClientArgs]) -> None: ...
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **kwargs: Unpack[_ClientArgs]) -> Self:
+        """A client configured by environment variables (``env`` defaults to ``os.environ``)."""
+        return cls(None, env=env, **kwargs)
+
+    @property
+    def provider(self) -> str:
+        return self.config.provider
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(provider={self.provider!r})"
+
+
+class MixtralClient(_Shell):
     """A synchronous client.
 
     ``MixtralClient(provider="nvidia")`` reads the key from ``NVIDIA_API_KEY``;
@@ -197,15 +220,6 @@ class MixtralClient:
         self._backend: SyncBackend = _backend_class(self.config, asynchronous=False)(self.config)
         self.chat = _Chat(Completions(self._core, self._backend))
 
-    @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None, **kwargs: Unpack[_ClientArgs]) -> Self:
-        """A client configured by environment variables (``env`` defaults to ``os.environ``)."""
-        return cls(None, env=env, **kwargs)
-
-    @property
-    def provider(self) -> str:
-        return self.config.provider
-
     def close(self) -> None:
         self._backend.close()
 
@@ -216,11 +230,8 @@ class MixtralClient:
                  tb: TracebackType | None) -> None:
         self.close()
 
-    def __repr__(self) -> str:
-        return f"MixtralClient(provider={self.provider!r})"
 
-
-class AsyncMixtralClient:
+class AsyncMixtralClient(_Shell):
     """The asynchronous client (asyncio or trio). Close it with ``async with`` or ``await client.aclose()``."""
 
     def __init__(self, provider: str | None = None, *, http_client: httpx.AsyncClient | None = None,
@@ -229,14 +240,6 @@ class AsyncMixtralClient:
         self._core = _ClientCore(self.config)
         self._backend: AsyncBackend = _backend_class(self.config, asynchronous=True)(self.config)
         self.chat = _Chat(AsyncCompletions(self._core, self._backend))
-
-    @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None, **kwargs: Unpack[_ClientArgs]) -> Self:
-        return cls(None, env=env, **kwargs)
-
-    @property
-    def provider(self) -> str:
-        return self.config.provider
 
     async def aclose(self) -> None:
         await self._backend.aclose()
@@ -247,6 +250,3 @@ class AsyncMixtralClient:
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                         tb: TracebackType | None) -> None:
         await self.aclose()
-
-    def __repr__(self) -> str:
-        return f"AsyncMixtralClient(provider={self.provider!r})"
