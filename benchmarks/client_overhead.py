@@ -1,7 +1,7 @@
 """Client CPU overhead: mixtral-sdk's ``MixtralClient`` against openai-python's ``OpenAI``, in the same run.
 
-    python benchmarks/client_overhead.py            # about a minute on 2 cores
-    python benchmarks/client_overhead.py --quick    # a smoke run (a few seconds; numbers are noisy)
+    python benchmarks/client_overhead.py            # about 2.5 minutes on 2 cores
+    python benchmarks/client_overhead.py --quick    # a smoke run (about 40 s; numbers are noisy)
 
 A minimal HTTP/1.1 keep-alive server runs in a *separate process* (this file, ``--serve``), so none of its
 CPU lands in the measured process. It answers ``POST .../chat/completions`` with a canned, realistic chat
