@@ -396,19 +396,28 @@ _Opened = tuple[httpx.Response, Generator[ChatCompletionChunk, None, None], Chat
 _AsyncOpened = tuple[httpx.Response, AsyncGenerator[ChatCompletionChunk, None], ChatCompletionChunk | None]
 
 
+_LIMITS = httpx.Limits(max_connections=100, max_keepalive_connections=20)
+
+
+def _core_for(config: ClientConfig, core: WireCore | None,
+              own_client: httpx.Client | httpx.AsyncClient | None) -> WireCore:
+    """The core a sender drives: the one given (Bedrock's), else an ``HTTPCore`` that prebuilds requests
+    for the httpx client the sender created itself."""
+    if core is not None:
+        return core
+    http = HTTPCore(config)
+    if own_client is not None:
+        http.own(own_client)
+    return http
+
+
 class HTTPBackend:
     """Synchronous sender over one ``httpx.Client`` (its pool is shared by every request)."""
 
     def __init__(self, config: ClientConfig, core: WireCore | None = None) -> None:
         self._owns_client = config.http_client is None
-        self._client = config.http_client or httpx.Client(
-            limits=httpx.Limits(max_connections=100, max_keepalive_connections=20), follow_redirects=True
-        )
-        if core is None:
-            core = HTTPCore(config)
-            if self._owns_client:
-                core.own(self._client)
-        self.core: WireCore = core
+        self._client = config.http_client or httpx.Client(limits=_LIMITS, follow_redirects=True)
+        self.core = _core_for(config, core, self._client if self._owns_client else None)
 
     def close(self) -> None:
         if self._owns_client:
@@ -504,14 +513,8 @@ class AsyncHTTPBackend:
 
     def __init__(self, config: ClientConfig, core: WireCore | None = None) -> None:
         self._owns_client = config.async_http_client is None
-        self._client = config.async_http_client or httpx.AsyncClient(
-            limits=httpx.Limits(max_connections=100, max_keepalive_connections=20), follow_redirects=True
-        )
-        if core is None:
-            core = HTTPCore(config)
-            if self._owns_client:
-                core.own(self._client)
-        self.core: WireCore = core
+        self._client = config.async_http_client or httpx.AsyncClient(limits=_LIMITS, follow_redirects=True)
+        self.core = _core_for(config, core, self._client if self._owns_client else None)
 
     async def aclose(self) -> None:
         if self._owns_client:
