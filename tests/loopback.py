@@ -29,6 +29,8 @@ class Received:
     headers: dict[str, str]
     body: bytes
     connection_id: int
+    #: every header line as sent, in order (``headers`` keeps only the last of a repeated name)
+    header_lines: list[tuple[str, str]] = field(default_factory=list)
 
     def json(self) -> Any:
         return json.loads(self.body)
@@ -219,9 +221,11 @@ class LoopbackServer:
                 lines = head.decode("latin-1").split("\r\n")
                 method, path, _ = lines[0].split(" ", 2)
                 headers = {}
+                header_lines = []
                 for line in lines[1:]:
                     k, _, v = line.partition(":")
                     headers[k.strip().lower()] = v.strip()
+                    header_lines.append((k.strip(), v.strip()))
                 length = int(headers.get("content-length", "0"))
                 while len(buf) < length:
                     try:
@@ -232,7 +236,7 @@ class LoopbackServer:
                         return
                     buf += data
                 body, buf = buf[:length], buf[length:]
-                received = Received(method, path, headers, body, connection_id)
+                received = Received(method, path, headers, body, connection_id, header_lines)
                 self.requests.append(received)
                 conn = Conn(sock, stopping=self._stop)
                 self.handler(received, conn)

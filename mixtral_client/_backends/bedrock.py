@@ -95,7 +95,7 @@ class BedrockCore:
     def build(self, client: httpx.Client | httpx.AsyncClient, request: ChatRequest, deadline: Deadline) -> httpx.Request:
         opts = request.options
         content = json.dumps(converse_body(request), ensure_ascii=False, separators=(",", ":")).encode()
-        headers = dict(self.headers)
+        headers = httpx.Headers(self.headers)  # case-insensitive: extra_headers replace, never duplicate
         headers["Accept"] = "application/vnd.amazon.eventstream" if request.stream else "application/json"
         headers.update(opts.extra_headers)
         built = client.build_request(

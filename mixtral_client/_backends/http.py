@@ -14,7 +14,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Generator, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Generator, Iterator, Mapping
 from typing import Any, Protocol
 
 import anyio
@@ -35,7 +35,14 @@ from mixtral_client._retry import RetryPolicy
 from mixtral_client._sse import ServerSentEvent, SSEDecoder
 from mixtral_client._timeouts import Deadline
 from mixtral_client._version import __version__
-from mixtral_client.types import ChatCompletion, ChatCompletionChunk
+from mixtral_client.types import (
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChoiceDelta,
+    ChoiceDeltaToolCall,
+    ChoiceDeltaToolCallFunction,
+    ChunkChoice,
+)
 
 __all__ = ["AsyncHTTPBackend", "EventDecoder", "HTTPBackend", "HTTPCore", "WireCore", "log_request",
            "read_error", "transport_errors"]
@@ -167,7 +174,7 @@ class HTTPCore:
         self._merged = self._merge(self.headers)
         self._merged_stream = self._merge({**self.headers, "Accept": "text/event-stream"})
 
-    def _merge(self, headers: dict[str, str]) -> httpx.Headers:
+    def _merge(self, headers: Mapping[str, str]) -> httpx.Headers:
         """``headers`` over the client's, as ``build_request`` merges them."""
         merged = self._client_headers.copy()
         merged.update(headers)
@@ -185,12 +192,13 @@ class HTTPCore:
 
     def build(self, client: httpx.Client | httpx.AsyncClient, request: ChatRequest, deadline: Deadline) -> httpx.Request:
         opts = request.options
-        headers = self.headers
+        headers: Mapping[str, str] = self.headers
         if request.stream or opts.extra_headers:
-            headers = dict(headers)
+            merged_headers = httpx.Headers(headers)  # case-insensitive: extra_headers replace, never duplicate
             if request.stream:
-                headers["Accept"] = "text/event-stream"
-            headers.update(opts.extra_headers)
+                merged_headers["Accept"] = "text/event-stream"
+            merged_headers.update(opts.extra_headers)
+            headers = merged_headers
         content = json.dumps(request.body(), ensure_ascii=False, separators=(",", ":")).encode()
         params = dict(opts.extra_query) if opts.extra_query else None
         if client is self._owned and not client.cookies:
@@ -291,7 +299,11 @@ class HTTPCore:
                                               request_id=rid, body=body, partial=completion)
         return completion
 
-    def decoder(self, _response: httpx.Response, /) -> SSEDecoder:
+    def decoder(self, response: httpx.Response, /) -> SSEDecoder | _WholeBody:
+        """An SSE decoder; a JSON body (a host that answered a stream request with a whole answer or an
+        error object) is read whole instead."""
+        if response.headers.get("content-type", "").startswith("application/json"):
+            return _WholeBody()
         return SSEDecoder()
 
     def chunk(self, event: ServerSentEvent, request_id: str | None, /) -> ChatCompletionChunk | None:
@@ -299,6 +311,8 @@ class HTTPCore:
         data = event.data
         if data == "[DONE]":
             return None
+        if event.event == _WHOLE_BODY:
+            return self._chunk_from_whole_body(data, request_id)
         if event.event == "error":
             try:
                 payload: Any = json.loads(data)
@@ -319,6 +333,51 @@ class HTTPCore:
                 error = (choice.model_extra or {}).get("error") or {"message": "the stream ended with an error"}
                 raise self.error_from_payload(error, request_id=request_id, body=json.loads(data))
         return chunk
+
+
+    def _chunk_from_whole_body(self, data: str, request_id: str | None) -> ChatCompletionChunk:
+        """A stream request answered with plain JSON: its error raises typed; a whole completion becomes one chunk."""
+        try:
+            body: Any = json.loads(data)
+        except ValueError:
+            body = None
+        if isinstance(body, dict) and body.get("error") and "choices" not in body:
+            raise self.error_from_payload(body["error"], request_id=request_id, body=body)
+        try:
+            completion = ChatCompletion.model_validate(body)
+        except pydantic.ValidationError as exc:
+            raise APIConnectionError(f"{self.provider} answered a stream request with JSON that is neither a "
+                                     f"completion nor an error: {data[:200]!r}", provider=self.provider,
+                                     request_id=request_id, body=data) from exc
+        choices = []
+        for choice in completion.choices:
+            message = choice.message
+            calls = [ChoiceDeltaToolCall(index=i, id=c.id, type=c.type, function=ChoiceDeltaToolCallFunction(
+                name=c.function.name, arguments=c.function.arguments)) for i, c in enumerate(message.tool_calls or [])]
+            delta = ChoiceDelta(role=message.role, content=message.content, tool_calls=calls or None)
+            choices.append(ChunkChoice(index=choice.index, delta=delta, finish_reason=choice.finish_reason,
+                                       logprobs=choice.logprobs))
+        return ChatCompletionChunk(id=completion.id, created=completion.created, model=completion.model,
+                                   choices=choices, usage=completion.usage)
+
+
+_WHOLE_BODY = "mixtral-sdk.whole-body"
+
+
+class _WholeBody:
+    """The decoder for a JSON body met where an event stream was expected: one event, at the end."""
+
+    __slots__ = ("_parts",)
+
+    def __init__(self) -> None:
+        self._parts: list[bytes] = []
+
+    def feed(self, data: bytes, /) -> list[ServerSentEvent]:
+        self._parts.append(data)
+        return []
+
+    def end(self) -> list[ServerSentEvent]:
+        return [ServerSentEvent(b"".join(self._parts).decode("utf-8", errors="replace"), event=_WHOLE_BODY)]
 
 
 class _StreamReader:

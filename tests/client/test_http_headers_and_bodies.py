@@ -1,0 +1,63 @@
+"""Headers merge case-insensitively, and a stream request answered with plain JSON is read as an answer."""
+
+from __future__ import annotations
+
+import pytest
+
+from mixtral_client import MixtralClient, RateLimitError
+from tests.client.conftest import MESSAGES, Driver, completion, replying
+from tests.loopback import LoopbackServer
+
+
+def _names(server: LoopbackServer) -> list[str]:
+    return [name.lower() for name, _ in server.requests[0].header_lines]
+
+
+def test_extra_headers_replace_built_in_ones_whatever_their_case(driver: Driver, serve) -> None:
+    server = serve(replying(200, completion("ok")))
+
+    driver.complete(server, extra_headers={"authorization": "Bearer other", "user-agent": "mine/1"})
+
+    names = _names(server)
+    assert names.count("authorization") == 1 and names.count("user-agent") == 1
+    assert server.requests[0].headers["authorization"] == "Bearer other"
+    assert server.requests[0].headers["user-agent"] == "mine/1"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_the_clients_own_pool_merges_extra_headers_case_insensitively_too(serve, stream: bool) -> None:
+    from tests.client.conftest import streaming, text_stream
+
+    server = serve(streaming(text_stream("ok")) if stream else replying(200, completion("ok")))
+    with MixtralClient(base_url=server.url, api_key="sk-test") as client:  # no http_client: the prebuilt path
+        result = client.chat.completions.create(messages=MESSAGES, stream=stream,
+                                                extra_headers={"AUTHORIZATION": "Bearer other"})
+        if stream:
+            result.get_final_completion()
+
+    assert _names(server).count("authorization") == 1
+    assert server.requests[0].headers["authorization"] == "Bearer other"
+
+
+def test_a_stream_request_answered_with_a_json_error_raises_the_typed_error(driver: Driver, serve) -> None:
+    server = serve(replying(200, {"error": {"code": 429, "message": "slow down"}}, {"x-should-retry": "false"}))
+
+    with pytest.raises(RateLimitError, match="slow down"):
+        driver.chunks(server, client={"max_retries": 0})
+
+    assert driver.seen == []
+
+
+def test_a_stream_request_answered_with_a_whole_completion_gives_it_as_one_chunk(driver: Driver, serve) -> None:
+    answer = completion("Bonjour", usage={"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4})
+    answer["choices"][0]["message"]["tool_calls"] = [
+        {"id": "abcdefghi", "type": "function", "function": {"name": "f", "arguments": "{\"x\": 1}"}}]
+    server = serve(replying(200, answer))
+
+    final = driver.final(server)
+
+    message = final.choices[0].message
+    assert message.content == "Bonjour" and final.choices[0].finish_reason == "stop"
+    assert [(c.id, c.function.name, c.function.arguments) for c in message.tool_calls or []] == [
+        ("abcdefghi", "f", "{\"x\": 1}")]
+    assert final.usage is not None and final.usage.total_tokens == 4
