@@ -111,9 +111,8 @@ def resolve_config(
             "directory; `mixtral local init-tiny DIR` writes a tiny random one"
         )
     if preset.kind == "bedrock":
+        # without one, the Bedrock backend asks botocore (the AWS profile) before refusing
         region = region or env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or None
-        if region is None and base_url is None:
-            raise ConfigurationError("provider 'bedrock' needs region= (or AWS_REGION / AWS_DEFAULT_REGION)")
 
     return ClientConfig(
         preset=preset,

@@ -67,7 +67,16 @@ class BedrockCore:
         self.config = config
         self.provider = config.preset.name
         self.policy = RetryPolicy(max_retries=config.max_retries)
-        self.region = config.region or region_from_url(config.base_url)
+        # one botocore session: the region and credentials of the AWS profile (AWS_PROFILE, ~/.aws/config)
+        session = botocore.session.Session()
+        try:
+            self.region: str | None = (config.region or region_from_url(config.base_url)
+                                       or session.get_config_variable("region"))
+        except BotoCoreError as exc:
+            raise ConfigurationError(f"provider 'bedrock' could not read the AWS configuration: {exc}") from exc
+        if self.region is None and config.base_url is None:
+            raise ConfigurationError("provider 'bedrock' needs a region: region=, AWS_REGION / AWS_DEFAULT_REGION, "
+                                     "or a region in your AWS profile (~/.aws/config)")
         self.endpoint = config.base_url or f"https://bedrock-runtime.{self.region}.amazonaws.com"
         self.headers = {"Content-Type": "application/json", "User-Agent": f"mixtral-sdk/{__version__}",
                         **config.default_headers}
@@ -77,7 +86,7 @@ class BedrockCore:
         # botocore's chain (environment, shared files and profiles, SSO, container and instance roles),
         # resolved once; get_frozen_credentials() refreshes temporary credentials when they near expiry
         try:
-            self._credentials = botocore.session.Session().get_credentials()
+            self._credentials = session.get_credentials()
         except BotoCoreError as exc:
             raise ConfigurationError(f"provider 'bedrock' could not load AWS credentials: {exc}") from exc
         if self._credentials is None:

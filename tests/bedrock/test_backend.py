@@ -322,6 +322,32 @@ def test_region_from_the_environment_scopes_the_signature(variable: str, aws_key
         assert "/ap-southeast-2/bedrock/aws4_request" in bedrock.calls[0].received.headers["authorization"]
 
 
+def test_region_from_the_aws_profile_scopes_the_signature(aws_keys: None, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    config = tmp_path / "config"
+    config.write_text("[profile work]\nregion = eu-central-1\n")
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(config))
+    monkeypatch.setenv("AWS_PROFILE", "work")
+    with BedrockStandIn(region="eu-central-1") as bedrock, \
+            MixtralClient(provider="bedrock", base_url=bedrock.url, env={}) as client:
+        sync_call(client, False)
+        assert "/eu-central-1/bedrock/aws4_request" in bedrock.calls[0].received.headers["authorization"]
+
+
+def test_the_default_endpoint_comes_from_the_profile_region(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = tmp_path / "config"
+    config.write_text("[default]\nregion = eu-west-3\n")
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(config))
+    with MixtralClient(provider="bedrock", api_key=API_KEY, env={}) as client:
+        assert client._backend.core.endpoint == "https://bedrock-runtime.eu-west-3.amazonaws.com"
+
+
+def test_no_region_anywhere_is_a_configuration_error_naming_the_ways_to_set_one() -> None:
+    with pytest.raises(ConfigurationError, match="needs a region: region=, AWS_REGION / AWS_DEFAULT_REGION, or a "
+                                                  "region in your AWS profile"):
+        MixtralClient(provider="bedrock", api_key=API_KEY, env={})
+
+
 def test_a_signature_for_another_region_is_refused(bedrock: BedrockStandIn, aws_keys: None) -> None:
     with MixtralClient(provider="bedrock", base_url=bedrock.url, region="us-east-1") as client, \
             pytest.raises(PermissionDeniedError):

@@ -55,7 +55,6 @@ def test_model_path_alone_means_local() -> None:
     ({"NVIDIA_API_KEY": "k"}, {"provider": "nvidia", "timeout": 0}, "timeout"),
     ({"NVIDIA_API_KEY": "k"}, {"provider": "nvidia", "timeout": "30"}, "timeout"),
     ({}, {"provider": "local"}, "model_path"),
-    ({}, {"provider": "bedrock"}, "region"),
 ])
 def test_unusable_configuration_is_refused_at_construction(env: dict[str, str], kwargs: dict[str, object],
                                                            message: str) -> None:
