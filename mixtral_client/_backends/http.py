@@ -278,8 +278,10 @@ class HTTPCore:
                                         request_id=request_id, body=body, code=code, partial=partial)
 
     def parse_completion(self, response: httpx.Response, raw: bytes) -> ChatCompletion:
+        return self._completion(raw, self.request_id(response.headers))
+
+    def _completion(self, raw: bytes | str, rid: str | None) -> ChatCompletion:
         """A whole answer; an error object in it (top-level or in a choice) raises, as a status would."""
-        rid = self.request_id(response.headers)
         try:
             body: Any = json.loads(raw)
         except ValueError:
@@ -291,7 +293,8 @@ class HTTPCore:
         except pydantic.ValidationError as exc:
             raise APIConnectionError(f"{self.provider} sent an answer that is not a chat completion: {exc}",
                                      provider=self.provider, request_id=rid,
-                                     body=raw.decode("utf-8", errors="replace")) from exc
+                                     body=raw.decode("utf-8", errors="replace") if isinstance(raw, bytes) else raw,
+                                     ) from exc
         for choice in completion.choices:
             error = (choice.model_extra or {}).get("error")
             if error is not None or choice.finish_reason == "error":
@@ -334,21 +337,10 @@ class HTTPCore:
                 raise self.error_from_payload(error, request_id=request_id, body=json.loads(data))
         return chunk
 
-
     def _chunk_from_whole_body(self, data: str, request_id: str | None) -> ChatCompletionChunk:
-        """A stream request answered with plain JSON: its error raises typed; a whole completion becomes one chunk."""
-        try:
-            body: Any = json.loads(data)
-        except ValueError:
-            body = None
-        if isinstance(body, dict) and body.get("error") and "choices" not in body:
-            raise self.error_from_payload(body["error"], request_id=request_id, body=body)
-        try:
-            completion = ChatCompletion.model_validate(body)
-        except pydantic.ValidationError as exc:
-            raise APIConnectionError(f"{self.provider} answered a stream request with JSON that is neither a "
-                                     f"completion nor an error: {data[:200]!r}", provider=self.provider,
-                                     request_id=request_id, body=data) from exc
+        """A stream request answered with plain JSON: read as a whole answer (its errors raise the same way),
+        then given as one chunk."""
+        completion = self._completion(data, request_id)
         choices = []
         for choice in completion.choices:
             message = choice.message

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from mixtral_client import MixtralClient, RateLimitError
+from mixtral_client import InternalServerError, MixtralClient, RateLimitError
 from tests.client.conftest import MESSAGES, Driver, completion, replying
 from tests.loopback import LoopbackServer
 
@@ -61,3 +61,12 @@ def test_a_stream_request_answered_with_a_whole_completion_gives_it_as_one_chunk
     assert [(c.id, c.function.name, c.function.arguments) for c in message.tool_calls or []] == [
         ("abcdefghi", "f", "{\"x\": 1}")]
     assert final.usage is not None and final.usage.total_tokens == 4
+
+
+def test_a_stream_request_answered_with_a_json_choice_error_raises_it(driver: Driver, serve) -> None:
+    answer = completion("par", finish="error")
+    answer["choices"][0]["error"] = {"code": 502, "message": "provider went away"}
+    server = serve(replying(200, answer))
+
+    with pytest.raises(InternalServerError, match="provider went away"):
+        driver.chunks(server, client={"max_retries": 0})
