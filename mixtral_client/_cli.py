@@ -62,14 +62,15 @@ def _tiny_home(env: Mapping[str, str]) -> Path:
     return Path(base) / "tiny-mixtral"
 
 
-def _write_tiny(path: Path, seed: int = 0) -> None:
+def _local_cli() -> Any:
+    """``mixtral_local.cli``, or a ConfigurationError naming the extra to install."""
     try:
-        from mixtral_local import write_tiny_checkpoint
+        import mixtral_local.cli
     except ImportError as exc:
         raise ConfigurationError(
             f"the local backend needs the local extra (missing {exc.name or exc}): pip install 'mixtral-sdk[local]'"
         ) from exc
-    write_tiny_checkpoint(path, seed=seed)
+    return mixtral_local.cli
 
 
 def _chat(args: argparse.Namespace, env: Mapping[str, str]) -> int:
@@ -80,7 +81,7 @@ def _chat(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     if not configured:
         path = _tiny_home(env)
         if not (path / "config.json").exists():
-            _write_tiny(path)
+            _local_cli().write_tiny_checkpoint(path)
         print(f"mixtral: no provider configured, so this is a tiny local Mixtral with RANDOM weights ({path}): "
               "its answer is noise. For real answers set MIXTRAL_PROVIDER and a key, e.g. "
               "MIXTRAL_PROVIDER=nvidia NVIDIA_API_KEY=nvapi-... (docs/providers.md).", file=sys.stderr)
@@ -122,8 +123,7 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
     try:
         if args.command == "chat":
             return _chat(args, env)
-        _write_tiny(Path(args.path), seed=args.seed)
-        print(f"wrote a tiny random Mixtral checkpoint to {args.path}")
+        _local_cli().init_tiny_main(args.path, seed=args.seed)
         return 0
     except ConfigurationError as exc:
         print(f"mixtral: {exc}", file=sys.stderr)

@@ -80,3 +80,12 @@ def test_host_error_exits_one_with_the_status(capsys: pytest.CaptureFixture[str]
     assert code == 1
     assert "AuthenticationError" in err and "bad key" in err
     assert json.loads(server.requests[0].body)["messages"][0]["content"] == "hi"
+
+
+def test_local_init_tiny_writes_a_checkpoint_and_says_its_weights_are_random(
+        tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["local", "init-tiny", str(tmp_path / "tiny"), "--seed", "3"], env={})
+
+    assert code == 0
+    assert (tmp_path / "tiny" / "config.json").exists() and (tmp_path / "tiny" / "tokenizer.model").exists()
+    assert "RANDOM weights (seed 3)" in capsys.readouterr().out
