@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Mapping
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import triton
@@ -25,7 +25,15 @@ from ._triton_moe import interpreted, w2_weighted_kernel, w13_silu_kernel
 from .configs import MoEConfig, device_name, get_config
 from .reference import route
 
-__all__ = ["CHUNK_SLOTS", "MoEAlignment", "fused_moe", "moe_align"]
+__all__ = [
+    "CHUNK_SLOTS",
+    "KernelLaunch",
+    "MoEAlignment",
+    "fused_moe",
+    "max_m_blocks",
+    "moe_align",
+    "moe_launches",
+]
 
 CHUNK_SLOTS = 65536
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -58,7 +66,7 @@ def moe_align(expert_ids: torch.Tensor, n_experts: int, block_m: int) -> MoEAlig
     device = expert_ids.device
     flat = expert_ids.flatten().long()  # [S]
     num_slots = flat.numel()
-    num_m_blocks = triton.cdiv(num_slots, block_m) + min(n_experts, num_slots)
+    num_m_blocks = max_m_blocks(num_slots, n_experts, block_m)
 
     counts = torch.zeros(n_experts, dtype=torch.long, device=device)
     counts.scatter_add_(0, flat, torch.ones_like(flat))
@@ -172,6 +180,78 @@ def _on_device(device: torch.device) -> contextlib.AbstractContextManager[object
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
+class KernelLaunch(NamedTuple):
+    """One kernel launch of a chunk: ``kernel[grid](*args, **constexprs, **options)``."""
+
+    kernel: Any  # a triton JITFunction (or its interpreted twin)
+    grid: tuple[int]
+    args: tuple[object, ...]
+    constexprs: dict[str, int]  # BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M
+    options: dict[str, int]  # num_warps, num_stages
+
+    def __call__(self) -> None:
+        self.kernel[self.grid](*self.args, **self.constexprs, **self.options)
+
+
+def max_m_blocks(num_slots: int, n_experts: int, block_m: int) -> int:
+    """Blocks of ``block_m`` sorted positions that ``num_slots`` slots can need, each expert's run padded."""
+    return triton.cdiv(num_slots, block_m) + min(n_experts, num_slots)
+
+
+def moe_launches(
+    hidden: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    slot_weights: torch.Tensor,
+    align: MoEAlignment,
+    config: MoEConfig,
+    act: torch.Tensor,
+    per_slot: torch.Tensor,
+) -> tuple[KernelLaunch, KernelLaunch]:
+    """The w13 and w2 launches of one chunk, arguments and all (also what ``aot.py`` compiles ahead of time).
+
+    hidden [m, H]; slot_weights [slots] fp32; act [slots, I] and per_slot [slots, H] are the scratch outputs.
+    """
+    h = hidden.shape[1]
+    num_slots, inter = act.shape
+    top_k = num_slots // hidden.shape[0]
+    block_n = config.BLOCK_SIZE_N
+    constexprs = {
+        "BLOCK_M": config.BLOCK_SIZE_M,
+        "BLOCK_N": block_n,
+        "BLOCK_K": config.BLOCK_SIZE_K,
+        "GROUP_M": config.GROUP_SIZE_M,
+    }
+    options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
+    sorting = (align.sorted_slots, align.block_expert, align.num_padded)
+    w13_args = (
+        hidden, w13, act, *sorting,
+        align.num_m_blocks, num_slots, top_k, inter, h,
+        hidden.stride(0), hidden.stride(1),
+        w13.stride(0), w13.stride(1), w13.stride(2),
+        act.stride(0), act.stride(1),
+    )  # fmt: skip
+    w2_args = (
+        act, w2, per_slot, slot_weights, *sorting,
+        align.num_m_blocks, num_slots, h, inter,
+        act.stride(0), act.stride(1),
+        w2.stride(0), w2.stride(1), w2.stride(2),
+        per_slot.stride(0), per_slot.stride(1),
+    )  # fmt: skip
+    return (
+        KernelLaunch(
+            w13_silu_kernel,
+            (align.num_m_blocks * triton.cdiv(inter, block_n // 2),),
+            w13_args,
+            constexprs,
+            options,
+        ),
+        KernelLaunch(
+            w2_weighted_kernel, (align.num_m_blocks * triton.cdiv(h, block_n),), w2_args, constexprs, options
+        ),
+    )
+
+
 def _moe_chunk(
     hidden: torch.Tensor,
     w13: torch.Tensor,
@@ -184,35 +264,12 @@ def _moe_chunk(
     """One chunk of tokens through both kernels; writes ``out`` [m, H]."""
     m, h = hidden.shape
     top_k = expert_ids.shape[1]
-    n_experts, inter = w13.shape[0], w2.shape[2]
     num_slots = m * top_k
-    block_m, block_n = config.BLOCK_SIZE_M, config.BLOCK_SIZE_N
-    align = moe_align(expert_ids, n_experts, block_m)
-    launch = {"num_warps": config.num_warps, "num_stages": config.num_stages}
-    blocks = {"BLOCK_M": block_m, "BLOCK_K": config.BLOCK_SIZE_K, "GROUP_M": config.GROUP_SIZE_M}
-
-    act = torch.empty(num_slots, inter, dtype=hidden.dtype, device=hidden.device)  # [slots, I]
-    grid = (align.num_m_blocks * triton.cdiv(inter, block_n // 2),)
-    w13_silu_kernel[grid](
-        hidden, w13, act,
-        align.sorted_slots, align.block_expert, align.num_padded,
-        align.num_m_blocks, num_slots, top_k, inter, h,
-        hidden.stride(0), hidden.stride(1),
-        w13.stride(0), w13.stride(1), w13.stride(2),
-        act.stride(0), act.stride(1),
-        BLOCK_N=block_n, **blocks, **launch,
-    )  # fmt: skip
-
+    align = moe_align(expert_ids, w13.shape[0], config.BLOCK_SIZE_M)
+    act = torch.empty(num_slots, w2.shape[2], dtype=hidden.dtype, device=hidden.device)  # [slots, I]
     per_slot = torch.empty(num_slots, h, dtype=hidden.dtype, device=hidden.device)  # [slots, H]
     slot_weights = weights.reshape(-1).contiguous()  # [slots] fp32
-    grid = (align.num_m_blocks * triton.cdiv(h, block_n),)
-    w2_weighted_kernel[grid](
-        act, w2, per_slot, slot_weights,
-        align.sorted_slots, align.block_expert, align.num_padded,
-        align.num_m_blocks, num_slots, h, inter,
-        act.stride(0), act.stride(1),
-        w2.stride(0), w2.stride(1), w2.stride(2),
-        per_slot.stride(0), per_slot.stride(1),
-        BLOCK_N=block_n, **blocks, **launch,
-    )  # fmt: skip
+    w13_launch, w2_launch = moe_launches(hidden, w13, w2, slot_weights, align, config, act, per_slot)
+    w13_launch()
+    w2_launch()
     torch.sum(per_slot.view(m, top_k, h), dim=1, out=out)

@@ -1,0 +1,288 @@
+"""Compile the fused-MoE kernels for a GPU ahead of time, on a machine without one, and read what ptxas made.
+
+A launch specialises its arguments before compiling (an int equal to 1 becomes a constant, one divisible by
+16 is marked so, pointers are marked 16-byte aligned), and those marks decide whether loads vectorise and
+the K loop is software-pipelined. ``compile_moe`` builds the launches exactly as ``fused_moe`` does, over
+meta tensors of the real shapes, specialises them with triton's own rule and compiles them for the target
+(sm_90a for an H100 or H200). The report reads the cubin with the ``cuobjdump`` that ships in triton's wheel:
+
+- shared memory per program, registers per thread and stack bytes (register spills go there);
+- SASS opcode counts: HGMMA (Hopper's warpgroup tensor-core MMA), HMMA (the older mma.sync), LDGSTS (the
+  asynchronous global-to-shared copies of a pipelined loop), LDL/STL (local-memory traffic).
+
+It proves that a tile table builds and that the code is the kind a fast kernel needs; only a GPU can say
+how fast it runs (``benchmarks/moe_kernel.py``). Run it as a script::
+
+    python -m mixtral_local.kernels.aot --json build.json          # every shipped table, every M
+    python -m mixtral_local.kernels.aot --config '{"BLOCK_SIZE_M": 64, ...}' --m 256
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import re
+import subprocess
+import sys
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import triton
+from triton.backends.compiler import BaseBackend, GPUTarget
+from triton.compiler import ASTSource
+
+from ._triton_moe import interpreted
+from .configs import CONFIG_DIR, MoEConfig, config_file_name, heuristic_config, load_config_table
+from .fused_moe import KernelLaunch, MoEAlignment, max_m_blocks, moe_launches
+
+__all__ = ["MAX_SHARED_BYTES", "KernelBuild", "compile_launch", "compile_moe", "main", "shipped_devices"]
+
+# Shared memory one program may take on Hopper (227 KiB; the other 1 KiB of 228 is the system's).
+MAX_SHARED_BYTES = {90: 232_448}
+
+MIXTRAL = {"hidden_size": 4096, "intermediate_size": 14336, "n_experts": 8, "top_k": 2}
+
+_SASS_LINE = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P[0-9T]+\s+)?([A-Z][A-Z0-9_]*)")
+_RESOURCES = re.compile(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)")
+
+
+@dataclass(frozen=True)
+class KernelBuild:
+    """What ptxas made of one kernel for one config: resources and SASS opcode counts."""
+
+    kernel: str
+    arch: int
+    m: int
+    config: MoEConfig
+    shared_bytes: int
+    registers: int
+    stack_bytes: int
+    opcodes: collections.Counter[str] = field(repr=False)
+
+    @property
+    def pipelined(self) -> bool:
+        """The K loop copies global to shared asynchronously (cp.async), i.e. loads run stages ahead."""
+        return self.opcodes["LDGSTS"] > 0
+
+    def problems(self) -> list[str]:
+        """What would make this build fail to launch or run slowly on the target; empty when it looks right."""
+        found = []
+        limit = MAX_SHARED_BYTES.get(self.arch)
+        if limit is not None and self.shared_bytes > limit:
+            found.append(
+                f"needs {self.shared_bytes} B of shared memory, over the {limit} B a program may take"
+            )
+        if self.stack_bytes or self.opcodes["LDL"] or self.opcodes["STL"]:
+            found.append(f"spills registers to local memory ({self.stack_bytes} B of stack)")
+        if self.config.num_stages > 1 and not self.pipelined:
+            found.append(f"num_stages={self.config.num_stages} but the K loop is not pipelined (no LDGSTS)")
+        if self.opcodes["HGMMA"] + self.opcodes["HMMA"] == 0:
+            found.append("uses no tensor-core MMA (neither HGMMA nor HMMA)")
+        if self.arch == 90 and self.config.BLOCK_SIZE_M >= 64 and self.opcodes["HGMMA"] == 0:
+            found.append(f"BLOCK_SIZE_M={self.config.BLOCK_SIZE_M} yet no HGMMA: Hopper's wgmma is not used")
+        return found
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "kernel": self.kernel,
+            "arch": f"sm_{self.arch}a" if self.arch == 90 else f"sm_{self.arch}",
+            "m": self.m,
+            "config": self.config.to_dict(),
+            "shared_bytes": self.shared_bytes,
+            "registers": self.registers,
+            "stack_bytes": self.stack_bytes,
+            "pipelined": self.pipelined,
+            "opcodes": {op: self.opcodes[op] for op in ("HGMMA", "HMMA", "LDGSTS", "LDG", "LDL", "STL")},
+            "problems": self.problems(),
+        }
+
+
+def _specialize(launch: KernelLaunch) -> ASTSource:
+    """The source a launch of these arguments compiles, specialised by triton's own rule."""
+    from triton._C.libtriton import native_specialize_impl  # the function JITFunction.run uses
+
+    fn = launch.kernel
+    signature: dict[str, str] = {}
+    constexprs: dict[str, object] = dict(launch.constexprs)
+    attrs: dict[tuple[int, ...], list[list[object]]] = {}
+    positional = dict(zip(fn.arg_names, launch.args, strict=False))
+    for index, name in enumerate(fn.arg_names):
+        if name in launch.constexprs:
+            signature[name] = "constexpr"
+            continue
+        kind, mark = native_specialize_impl(BaseBackend, positional[name], False, True, True)
+        signature[name] = kind
+        if kind == "constexpr":
+            constexprs[name] = mark
+        elif mark:
+            attrs[(index,)] = BaseBackend.parse_attr(mark)
+    return ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+
+
+def _read_cubin(cubin: bytes) -> tuple[tuple[int, int], collections.Counter[str]]:
+    """((registers, stack bytes), SASS opcode counts) of a one-kernel cubin, via triton's cuobjdump."""
+    from triton import knobs
+
+    cuobjdump = knobs.nvidia.cuobjdump.path
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "kernel.cubin"
+        path.write_bytes(cubin)
+
+        def dump(flag: str) -> str:
+            return subprocess.run(
+                [cuobjdump, flag, str(path)], capture_output=True, text=True, check=True
+            ).stdout
+
+        resources = _RESOURCES.search(dump("--dump-resource-usage"))
+        sass = dump("--dump-sass")
+    if resources is None:
+        raise RuntimeError("cuobjdump printed no resource usage for the cubin")
+    opcodes = collections.Counter(match.group(1) for match in _SASS_LINE.finditer(sass))
+    return (int(resources.group(1)), int(resources.group(2))), opcodes
+
+
+def compile_launch(launch: KernelLaunch, arch: int, m: int, config: MoEConfig) -> KernelBuild:
+    """Compile one launch for ``sm_<arch>`` (a for 90) and read the result."""
+    compiled = triton.compile(
+        _specialize(launch), target=GPUTarget("cuda", arch, 32), options=dict(launch.options)
+    )
+    (registers, stack), opcodes = _read_cubin(compiled.asm["cubin"])
+    return KernelBuild(
+        kernel=launch.kernel.__name__,
+        arch=arch,
+        m=m,
+        config=config,
+        shared_bytes=int(compiled.metadata.shared),
+        registers=registers,
+        stack_bytes=stack,
+        opcodes=opcodes,
+    )
+
+
+def compile_moe(
+    m: int,
+    config: MoEConfig,
+    *,
+    hidden_size: int = MIXTRAL["hidden_size"],
+    intermediate_size: int = MIXTRAL["intermediate_size"],
+    n_experts: int = MIXTRAL["n_experts"],
+    top_k: int = MIXTRAL["top_k"],
+    dtype: torch.dtype = torch.bfloat16,
+    arch: int = 90,
+) -> tuple[KernelBuild, KernelBuild]:
+    """The w13 and w2 kernels of ``fused_moe`` at M tokens, compiled for ``sm_<arch>`` without a GPU."""
+    if interpreted():
+        raise RuntimeError(
+            "TRITON_INTERPRET=1 is set: the kernels were built for the interpreter, not compiled"
+        )
+
+    def meta(*shape: int, kind: torch.dtype = dtype) -> torch.Tensor:
+        return torch.empty(*shape, dtype=kind, device="meta")
+
+    num_slots = m * top_k
+    blocks = max_m_blocks(num_slots, n_experts, config.BLOCK_SIZE_M)
+    align = MoEAlignment(
+        meta(blocks * config.BLOCK_SIZE_M, kind=torch.int32),
+        meta(blocks, kind=torch.int32),
+        meta(1, kind=torch.int32),
+    )
+    launches = moe_launches(
+        meta(m, hidden_size),
+        meta(n_experts, 2 * intermediate_size, hidden_size),
+        meta(n_experts, hidden_size, intermediate_size),
+        meta(num_slots, kind=torch.float32),
+        align,
+        config,
+        meta(num_slots, intermediate_size),
+        meta(num_slots, hidden_size),
+    )
+    w13, w2 = (compile_launch(launch, arch, m, config) for launch in launches)
+    return w13, w2
+
+
+def _configs(device: str) -> dict[int, MoEConfig]:
+    """{M: config} of ``device``'s shipped table for Mixtral's shape, or of the heuristic at typical M."""
+    if device == "heuristic":
+        e, k = MIXTRAL["n_experts"], MIXTRAL["top_k"]
+        return {m: heuristic_config(m, e, k) for m in (1, 16, 64, 256, 4096)}
+    table = load_config_table(MIXTRAL["n_experts"], MIXTRAL["intermediate_size"], MIXTRAL["hidden_size"],
+                              torch.bfloat16, device)  # fmt: skip
+    if table is None:
+        raise SystemExit(f"no shipped table for {device!r} in {CONFIG_DIR}")
+    return dict(table)
+
+
+def shipped_devices() -> list[str]:
+    """The devices with a shipped table for Mixtral's shape, by file name."""
+    prefix = config_file_name(MIXTRAL["n_experts"], MIXTRAL["intermediate_size"], MIXTRAL["hidden_size"],
+                              torch.bfloat16, "").removesuffix(".json")  # fmt: skip
+    return sorted(
+        path.name.removeprefix(prefix).removesuffix(".json") for path in CONFIG_DIR.glob(prefix + "*.json")
+    )
+
+
+_HEADER = (
+    f"{'M':>5} {'kernel':<19} {'tile MxNxK':>12} {'w':>2} {'st':>2} {'shared':>7} {'regs':>4} {'stack':>5} "
+    f"{'HGMMA':>5} {'HMMA':>5} {'LDGSTS':>6}  problems"
+)
+
+
+def _row(build: KernelBuild) -> str:
+    c, ops = build.config, build.opcodes
+    tile = f"{c.BLOCK_SIZE_M}x{c.BLOCK_SIZE_N}x{c.BLOCK_SIZE_K}"
+    return (
+        f"{build.m:>5} {build.kernel:<19} {tile:>12} {c.num_warps:>2} {c.num_stages:>2} {build.shared_bytes:>7} "
+        f"{build.registers:>4} {build.stack_bytes:>5} {ops['HGMMA']:>5} {ops['HMMA']:>5} {ops['LDGSTS']:>6}  "
+        f"{'; '.join(build.problems()) or '-'}"
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m mixtral_local.kernels.aot",
+        description="Compile the fused-MoE kernels for sm_90a without a GPU and report what ptxas made; "
+        "exit 1 when a build has a problem.",
+    )
+    parser.add_argument("--device", nargs="+", default=None,
+                        help="whose tables (config-file device names, or 'heuristic'); default: every shipped one")  # fmt: skip
+    parser.add_argument(
+        "--config", type=json.loads, help="one MoEConfig as JSON instead of the tables (use --m)"
+    )
+    parser.add_argument("--m", type=int, nargs="+", help="only these M (with --config: the M to build at)")
+    parser.add_argument(
+        "--distinct", action="store_true", help="build each distinct config once, at its largest M"
+    )
+    parser.add_argument("--json", type=Path, help="write the builds here as JSON")
+    args = parser.parse_args(argv)
+
+    if args.config is not None:
+        config = MoEConfig.from_dict(args.config)
+        plan = [(m, config) for m in args.m or [1]]
+    else:
+        plan = []
+        for device in args.device or shipped_devices():
+            table = _configs(device)
+            plan += [(m, table[m]) for m in sorted(table) if not args.m or m in args.m]
+    if args.distinct:
+        largest = {config: m for m, config in sorted(plan, key=lambda item: item[0])}
+        plan = sorted(((m, config) for config, m in largest.items()), key=lambda item: item[0])
+    plan = list(dict.fromkeys(plan))
+
+    rows = []
+    print(_HEADER)
+    for m, config in plan:
+        for build in compile_moe(m, config):
+            print(_row(build))
+            rows.append(build.to_dict())
+    if args.json:
+        meta = {"triton": triton.__version__, "shape": MIXTRAL, "dtype": "bfloat16"}
+        args.json.write_text(json.dumps({"meta": meta, "builds": rows}, indent=2) + "\n")
+    return 1 if any(row["problems"] for row in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

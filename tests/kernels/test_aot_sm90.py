@@ -1,0 +1,118 @@
+"""The shipped tile tables build for Hopper (sm_90a) without a GPU, into the code a fast kernel needs.
+
+``python -m mixtral_local.kernels.aot`` compiles the kernels with triton's ptxas and reads the cubin with its
+cuobjdump. It runs in a child process: this one has TRITON_INTERPRET=1 (see conftest.py), under which the
+kernels are built for the interpreter and cannot be compiled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+from mixtral_local.kernels.aot import MIXTRAL, shipped_devices  # noqa: E402
+from mixtral_local.kernels.configs import MoEConfig, load_config_table  # noqa: E402
+
+REPO = Path(__file__).parents[2]
+SHARED_LIMIT = 232_448  # bytes one program may take on an H100/H200
+
+
+def _tools_present() -> bool:
+    from triton import knobs
+
+    return all(Path(tool.path).is_file() for tool in (knobs.nvidia.ptxas, knobs.nvidia.cuobjdump))
+
+
+pytestmark = pytest.mark.skipif(not _tools_present(), reason="triton's wheel ships no ptxas/cuobjdump here")
+
+
+@pytest.fixture(scope="module")
+def aot(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("triton-cache")  # shared by this module's builds
+
+    def run(*args: str) -> tuple[int, list[dict], str]:
+        out = tmp_path_factory.mktemp("aot") / "builds.json"
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {
+            "TRITON_CACHE_DIR": str(cache)
+        }
+        command = [
+            sys.executable,
+            "-W",
+            "ignore",
+            "-m",
+            "mixtral_local.kernels.aot",
+            *args,
+            "--json",
+            str(out),
+        ]
+        done = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=900)
+        assert out.is_file(), done.stdout[-3000:] + done.stderr[-3000:]
+        return done.returncode, json.loads(out.read_text())["builds"], done.stdout
+
+    return run
+
+
+def _shipped_configs() -> set[MoEConfig]:
+    shape = (MIXTRAL["n_experts"], MIXTRAL["intermediate_size"], MIXTRAL["hidden_size"], torch.bfloat16)
+    return {config for device in shipped_devices() for config in load_config_table(*shape, device).values()}
+
+
+def test_every_shipped_config_builds_for_sm90a_pipelined_without_spills(aot):
+    rc, builds, table = aot("--distinct", "--device", "heuristic", *shipped_devices())
+    assert rc == 0, table
+    assert len(shipped_devices()) >= 2  # the H100 and H200 tables
+
+    built = {MoEConfig.from_dict(b["config"]) for b in builds}
+    assert _shipped_configs() <= built
+    assert {b["kernel"] for b in builds} == {"w13_silu_kernel", "w2_weighted_kernel"}
+    for b in builds:
+        config = MoEConfig.from_dict(b["config"])
+        where = f"{b['kernel']} {b['config']}"
+        assert b["arch"] == "sm_90a"
+        assert b["shared_bytes"] <= SHARED_LIMIT, where
+        assert b["stack_bytes"] == 0 and b["opcodes"]["LDL"] == b["opcodes"]["STL"] == 0, where
+        assert b["pipelined"] and b["opcodes"]["LDGSTS"] > 0, where  # every shipped config has num_stages > 1
+        if config.BLOCK_SIZE_M >= 64:  # big tiles: Hopper's warpgroup MMA
+            assert b["opcodes"]["HGMMA"] > 0, where
+        else:  # decode tiles are too thin for wgmma; mma.sync reads them at memory speed
+            assert b["opcodes"]["HMMA"] > 0, where
+        assert b["problems"] == [], where
+
+
+def test_a_tile_too_big_for_shared_memory_is_flagged(aot):
+    config = {"BLOCK_SIZE_M": 128, "BLOCK_SIZE_N": 256, "BLOCK_SIZE_K": 128, "num_warps": 8, "num_stages": 4}
+    rc, builds, table = aot("--config", json.dumps(config), "--m", "4096")
+
+    assert rc == 1, table
+    for b in builds:
+        assert b["shared_bytes"] > SHARED_LIMIT
+        assert any("shared memory" in problem for problem in b["problems"])
+
+
+def test_one_stage_builds_no_async_copies(aot):
+    config = {"BLOCK_SIZE_M": 64, "BLOCK_SIZE_N": 128, "BLOCK_SIZE_K": 64, "num_warps": 4, "num_stages": 1}
+    rc, builds, table = aot("--config", json.dumps(config), "--m", "256")
+
+    assert rc == 0, table
+    for b in builds:
+        assert not b["pipelined"] and b["opcodes"]["LDGSTS"] == 0, b
+        assert b["opcodes"]["HGMMA"] > 0, b
+
+
+def test_compiling_refuses_interpreted_kernels():
+    from mixtral_local.kernels import _triton_moe
+    from mixtral_local.kernels.aot import compile_moe
+
+    if not _triton_moe.interpreted():
+        pytest.skip("kernels are compiled in this process")
+    config = MoEConfig(BLOCK_SIZE_M=16, BLOCK_SIZE_N=64, BLOCK_SIZE_K=64)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        compile_moe(1, config, dtype=torch.float16)
