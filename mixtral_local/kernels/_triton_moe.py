@@ -9,6 +9,10 @@ and the programs of the spare blocks at the tail of the grid return before touch
     _w13_silu_kernel:   act[s, :]  = SiLU(x[s // top_k] @ w1[e].T) * (x[s // top_k] @ w3[e].T)   [slots, I]
     _w2_weighted_kernel: out[s, :] = weight[s] * (act[s] @ w2[e].T)                              [slots, H]
 
+Before them, at decode sizes, ``route_align_kernel`` does the routing and the sort in one program (one launch
+instead of the dozen small torch ops of ``reference.route`` + ``moe_align``, whose launch costs would
+otherwise rival the time it takes to stream a decode step's expert weights).
+
 w13 is stacked [E, 2I, H]: gate rows (w1) are ``0..I-1``, up rows (w3) ``I..2I-1``. A w13 program reads
 ``BLOCK_N // 2`` gate rows and the ``BLOCK_N // 2`` up rows that pair with them, so the activation is formed
 in registers and only [slots, I] ever reaches memory; ``BLOCK_N`` counts the w13 rows a program reads, which
@@ -24,7 +28,7 @@ import triton
 import triton.language as tl
 from triton.runtime.jit import JITFunction
 
-__all__ = ["interpreted", "w13_silu_kernel", "w2_weighted_kernel"]
+__all__ = ["interpreted", "route_align_kernel", "w13_silu_kernel", "w2_weighted_kernel"]
 
 
 @triton.jit
@@ -156,6 +160,86 @@ def w2_weighted_kernel(
     acc = acc * weight[:, None]
     out_ptrs = out_ptr + slots[:, None] * stride_om + offs_n[None, :] * stride_on
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def route_align_kernel(
+    logits_ptr,  # [M, E] router logits, any float dtype
+    slot_weight_ptr,  # [slots] fp32 out: routing weight of each slot
+    sorted_slots_ptr,  # [num_m_blocks * BLOCK_M] out: slot ids by expert, padding = num_slots
+    block_expert_ptr,  # [num_m_blocks] out: expert of each block, -1 past the end
+    num_padded_ptr,  # [1] out: sorted positions in use
+    num_slots,  # M * TOP_K
+    E,
+    num_m_blocks,
+    stride_lm,
+    stride_le,
+    TOP_K: tl.constexpr,
+    BLOCK_S: tl.constexpr,  # power of two >= num_slots: the program holds every slot
+    BLOCK_E: tl.constexpr,  # power of two >= E
+    BLOCK_M: tl.constexpr,
+    BLOCK_P: tl.constexpr,  # sorted positions per step of the padding sweep
+):
+    """Route (fp32 softmax, top-k, renormalise) and align, as ``reference.route`` + ``moe_align``, in one program.
+
+    Works in slot space: row ``s`` is token ``s // TOP_K`` choosing its ``s % TOP_K``-th expert. Every slot
+    position is written once (real slots by the scatter, padding by the sweep), so no barrier is needed.
+    """
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_e = tl.arange(0, BLOCK_E)
+    slot_ok = offs_s < num_slots
+    e_ok = offs_e < E
+    token = (offs_s // TOP_K).to(tl.int64)
+    choice = offs_s % TOP_K
+
+    ok = slot_ok[:, None] & e_ok[None, :]
+    logits = tl.load(
+        logits_ptr + token[:, None] * stride_lm + offs_e[None, :] * stride_le, mask=ok, other=0.0
+    )
+    logits = tl.where(ok, logits.to(tl.float32), float("-inf"))
+    row_max = tl.where(slot_ok, tl.max(logits, axis=1), 0.0)
+    exp = tl.where(ok, tl.exp(logits - row_max[:, None]), 0.0)
+    probs = exp / tl.where(slot_ok, tl.sum(exp, axis=1), 1.0)[:, None]
+
+    # the TOP_K largest of each row, in order; this row keeps the one of its own rank
+    left = tl.where(e_ok[None, :], probs, -1.0)
+    expert = tl.zeros((BLOCK_S,), dtype=tl.int32)
+    mine = tl.zeros((BLOCK_S,), dtype=tl.float32)
+    total = tl.zeros((BLOCK_S,), dtype=tl.float32)
+    for rank in tl.static_range(TOP_K):
+        best = tl.max(left, axis=1)
+        best_e = tl.argmax(left, axis=1)
+        expert = tl.where(choice == rank, best_e, expert)
+        mine = tl.where(choice == rank, best, mine)
+        total += best
+        left = tl.where(offs_e[None, :] == best_e[:, None], -1.0, left)
+    tl.store(slot_weight_ptr + offs_s, mine / tl.where(slot_ok, total, 1.0), mask=slot_ok)
+
+    # align: each expert's run starts at the padded sum of the runs before it; a slot's rank within its
+    # expert counts the earlier slots of that expert (a stable sort by expert)
+    hits = ((expert[:, None] == offs_e[None, :]) & ok).to(tl.int32)  # [BLOCK_S, BLOCK_E] one-hot
+    counts = tl.sum(hits, axis=0)  # [BLOCK_E]
+    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    padded_end = tl.cumsum(padded, axis=0)
+    padded_start = padded_end - padded
+    rank_in_expert = tl.sum((tl.cumsum(hits, axis=0) - hits) * hits, axis=1)
+    dest = tl.sum(hits * padded_start[None, :], axis=1) + rank_in_expert
+    tl.store(sorted_slots_ptr + dest, offs_s, mask=slot_ok)
+    tl.store(num_padded_ptr, tl.sum(padded, axis=0))
+
+    # padding: a position is padding past its expert's slots, or past every run; blocks get their owner
+    positions = num_m_blocks * BLOCK_M
+    for start in range(0, positions, BLOCK_P):
+        pos = start + tl.arange(0, BLOCK_P)
+        owner = tl.sum(((padded_end[None, :] <= pos[:, None]) & e_ok[None, :]).to(tl.int32), axis=1)
+        is_owner = offs_e[None, :] == owner[:, None]
+        owner_start = tl.sum(tl.where(is_owner, padded_start[None, :], 0), axis=1)
+        owner_count = tl.sum(tl.where(is_owner, counts[None, :], 0), axis=1)
+        is_pad = (owner >= E) | (pos - owner_start >= owner_count)
+        tl.store(sorted_slots_ptr + pos, tl.zeros_like(pos) + num_slots, mask=(pos < positions) & is_pad)
+        first_of_block = (pos % BLOCK_M == 0) & (pos < positions)
+        block_owner = tl.where(owner < E, owner, -1)
+        tl.store(block_expert_ptr + pos // BLOCK_M, block_owner, mask=first_of_block)
 
 
 def interpreted() -> bool:

@@ -37,7 +37,14 @@ from triton.compiler import ASTSource
 
 from ._triton_moe import interpreted
 from .configs import CONFIG_DIR, MoEConfig, config_file_name, heuristic_config, load_config_table
-from .fused_moe import KernelLaunch, MoEAlignment, max_m_blocks, moe_launches
+from .fused_moe import (
+    FUSED_ROUTE_MAX_SLOTS,
+    KernelLaunch,
+    MoEAlignment,
+    max_m_blocks,
+    moe_launches,
+    route_align_launch,
+)
 
 __all__ = ["MAX_SHARED_BYTES", "KernelBuild", "compile_launch", "compile_moe", "main", "shipped_devices"]
 
@@ -57,11 +64,18 @@ class KernelBuild:
     kernel: str
     arch: int
     m: int
-    config: MoEConfig
+    config: MoEConfig  # the GEMM tiles of the call (the routing program has fixed launch options)
+    num_warps: int
+    num_stages: int
     shared_bytes: int
     registers: int
     stack_bytes: int
     opcodes: collections.Counter[str] = field(repr=False)
+
+    @property
+    def gemm(self) -> bool:
+        """One of the two grouped GEMMs (not the routing program, which has no loop to pipeline)."""
+        return self.kernel != "route_align_kernel"
 
     @property
     def pipelined(self) -> bool:
@@ -78,8 +92,10 @@ class KernelBuild:
             )
         if self.stack_bytes or self.opcodes["LDL"] or self.opcodes["STL"]:
             found.append(f"spills registers to local memory ({self.stack_bytes} B of stack)")
-        if self.config.num_stages > 1 and not self.pipelined:
-            found.append(f"num_stages={self.config.num_stages} but the K loop is not pipelined (no LDGSTS)")
+        if not self.gemm:
+            return found
+        if self.num_stages > 1 and not self.pipelined:
+            found.append(f"num_stages={self.num_stages} but the K loop is not pipelined (no LDGSTS)")
         if self.opcodes["HGMMA"] + self.opcodes["HMMA"] == 0:
             found.append("uses no tensor-core MMA (neither HGMMA nor HMMA)")
         if self.arch == 90 and self.config.BLOCK_SIZE_M >= 64 and self.opcodes["HGMMA"] == 0:
@@ -92,9 +108,12 @@ class KernelBuild:
             "arch": f"sm_{self.arch}a" if self.arch == 90 else f"sm_{self.arch}",
             "m": self.m,
             "config": self.config.to_dict(),
+            "num_warps": self.num_warps,
+            "num_stages": self.num_stages,
             "shared_bytes": self.shared_bytes,
             "registers": self.registers,
             "stack_bytes": self.stack_bytes,
+            "gemm": self.gemm,
             "pipelined": self.pipelined,
             "opcodes": {op: self.opcodes[op] for op in ("HGMMA", "HMMA", "LDGSTS", "LDG", "LDL", "STL")},
             "problems": self.problems(),
@@ -156,6 +175,8 @@ def compile_launch(launch: KernelLaunch, arch: int, m: int, config: MoEConfig) -
         arch=arch,
         m=m,
         config=config,
+        num_warps=launch.options["num_warps"],
+        num_stages=launch.options["num_stages"],
         shared_bytes=int(compiled.metadata.shared),
         registers=registers,
         stack_bytes=stack,
@@ -173,8 +194,11 @@ def compile_moe(
     top_k: int = MIXTRAL["top_k"],
     dtype: torch.dtype = torch.bfloat16,
     arch: int = 90,
-) -> tuple[KernelBuild, KernelBuild]:
-    """The w13 and w2 kernels of ``fused_moe`` at M tokens, compiled for ``sm_<arch>`` without a GPU."""
+) -> tuple[KernelBuild, ...]:
+    """The kernels of one ``fused_moe`` call of M tokens, compiled for ``sm_<arch>`` without a GPU.
+
+    The routing program first when M * top_k <= FUSED_ROUTE_MAX_SLOTS (as the launcher runs it), then w13, w2.
+    """
     if interpreted():
         raise RuntimeError(
             "TRITON_INTERPRET=1 is set: the kernels were built for the interpreter, not compiled"
@@ -184,24 +208,26 @@ def compile_moe(
         return torch.empty(*shape, dtype=kind, device="meta")
 
     num_slots = m * top_k
-    blocks = max_m_blocks(num_slots, n_experts, config.BLOCK_SIZE_M)
+    block_m = config.BLOCK_SIZE_M
+    blocks = max_m_blocks(num_slots, n_experts, block_m)
     align = MoEAlignment(
-        meta(blocks * config.BLOCK_SIZE_M, kind=torch.int32),
-        meta(blocks, kind=torch.int32),
-        meta(1, kind=torch.int32),
+        meta(blocks * block_m, kind=torch.int32), meta(blocks, kind=torch.int32), meta(1, kind=torch.int32)
     )
+    slot_weights = meta(num_slots, kind=torch.float32)
     launches = moe_launches(
         meta(m, hidden_size),
         meta(n_experts, 2 * intermediate_size, hidden_size),
         meta(n_experts, hidden_size, intermediate_size),
-        meta(num_slots, kind=torch.float32),
+        slot_weights,
         align,
         config,
         meta(num_slots, intermediate_size),
         meta(num_slots, hidden_size),
     )
-    w13, w2 = (compile_launch(launch, arch, m, config) for launch in launches)
-    return w13, w2
+    if num_slots <= FUSED_ROUTE_MAX_SLOTS:
+        logits = meta(m, n_experts, kind=torch.float32)
+        launches = (route_align_launch(logits, top_k, block_m, slot_weights, align), *launches)
+    return tuple(compile_launch(launch, arch, m, config) for launch in launches)
 
 
 def _configs(device: str) -> dict[int, MoEConfig]:
@@ -233,9 +259,9 @@ _HEADER = (
 
 def _row(build: KernelBuild) -> str:
     c, ops = build.config, build.opcodes
-    tile = f"{c.BLOCK_SIZE_M}x{c.BLOCK_SIZE_N}x{c.BLOCK_SIZE_K}"
+    tile = f"{c.BLOCK_SIZE_M}x{c.BLOCK_SIZE_N}x{c.BLOCK_SIZE_K}" if build.gemm else "-"
     return (
-        f"{build.m:>5} {build.kernel:<19} {tile:>12} {c.num_warps:>2} {c.num_stages:>2} {build.shared_bytes:>7} "
+        f"{build.m:>5} {build.kernel:<19} {tile:>12} {build.num_warps:>2} {build.num_stages:>2} {build.shared_bytes:>7} "
         f"{build.registers:>4} {build.stack_bytes:>5} {ops['HGMMA']:>5} {ops['HMMA']:>5} {ops['LDGSTS']:>6}  "
         f"{'; '.join(build.problems()) or '-'}"
     )

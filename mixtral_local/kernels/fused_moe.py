@@ -2,8 +2,10 @@
 
     fused_moe(hidden [M, H], w13 [E, 2I, H], w2 [E, H, I], router_logits [M, E], top_k) -> [M, H]
 
-1. route: softmax in fp32, top-k, renormalise (``reference.route``, so both paths pick the same experts);
-2. ``moe_align``: sort the M * top_k slots by expert, pad each expert's run to BLOCK_M (no host sync);
+1. route: softmax in fp32, top-k, renormalise (as ``reference.route``, so both paths pick the same experts);
+2. align: sort the M * top_k slots by expert, pad each expert's run to BLOCK_M (no host sync). Up to
+   ``FUSED_ROUTE_MAX_SLOTS`` slots (decode), 1 and 2 are one Triton program (``route_align_kernel``);
+   above, ``reference.route`` and ``moe_align`` in torch ops, whose launch costs no longer matter there;
 3. ``w13_silu_kernel``: grouped GEMM over w13 with SiLU(gate) * up in its epilogue -> act [slots, I];
 4. ``w2_weighted_kernel``: grouped GEMM over w2 times each slot's routing weight -> [slots, H];
 5. sum the top_k rows of each token (in torch: deterministic, unlike atomic adds).
@@ -21,21 +23,25 @@ from typing import Any, NamedTuple
 import torch
 import triton
 
-from ._triton_moe import interpreted, w2_weighted_kernel, w13_silu_kernel
+from ._triton_moe import interpreted, route_align_kernel, w2_weighted_kernel, w13_silu_kernel
 from .configs import MoEConfig, device_name, get_config
 from .reference import route
 
 __all__ = [
     "CHUNK_SLOTS",
+    "FUSED_ROUTE_MAX_SLOTS",
     "KernelLaunch",
     "MoEAlignment",
     "fused_moe",
     "max_m_blocks",
     "moe_align",
     "moe_launches",
+    "route_align_launch",
 ]
 
 CHUNK_SLOTS = 65536
+FUSED_ROUTE_MAX_SLOTS = 256  # slots routed and aligned by one program: every decode step, small prefills
+_ROUTE_ALIGN_BLOCK_P = 128
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -154,7 +160,6 @@ def fused_moe(
     if m == 0:
         return out
 
-    weights, expert_ids = route(router_logits, top_k)  # [M, k] fp32, [M, k] int64
     chunk_tokens = max_chunk_slots // top_k
     for start in range(0, m, chunk_tokens):
         stop = min(start + chunk_tokens, m)
@@ -164,13 +169,7 @@ def fused_moe(
         )  # fmt: skip
         with _on_device(hidden.device):
             _moe_chunk(
-                hidden[start:stop],
-                w13,
-                w2,
-                weights[start:stop],
-                expert_ids[start:stop],
-                chunk_config,
-                out[start:stop],
+                hidden[start:stop], w13, w2, router_logits[start:stop], top_k, chunk_config, out[start:stop]
             )
     return out
 
@@ -252,23 +251,63 @@ def moe_launches(
     )
 
 
+def route_align_launch(
+    router_logits: torch.Tensor, top_k: int, block_m: int, slot_weights: torch.Tensor, align: MoEAlignment
+) -> KernelLaunch:
+    """The launch that routes ``router_logits`` [m, E] and aligns its slots into ``align`` and ``slot_weights``."""
+    num_slots = slot_weights.numel()
+    n_experts = router_logits.shape[1]
+    args = (
+        router_logits, slot_weights, *align,
+        num_slots, n_experts, align.num_m_blocks,
+        router_logits.stride(0), router_logits.stride(1),
+    )  # fmt: skip
+    constexprs = {
+        "TOP_K": top_k,
+        "BLOCK_S": triton.next_power_of_2(num_slots),
+        "BLOCK_E": triton.next_power_of_2(n_experts),
+        "BLOCK_M": block_m,
+        "BLOCK_P": _ROUTE_ALIGN_BLOCK_P,
+    }
+    return KernelLaunch(route_align_kernel, (1,), args, constexprs, {"num_warps": 4, "num_stages": 1})
+
+
+def _route_and_align(
+    router_logits: torch.Tensor, top_k: int, block_m: int
+) -> tuple[torch.Tensor, MoEAlignment]:
+    """(slot weights [slots] fp32, alignment) of one chunk: one program at decode sizes, torch ops above."""
+    m, n_experts = router_logits.shape
+    num_slots = m * top_k
+    if num_slots > FUSED_ROUTE_MAX_SLOTS:
+        weights, expert_ids = route(router_logits, top_k)  # [m, k] fp32, [m, k] int64
+        return weights.reshape(-1).contiguous(), moe_align(expert_ids, n_experts, block_m)
+    device = router_logits.device
+    blocks = max_m_blocks(num_slots, n_experts, block_m)
+    align = MoEAlignment(
+        torch.empty(blocks * block_m, dtype=torch.int32, device=device),
+        torch.empty(blocks, dtype=torch.int32, device=device),
+        torch.empty(1, dtype=torch.int32, device=device),
+    )
+    slot_weights = torch.empty(num_slots, dtype=torch.float32, device=device)
+    route_align_launch(router_logits, top_k, block_m, slot_weights, align)()
+    return slot_weights, align
+
+
 def _moe_chunk(
     hidden: torch.Tensor,
     w13: torch.Tensor,
     w2: torch.Tensor,
-    weights: torch.Tensor,
-    expert_ids: torch.Tensor,
+    router_logits: torch.Tensor,
+    top_k: int,
     config: MoEConfig,
     out: torch.Tensor,
 ) -> None:
-    """One chunk of tokens through both kernels; writes ``out`` [m, H]."""
+    """One chunk of tokens through routing and both kernels; writes ``out`` [m, H]."""
     m, h = hidden.shape
-    top_k = expert_ids.shape[1]
     num_slots = m * top_k
-    align = moe_align(expert_ids, w13.shape[0], config.BLOCK_SIZE_M)
+    slot_weights, align = _route_and_align(router_logits, top_k, config.BLOCK_SIZE_M)
     act = torch.empty(num_slots, w2.shape[2], dtype=hidden.dtype, device=hidden.device)  # [slots, I]
     per_slot = torch.empty(num_slots, h, dtype=hidden.dtype, device=hidden.device)  # [slots, H]
-    slot_weights = weights.reshape(-1).contiguous()  # [slots] fp32
     w13_launch, w2_launch = moe_launches(hidden, w13, w2, slot_weights, align, config, act, per_slot)
     w13_launch()
     w2_launch()

@@ -101,3 +101,23 @@ def test_chunked_large_batch_matches_one_launch(cuda, make_moe_inputs):
 def test_auto_backend_on_cuda_is_the_fused_kernel(cuda):
     name, fn = resolve_moe_backend("auto", cuda)
     assert (name, fn) == ("triton", fused_moe)
+
+
+@pytest.mark.parametrize("m", [1, 2, 5, 16, 64, 128])
+def test_fused_routing_matches_torch_routing_and_align(cuda, m):
+    from mixtral_local.kernels.fused_moe import MoEAlignment, max_m_blocks, moe_align, route_align_launch
+    from mixtral_local.kernels.reference import route
+
+    logits = torch.randn(m, MIXTRAL_E, device=cuda)  # fp32: no ties, so the order of equal choices can't differ
+    blocks = max_m_blocks(2 * m, MIXTRAL_E, 16)
+    align = MoEAlignment(
+        *(torch.full((n,), -7, dtype=torch.int32, device=cuda) for n in (blocks * 16, blocks, 1))
+    )
+    weights = torch.full((2 * m,), float("nan"), device=cuda)
+    route_align_launch(logits, 2, 16, weights, align)()
+
+    want_weights, ids = route(logits, 2)
+    want = moe_align(ids, MIXTRAL_E, 16)
+    for got, expected in zip(align, want, strict=True):
+        assert got.tolist() == expected.tolist()
+    torch.testing.assert_close(weights, want_weights.reshape(-1), atol=1e-6, rtol=1e-5)
