@@ -545,6 +545,21 @@ async def _aclose(*closables: httpx.Response | AsyncGenerator[Any, None]) -> Non
             await closable.aclose()
 
 
+#: how long the end of a body may take to arrive after ``[DONE]`` before the connection is dropped instead
+DRAIN_S = 0.1
+
+
+async def _drain(body: AsyncIterator[bytes], response: httpx.Response) -> None:
+    """After ``[DONE]``, read an HTTP/1.1 body to its end, so that closing it returns the connection to the
+    pool instead of dropping it (the next request then skips a TCP and TLS handshake). The end usually came
+    with ``[DONE]`` or right after it; past ``DRAIN_S`` the close drops the connection, as before."""
+    if response.http_version != "HTTP/1.1":  # HTTP/2 closes the one stream and keeps the connection
+        return
+    with anyio.move_on_after(DRAIN_S), contextlib.suppress(httpx.HTTPError, httpx.StreamError):
+        async for _ in body:
+            pass
+
+
 async def _discard(body: AsyncIterator[bytes], response: httpx.Response) -> None:
     """Close ``response``, then run its body iterator to its end.
 
@@ -612,6 +627,7 @@ class AsyncHTTPBackend:
                     for chunk in reader.feed(raw):
                         yield chunk
                     if reader.done:
+                        await _drain(body, response)
                         return
                 for chunk in reader.end():
                     yield chunk
