@@ -56,14 +56,17 @@ _REDACT = frozenset({"authorization", "x-api-key", "api-key", "x-amz-security-to
 
 
 @contextlib.contextmanager
-def transport_errors(provider: str) -> Iterator[None]:
-    """Translate httpx's transport exceptions into ``APITimeoutError`` / ``APIConnectionError``."""
+def transport_errors(provider: str, request_id: str | None = None) -> Iterator[None]:
+    """Translate httpx's transport exceptions into ``APITimeoutError`` / ``APIConnectionError``
+    (``request_id``: the job already known, e.g. the pending NVCF request a poll asks about)."""
     try:
         yield
     except httpx.TimeoutException as exc:
-        raise APITimeoutError(f"{type(exc).__name__}: the {provider} request timed out", provider=provider) from exc
+        raise APITimeoutError(f"{type(exc).__name__}: the {provider} request timed out", provider=provider,
+                              request_id=request_id) from exc
     except (httpx.TransportError, httpx.StreamError, httpx.DecodingError) as exc:
-        raise APIConnectionError(f"{type(exc).__name__}: {exc}", provider=provider) from exc
+        raise APIConnectionError(f"{type(exc).__name__}: {exc}", provider=provider,
+                                 request_id=request_id) from exc
 
 
 def log_request(built: httpx.Request, content: bytes) -> None:
@@ -476,13 +479,16 @@ class HTTPBackend:
 
     def _send(self, request: ChatRequest, deadline: Deadline) -> httpx.Response:
         core = self.core
+        job: str | None = None
         with transport_errors(core.provider):
             response = self._client.send(core.build(self._client, request, deadline), stream=True)
             try:
                 while (poll := core.poll_request(self._client, response, request, deadline)) is not None:
+                    job = core.request_id(response.headers) or job
                     response.close()
                     time.sleep(core.poll_delay(deadline))
-                    response = self._client.send(poll, stream=True)
+                    with transport_errors(core.provider, job):  # a poll cut short still names the job
+                        response = self._client.send(poll, stream=True)
                 if response.status_code < 400:
                     return response
                 raw = response.read()
@@ -588,13 +594,16 @@ class AsyncHTTPBackend:
 
     async def _send(self, request: ChatRequest, deadline: Deadline) -> httpx.Response:
         core = self.core
+        job: str | None = None
         with transport_errors(core.provider):
             response = await self._client.send(core.build(self._client, request, deadline), stream=True)
             try:
                 while (poll := core.poll_request(self._client, response, request, deadline)) is not None:
+                    job = core.request_id(response.headers) or job
                     await _aclose(response)
                     await anyio.sleep(core.poll_delay(deadline))
-                    response = await self._client.send(poll, stream=True)
+                    with transport_errors(core.provider, job):  # a poll cut short still names the job
+                        response = await self._client.send(poll, stream=True)
                 if response.status_code < 400:
                     return response
                 raw = await response.aread()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from mixtral_client import APITimeoutError, AsyncMixtralClient, MixtralClient, Timeout
+from mixtral_client import APIConnectionError, APITimeoutError, AsyncMixtralClient, MixtralClient, Timeout
 from mixtral_client._backends.http import HTTPCore
 from mixtral_client._config import resolve_config
 from tests.client.conftest import MESSAGES, Driver, completion, text_stream
@@ -71,6 +71,22 @@ def test_polling_stops_at_the_total_deadline(sync_or_async: Driver, serve) -> No
 
     assert info.value.request_id == "req-42"
     assert 2 <= len(server.requests) <= 5
+
+
+def test_a_poll_cut_off_names_the_pending_job(driver: Driver, serve) -> None:
+    def drop_the_poll(req: Received, conn: Conn) -> None:
+        if req.method == "POST":
+            conn.respond(202, b"", {"NVCF-REQID": "req-42"})
+        else:
+            conn.drop()
+
+    server = serve(drop_the_poll)
+
+    with pytest.raises(APIConnectionError) as info:
+        driver.complete(server, client={**NVIDIA, "max_retries": 0})
+
+    assert info.value.request_id == "req-42"  # the job to ask NVIDIA about
+    assert [r.method for r in server.requests] == ["POST", "GET"]
 
 
 def test_202_without_reqid_from_another_host_is_the_answer(serve) -> None:
