@@ -40,8 +40,7 @@ from .configs import CONFIG_DIR, MoEConfig, config_file_name, heuristic_config, 
 from .fused_moe import (
     FUSED_ROUTE_MAX_SLOTS,
     KernelLaunch,
-    MoEAlignment,
-    max_m_blocks,
+    empty_alignment,
     moe_launches,
     route_align_launch,
 )
@@ -52,6 +51,8 @@ __all__ = ["MAX_SHARED_BYTES", "KernelBuild", "compile_launch", "compile_moe", "
 MAX_SHARED_BYTES = {90: 232_448}
 
 MIXTRAL = {"hidden_size": 4096, "intermediate_size": 14336, "n_experts": 8, "top_k": 2}
+#: (E, N, K, dtype) of Mixtral's tile tables, as ``load_config_table`` and ``config_file_name`` take them
+MIXTRAL_TABLE = (MIXTRAL["n_experts"], MIXTRAL["intermediate_size"], MIXTRAL["hidden_size"], torch.bfloat16)
 
 _SASS_LINE = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P[0-9T]+\s+)?([A-Z][A-Z0-9_]*)")
 _RESOURCES = re.compile(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)")
@@ -209,10 +210,7 @@ def compile_moe(
 
     num_slots = m * top_k
     block_m = config.BLOCK_SIZE_M
-    blocks = max_m_blocks(num_slots, n_experts, block_m)
-    align = MoEAlignment(
-        meta(blocks * block_m, kind=torch.int32), meta(blocks, kind=torch.int32), meta(1, kind=torch.int32)
-    )
+    align = empty_alignment(num_slots, n_experts, block_m, "meta")
     slot_weights = meta(num_slots, kind=torch.float32)
     launches = moe_launches(
         meta(m, hidden_size),
@@ -235,8 +233,7 @@ def _configs(device: str) -> dict[int, MoEConfig]:
     if device == "heuristic":
         e, k = MIXTRAL["n_experts"], MIXTRAL["top_k"]
         return {m: heuristic_config(m, e, k) for m in (1, 16, 64, 256, 4096)}
-    table = load_config_table(MIXTRAL["n_experts"], MIXTRAL["intermediate_size"], MIXTRAL["hidden_size"],
-                              torch.bfloat16, device)  # fmt: skip
+    table = load_config_table(*MIXTRAL_TABLE, device)
     if table is None:
         raise SystemExit(f"no shipped table for {device!r} in {CONFIG_DIR}")
     return dict(table)
@@ -244,8 +241,7 @@ def _configs(device: str) -> dict[int, MoEConfig]:
 
 def shipped_devices() -> list[str]:
     """The devices with a shipped table for Mixtral's shape, by file name."""
-    prefix = config_file_name(MIXTRAL["n_experts"], MIXTRAL["intermediate_size"], MIXTRAL["hidden_size"],
-                              torch.bfloat16, "").removesuffix(".json")  # fmt: skip
+    prefix = config_file_name(*MIXTRAL_TABLE, "").removesuffix(".json")
     return sorted(
         path.name.removeprefix(prefix).removesuffix(".json") for path in CONFIG_DIR.glob(prefix + "*.json")
     )

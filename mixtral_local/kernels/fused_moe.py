@@ -32,6 +32,7 @@ __all__ = [
     "FUSED_ROUTE_MAX_SLOTS",
     "KernelLaunch",
     "MoEAlignment",
+    "empty_alignment",
     "fused_moe",
     "max_m_blocks",
     "moe_align",
@@ -185,7 +186,7 @@ class KernelLaunch(NamedTuple):
     kernel: Any  # a triton JITFunction (or its interpreted twin)
     grid: tuple[int]
     args: tuple[object, ...]
-    constexprs: dict[str, int]  # BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M
+    constexprs: dict[str, int]  # the kernel's tl.constexpr arguments (tile sizes, TOP_K, ...)
     options: dict[str, int]  # num_warps, num_stages
 
     def __call__(self) -> None:
@@ -195,6 +196,15 @@ class KernelLaunch(NamedTuple):
 def max_m_blocks(num_slots: int, n_experts: int, block_m: int) -> int:
     """Blocks of ``block_m`` sorted positions that ``num_slots`` slots can need, each expert's run padded."""
     return triton.cdiv(num_slots, block_m) + min(n_experts, num_slots)
+
+
+def empty_alignment(num_slots: int, n_experts: int, block_m: int, device: torch.device | str) -> MoEAlignment:
+    """Unwritten alignment buffers for ``num_slots`` slots, sized as ``moe_align`` sizes them (the
+    ``route_align_kernel`` fills them; on the ``meta`` device they only carry shapes)."""
+    blocks = max_m_blocks(num_slots, n_experts, block_m)
+    return MoEAlignment(
+        *(torch.empty(n, dtype=torch.int32, device=device) for n in (blocks * block_m, blocks, 1))
+    )
 
 
 def moe_launches(
@@ -282,12 +292,7 @@ def _route_and_align(
         weights, expert_ids = route(router_logits, top_k)  # [m, k] fp32, [m, k] int64
         return weights.reshape(-1).contiguous(), moe_align(expert_ids, n_experts, block_m)
     device = router_logits.device
-    blocks = max_m_blocks(num_slots, n_experts, block_m)
-    align = MoEAlignment(
-        torch.empty(blocks * block_m, dtype=torch.int32, device=device),
-        torch.empty(blocks, dtype=torch.int32, device=device),
-        torch.empty(1, dtype=torch.int32, device=device),
-    )
+    align = empty_alignment(num_slots, n_experts, block_m, device)
     slot_weights = torch.empty(num_slots, dtype=torch.float32, device=device)
     route_align_launch(router_logits, top_k, block_m, slot_weights, align)()
     return slot_weights, align

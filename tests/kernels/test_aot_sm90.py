@@ -18,7 +18,7 @@ import torch
 
 triton = pytest.importorskip("triton")
 
-from mixtral_local.kernels.aot import MIXTRAL, shipped_devices  # noqa: E402
+from mixtral_local.kernels.aot import MIXTRAL_TABLE, shipped_devices  # noqa: E402
 from mixtral_local.kernels.configs import MoEConfig, load_config_table  # noqa: E402
 
 REPO = Path(__file__).parents[2]
@@ -61,8 +61,11 @@ def aot(tmp_path_factory):
 
 
 def _shipped_configs() -> set[MoEConfig]:
-    shape = (MIXTRAL["n_experts"], MIXTRAL["intermediate_size"], MIXTRAL["hidden_size"], torch.bfloat16)
-    return {config for device in shipped_devices() for config in load_config_table(*shape, device).values()}
+    return {
+        config
+        for device in shipped_devices()
+        for config in load_config_table(*MIXTRAL_TABLE, device).values()
+    }
 
 
 def test_every_shipped_config_builds_for_sm90a_pipelined_without_spills(aot):

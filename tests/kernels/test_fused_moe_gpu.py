@@ -105,14 +105,14 @@ def test_auto_backend_on_cuda_is_the_fused_kernel(cuda):
 
 @pytest.mark.parametrize("m", [1, 2, 5, 16, 64, 128])
 def test_fused_routing_matches_torch_routing_and_align(cuda, m):
-    from mixtral_local.kernels.fused_moe import MoEAlignment, max_m_blocks, moe_align, route_align_launch
+    from mixtral_local.kernels.fused_moe import empty_alignment, moe_align, route_align_launch
     from mixtral_local.kernels.reference import route
 
-    logits = torch.randn(m, MIXTRAL_E, device=cuda)  # fp32: no ties, so the order of equal choices can't differ
-    blocks = max_m_blocks(2 * m, MIXTRAL_E, 16)
-    align = MoEAlignment(
-        *(torch.full((n,), -7, dtype=torch.int32, device=cuda) for n in (blocks * 16, blocks, 1))
-    )
+    # fp32 logits: no ties, so the order of equal choices can't differ
+    logits = torch.randn(m, MIXTRAL_E, device=cuda)
+    align = empty_alignment(2 * m, MIXTRAL_E, 16, cuda)
+    for buffer in align:
+        buffer.fill_(-7)  # poison: every position must be written by the kernel
     weights = torch.full((2 * m,), float("nan"), device=cuda)
     route_align_launch(logits, 2, 16, weights, align)()
 

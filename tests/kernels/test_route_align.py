@@ -12,8 +12,8 @@ import torch
 from mixtral_local.kernels.fused_moe import (
     FUSED_ROUTE_MAX_SLOTS,
     MoEAlignment,
+    empty_alignment,
     fused_moe,
-    max_m_blocks,
     moe_align,
     route_align_launch,
 )
@@ -24,13 +24,9 @@ pytestmark = pytest.mark.usefixtures("interpreter")
 
 def _fused(logits: torch.Tensor, top_k: int, block_m: int) -> tuple[torch.Tensor, MoEAlignment]:
     m, n_experts = logits.shape
-    blocks = max_m_blocks(m * top_k, n_experts, block_m)
-    poison = -7  # every position must be written by the kernel
-    align = MoEAlignment(
-        torch.full((blocks * block_m,), poison, dtype=torch.int32),
-        torch.full((blocks,), poison, dtype=torch.int32),
-        torch.full((1,), poison, dtype=torch.int32),
-    )
+    align = empty_alignment(m * top_k, n_experts, block_m, "cpu")
+    for buffer in align:
+        buffer.fill_(-7)  # poison: every position must be written by the kernel
     weights = torch.full((m * top_k,), float("nan"))
     route_align_launch(logits, top_k, block_m, weights, align)()
     return weights, align
