@@ -3,8 +3,9 @@
 A launch specialises its arguments before compiling (an int equal to 1 becomes a constant, one divisible by
 16 is marked so, pointers are marked 16-byte aligned), and those marks decide whether loads vectorise and
 the K loop is software-pipelined. ``compile_moe`` builds the launches exactly as ``fused_moe`` does, over
-meta tensors of the real shapes, specialises them with triton's own rule and compiles them for the target
-(sm_90a for an H100 or H200). The report reads the cubin with the ``cuobjdump`` that ships in triton's wheel:
+meta tensors of the real shapes, and compiles them for the target (sm_90a for an H100 or H200) through the
+JIT's own ``warmup``, with a driver that only names the target: the specialisation, and the cache key, are
+a real launch's. The report reads the cubin with the ``cuobjdump`` that ships in triton's wheel:
 
 - shared memory per program, registers per thread and stack bytes (register spills go there);
 - SASS opcode counts: HGMMA (Hopper's warpgroup tensor-core MMA), HMMA (the older mma.sync), LDGSTS (the
@@ -21,19 +22,20 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import json
 import re
 import subprocess
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import triton
-from triton.backends.compiler import BaseBackend, GPUTarget
-from triton.compiler import ASTSource
+from triton.backends.compiler import GPUTarget
 
 from ._triton_moe import interpreted
 from .configs import CONFIG_DIR, MoEConfig, config_file_name, heuristic_config, load_config_table
@@ -45,7 +47,17 @@ from .fused_moe import (
     route_align_launch,
 )
 
-__all__ = ["MAX_SHARED_BYTES", "KernelBuild", "compile_launch", "compile_moe", "main", "shipped_devices"]
+__all__ = [
+    "MAX_SHARED_BYTES",
+    "KernelBuild",
+    "compile_launch",
+    "compile_moe",
+    "main",
+    "moe_call_launches",
+    "shipped_devices",
+    "warm_launch",
+    "warm_moe",
+]
 
 # Shared memory one program may take on Hopper (227 KiB; the other 1 KiB of 228 is the system's).
 MAX_SHARED_BYTES = {90: 232_448}
@@ -121,26 +133,53 @@ class KernelBuild:
         }
 
 
-def _specialize(launch: KernelLaunch) -> ASTSource:
-    """The source a launch of these arguments compiles, specialised by triton's own rule."""
-    from triton._C.libtriton import native_specialize_impl  # the function JITFunction.run uses
+class _CompileOnlyDriver:
+    """What ``JITFunction.run`` asks of the active driver when it only compiles (``warmup``): a target."""
 
-    fn = launch.kernel
-    signature: dict[str, str] = {}
-    constexprs: dict[str, object] = dict(launch.constexprs)
-    attrs: dict[tuple[int, ...], list[list[object]]] = {}
-    positional = dict(zip(fn.arg_names, launch.args, strict=False))
-    for index, name in enumerate(fn.arg_names):
-        if name in launch.constexprs:
-            signature[name] = "constexpr"
-            continue
-        kind, mark = native_specialize_impl(BaseBackend, positional[name], False, True, True)
-        signature[name] = kind
-        if kind == "constexpr":
-            constexprs[name] = mark
-        elif mark:
-            attrs[(index,)] = BaseBackend.parse_attr(mark)
-    return ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+    def __init__(self, target: GPUTarget) -> None:
+        self._target = target
+
+    def get_current_target(self) -> GPUTarget:
+        return self._target
+
+    def get_current_device(self) -> int:
+        return _DEVICE
+
+    def get_current_stream(self, device: int | None = None) -> int:  # noqa: ARG002 (the driver API's)
+        return 0
+
+
+_DEVICE = 0
+
+
+@contextlib.contextmanager
+def _compiling_for(target: GPUTarget, kernel: Any) -> Iterator[None]:
+    """Make ``kernel.warmup`` compile for ``target`` whatever GPU this machine has, or none.
+
+    The kernel's per-device binder caches the target it was made for, so it is dropped before and after.
+    The driver that was active comes back after (None, on a machine without a GPU: none was made).
+    """
+    from triton.runtime.driver import driver
+
+    previous = getattr(driver, "_active", None)  # reset_active() would make a driver, and none exists here
+    kernel.device_caches.pop(_DEVICE, None)
+    driver.set_active(_CompileOnlyDriver(target))
+    try:
+        yield
+    finally:
+        driver.set_active(previous)
+        kernel.device_caches.pop(_DEVICE, None)
+
+
+def warm_launch(launch: KernelLaunch, arch: int) -> Any:
+    """Compile one launch for ``sm_<arch>`` through the JIT's own ``warmup``, and return the CompiledKernel.
+
+    The specialisation, options and cache key are the ones a real launch of these arguments computes, so
+    the cubin lands in triton's cache where the JIT on that GPU will look (``benchmarks/tune_moe.py``
+    compiles its candidates this way, many at once, before it times them).
+    """
+    with _compiling_for(GPUTarget("cuda", arch, 32), launch.kernel):
+        return launch.kernel.warmup(*launch.args, grid=launch.grid, **launch.constexprs, **launch.options)
 
 
 def _read_cubin(cubin: bytes) -> tuple[tuple[int, int], collections.Counter[str]]:
@@ -167,9 +206,7 @@ def _read_cubin(cubin: bytes) -> tuple[tuple[int, int], collections.Counter[str]
 
 def compile_launch(launch: KernelLaunch, arch: int, m: int, config: MoEConfig) -> KernelBuild:
     """Compile one launch for ``sm_<arch>`` (a for 90) and read the result."""
-    compiled = triton.compile(
-        _specialize(launch), target=GPUTarget("cuda", arch, 32), options=dict(launch.options)
-    )
+    compiled = warm_launch(launch, arch)
     (registers, stack), opcodes = _read_cubin(compiled.asm["cubin"])
     return KernelBuild(
         kernel=launch.kernel.__name__,
@@ -185,7 +222,7 @@ def compile_launch(launch: KernelLaunch, arch: int, m: int, config: MoEConfig) -
     )
 
 
-def compile_moe(
+def moe_call_launches(
     m: int,
     config: MoEConfig,
     *,
@@ -194,9 +231,8 @@ def compile_moe(
     n_experts: int = MIXTRAL["n_experts"],
     top_k: int = MIXTRAL["top_k"],
     dtype: torch.dtype = torch.bfloat16,
-    arch: int = 90,
-) -> tuple[KernelBuild, ...]:
-    """The kernels of one ``fused_moe`` call of M tokens, compiled for ``sm_<arch>`` without a GPU.
+) -> tuple[KernelLaunch, ...]:
+    """The launches of one ``fused_moe`` call of M tokens, over meta tensors of these shapes (fp32 logits).
 
     The routing program first when M * top_k <= FUSED_ROUTE_MAX_SLOTS (as the launcher runs it), then w13, w2.
     """
@@ -225,7 +261,22 @@ def compile_moe(
     if num_slots <= FUSED_ROUTE_MAX_SLOTS:
         logits = meta(m, n_experts, kind=torch.float32)
         launches = (route_align_launch(logits, top_k, block_m, slot_weights, align), *launches)
-    return tuple(compile_launch(launch, arch, m, config) for launch in launches)
+    return launches
+
+
+def compile_moe(m: int, config: MoEConfig, *, arch: int = 90, **shape: Any) -> tuple[KernelBuild, ...]:
+    """The kernels of one ``fused_moe`` call of M tokens, compiled for ``sm_<arch>`` without a GPU and read.
+
+    ``shape`` takes ``moe_call_launches``'s keywords (Mixtral's shape by default).
+    """
+    return tuple(compile_launch(launch, arch, m, config) for launch in moe_call_launches(m, config, **shape))
+
+
+def warm_moe(m: int, config: MoEConfig, *, arch: int = 90, **shape: Any) -> int:
+    """Compile one call's kernels into triton's cache for ``sm_<arch>``; returns the most shared memory one
+    of them takes (bytes), so a caller can drop a config that will not launch."""
+    compiled = [warm_launch(launch, arch) for launch in moe_call_launches(m, config, **shape)]
+    return max(int(kernel.metadata.shared) for kernel in compiled)
 
 
 def _configs(device: str) -> dict[int, MoEConfig]:

@@ -6,8 +6,10 @@ A table lives in ``configs/`` beside this module, one file per (E, N, K, dtype, 
 
 with N the expert FFN width I, K the hidden size H and device ``torch.cuda.get_device_name()`` with spaces
 as underscores. It maps M (tokens per call) to a config; a call takes the entry of the nearest listed M.
-``benchmarks/tune_moe.py`` writes these files. Shapes or GPUs without a table use ``heuristic_config``, and
-say so once per (shape, dtype, device) through ``logging``.
+``benchmarks/tune_moe.py`` writes these files. A folder named by ``MIXTRAL_MOE_CONFIG_DIR`` is searched
+before the package's, so a table tuned on one's own GPU is used without writing into site-packages. Shapes
+or GPUs without a table use ``heuristic_config``, and say so once per (shape, dtype, device) through
+``logging``.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,7 +26,9 @@ import torch
 
 __all__ = [
     "CONFIG_DIR",
+    "CONFIG_DIR_ENV",
     "MoEConfig",
+    "config_dirs",
     "config_file_name",
     "device_name",
     "get_config",
@@ -34,6 +39,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 CONFIG_DIR = Path(__file__).parent / "configs"
+CONFIG_DIR_ENV = "MIXTRAL_MOE_CONFIG_DIR"  # a folder of tuned tables, searched before CONFIG_DIR
 
 
 def _is_power_of_two(n: int) -> bool:
@@ -100,16 +106,33 @@ def config_file_name(n_experts: int, n: int, k: int, dtype: torch.dtype, device:
     return f"E={n_experts},N={n},K={k},dtype={_dtype_name(dtype)},device={device}.json"
 
 
-@functools.cache
+def config_dirs() -> tuple[Path, ...]:
+    """Where tables are looked for, first match wins: ``$MIXTRAL_MOE_CONFIG_DIR`` (when set), then the package's."""
+    user = os.environ.get(CONFIG_DIR_ENV)
+    return (Path(user).expanduser(), CONFIG_DIR) if user else (CONFIG_DIR,)
+
+
 def load_config_table(
     n_experts: int, n: int, k: int, dtype: torch.dtype, device: str
 ) -> Mapping[int, MoEConfig] | None:
-    """The tuned table {M: config} for this shape, dtype and device, or None when no file is shipped."""
-    path = CONFIG_DIR / config_file_name(n_experts, n, k, dtype, device)
-    if not path.is_file():
-        return None
-    raw = json.loads(path.read_text())
-    return {int(m): MoEConfig.from_dict(entry) for m, entry in raw.items()}
+    """The tuned table {M: config} for this shape, dtype and device, or None when no folder holds one."""
+    name = config_file_name(n_experts, n, k, dtype, device)
+    for folder in config_dirs():
+        path = folder / name
+        if path.is_file():
+            return _read_table(path)
+    return None
+
+
+@functools.cache
+def _read_table(path: Path) -> Mapping[int, MoEConfig]:
+    try:
+        raw = json.loads(path.read_text())
+        if not isinstance(raw, dict):
+            raise ValueError(f"expected an object of M -> config, got {type(raw).__name__}")
+        return {int(m): MoEConfig.from_dict(entry) for m, entry in raw.items()}
+    except (ValueError, TypeError) as err:  # JSONDecodeError, a non-int M, an entry that is no config
+        raise ValueError(f"bad fused-MoE config table {path}: {err}") from None
 
 
 def heuristic_config(m: int, n_experts: int, top_k: int) -> MoEConfig:

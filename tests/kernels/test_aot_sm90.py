@@ -127,3 +127,61 @@ def test_compiling_refuses_interpreted_kernels():
     config = MoEConfig(BLOCK_SIZE_M=16, BLOCK_SIZE_N=64, BLOCK_SIZE_K=64)
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
         compile_moe(1, config, dtype=torch.float16)
+
+
+_CACHE_HIT_CHILD = """
+import json, sys
+from pathlib import Path
+import torch
+from triton import knobs
+from triton.backends.compiler import GPUTarget
+from benchmarks.tune_moe import precompile
+from mixtral_local.kernels import aot
+from mixtral_local.kernels.configs import MoEConfig
+
+shape = {"hidden_size": 64, "intermediate_size": 96, "n_experts": 4, "top_k": 2, "dtype": torch.float16}
+ahead = [(1, MoEConfig(16, 32, 16, num_stages=2)), (9, MoEConfig(16, 64, 32, num_stages=2))]
+late = (9, MoEConfig(32, 32, 16, num_stages=2))
+entries = lambda: sum(1 for _ in Path(knobs.cache.dir).iterdir())
+
+def launch_all(m, config):
+    # the launches fused_moe makes, through KernelLaunch.__call__ (a real launch, not warmup); the driver
+    # only names sm_90, so the JIT finds or compiles the kernel, then fails to launch it: no GPU here
+    failures = []
+    for launch in aot.moe_call_launches(m, config, **shape):
+        with aot._compiling_for(GPUTarget("cuda", 90, 32), launch.kernel):
+            try:
+                launch()
+            except Exception as err:
+                failures.append(type(err).__name__)
+    return failures
+
+built = precompile(ahead, shape, 90, 2, None)
+after_precompile = entries()
+failures = [launch_all(m, c) for m, c in ahead]
+after_launches = entries()
+launch_all(*late)
+print(json.dumps({"built": [built[p] for p in ahead], "after_precompile": after_precompile,
+                  "after_launches": after_launches, "after_late": entries(), "failures": failures}))
+"""
+
+
+def test_kernels_compiled_ahead_by_tune_moe_are_what_a_launch_looks_up(tmp_path):
+    """tune_moe compiles its candidates in worker processes before timing them; the launches must then
+    find those kernels in triton's cache (same specialisation, same key) instead of compiling again."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {
+        "TRITON_CACHE_DIR": str(tmp_path / "cache"),
+        "PYTHONPATH": str(REPO),
+    }
+    done = subprocess.run(
+        [sys.executable, "-W", "ignore", "-c", _CACHE_HIT_CHILD],
+        env=env, cwd=REPO, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+
+    assert all(isinstance(shared, int) and 0 < shared <= SHARED_LIMIT for shared in report["built"])
+    assert report["after_precompile"] >= 6  # route_align, w13 and w2 for each M
+    assert report["after_launches"] == report["after_precompile"], "a launch compiled what was built ahead"
+    assert report["after_late"] > report["after_launches"]  # a config not built ahead does compile
+    assert all(report["failures"]), "each launch should fail only for want of a GPU"

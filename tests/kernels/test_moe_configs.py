@@ -71,3 +71,37 @@ def test_heuristic_tiles_grow_with_tokens_per_expert(m):
 def test_config_round_trips_through_dict():
     config = heuristic_config(4096, 8, 2)
     assert MoEConfig.from_dict(config.to_dict()) == config
+
+
+def _write_table(folder, device, entries):
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / config_file_name(**MIXTRAL, dtype=torch.bfloat16, device=device)
+    path.write_text(json.dumps({str(m): config.to_dict() for m, config in entries.items()}))
+    return path
+
+
+def test_a_table_in_the_env_folder_comes_before_the_shipped_one(tmp_path, monkeypatch):
+    mine = MoEConfig(BLOCK_SIZE_M=32, BLOCK_SIZE_N=32, BLOCK_SIZE_K=32, num_warps=2, num_stages=2)
+    _write_table(tmp_path, "NVIDIA_H100_80GB_HBM3", {1: mine})
+    shipped = get_config(1, top_k=2, dtype=torch.bfloat16, device="NVIDIA_H100_80GB_HBM3", **MIXTRAL)
+    assert shipped != mine
+
+    monkeypatch.setenv(configs.CONFIG_DIR_ENV, str(tmp_path))
+    assert configs.config_dirs() == (tmp_path, configs.CONFIG_DIR)
+    assert get_config(1, top_k=2, dtype=torch.bfloat16, device="NVIDIA_H100_80GB_HBM3", **MIXTRAL) == mine
+    # a device the folder has no table for still finds the shipped one
+    h200 = get_config(1, top_k=2, dtype=torch.bfloat16, device="NVIDIA_H200", **MIXTRAL)
+    assert h200 == configs.load_config_table(**MIXTRAL, dtype=torch.bfloat16, device="NVIDIA_H200")[1]
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["{not json", "[1, 2]", '{"one": {"BLOCK_SIZE_M": 16}}', '{"1": {"BLOCK_SIZE_M": 16}}', '{"1": 5}'],
+)
+def test_a_bad_table_fails_naming_its_file(tmp_path, monkeypatch, text):
+    path = tmp_path / config_file_name(**MIXTRAL, dtype=torch.bfloat16, device="My_GPU")
+    path.write_text(text)
+    monkeypatch.setenv(configs.CONFIG_DIR_ENV, str(tmp_path))
+    with pytest.raises(ValueError, match="bad fused-MoE config table") as err:
+        get_config(1, top_k=2, dtype=torch.bfloat16, device="My_GPU", **MIXTRAL)
+    assert str(path) in str(err.value)
