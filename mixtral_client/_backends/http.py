@@ -244,9 +244,11 @@ class HTTPCore:
         if deadline.expired():
             raise APITimeoutError(f"{self.provider} answer still pending when the total deadline passed",
                                   provider=self.provider, request_id=reqid)
-        headers = {"Authorization": self.headers["Authorization"], "User-Agent": self.headers["User-Agent"]}
+        headers = httpx.Headers(self.headers)  # the POST's headers (default_headers and extra_headers too),
+        del headers["Content-Type"]  # less the body's type: a poll has no body
         if request.stream:
             headers["Accept"] = "text/event-stream"
+        headers.update(request.options.extra_headers)
         return client.build_request("GET", url, headers=headers, timeout=self.timeout(request, deadline))
 
     def poll_delay(self, deadline: Deadline, /) -> float:

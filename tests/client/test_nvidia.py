@@ -47,6 +47,28 @@ def test_202_is_polled_on_the_same_origin_until_the_answer_is_ready(driver: Driv
     assert all(p.body == b"" for p in polls)
 
 
+def test_polls_carry_the_posts_headers(driver: Driver, serve) -> None:
+    """A gateway that wants its own header on every request gets it on the polls too; Content-Type does not
+    go on a GET without a body."""
+    server = serve(nvcf(pending_polls=1))
+
+    answer = driver.complete(
+        server,
+        client=NVIDIA | {"default_headers": {"X-Gateway-Key": "gw-1"}},
+        extra_headers={"X-Trace": "t-9", "User-Agent": "my-agent/2"},
+    )
+
+    assert answer.choices[0].message.content == "polled answer"
+    post, *polls = server.requests
+    assert len(polls) == 2
+    for request in (post, *polls):
+        assert request.headers["x-gateway-key"] == "gw-1"
+        assert request.headers["x-trace"] == "t-9"
+        assert request.headers["user-agent"] == "my-agent/2"  # extra_headers replace, never duplicate
+    assert post.headers["content-type"] == "application/json"
+    assert all("content-type" not in p.headers for p in polls)
+
+
 def test_pending_poll_without_reqid_asks_the_same_status_url_again(serve) -> None:
     server = serve(nvcf(pending_polls=1, repeat_reqid=False))
 
