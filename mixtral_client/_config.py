@@ -98,6 +98,14 @@ def resolve_config(
             )
         if not base_url.startswith(("http://", "https://")):
             raise ConfigurationError(f"base_url must start with http:// or https://, got {base_url!r}")
+        try:
+            parsed = httpx.URL(base_url)
+        except httpx.InvalidURL as exc:
+            raise ConfigurationError(f"base_url is not a valid URL: {base_url!r} ({exc})") from None
+        if not parsed.host:
+            raise ConfigurationError(f"base_url names no host: {base_url!r}")
+        if parsed.fragment:
+            raise ConfigurationError(f"base_url must not have a #fragment, got {base_url!r}")
     key = api_key or (env.get(preset.api_key_env) if preset.api_key_env else None) or env.get("MIXTRAL_API_KEY")
     if preset.kind == "http" and not key:
         var = preset.api_key_env or "MIXTRAL_API_KEY"

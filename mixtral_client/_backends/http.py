@@ -150,7 +150,9 @@ class HTTPCore:
         self.policy = RetryPolicy(max_retries=config.max_retries)
         if config.base_url is None:
             raise ConfigurationError(f"provider {self.provider!r} has no base_url")
-        self.url = config.base_url + "/chat/completions"
+        base = httpx.URL(config.base_url)  # a query in base_url (?api-version=...) goes on every request
+        self.url = str(base.copy_with(path=base.path.rstrip("/") + "/chat/completions"))
+        self._base_query = httpx.QueryParams(base.query)  # httpx replaces a URL's query with params=: merge
         headers = {
             "Authorization": f"Bearer {config.api_key}",
             "Content-Type": "application/json",
@@ -203,7 +205,7 @@ class HTTPCore:
             merged_headers.update(opts.extra_headers)
             headers = merged_headers
         content = json.dumps(request.body(), ensure_ascii=False, separators=(",", ":")).encode()
-        params = dict(opts.extra_query) if opts.extra_query else None
+        params = self._base_query.merge(opts.extra_query) if opts.extra_query else None
         if client is self._owned and not client.cookies:
             if opts.extra_headers:
                 merged = self._merge(headers)

@@ -131,14 +131,15 @@ class Driver:
     @contextlib.contextmanager
     def _sync(server: LoopbackServer, client: dict[str, Any] | None) -> Iterator[MixtralClient]:
         with httpx.Client(verify=False) as http, \
-                MixtralClient(base_url=server.url, api_key="sk-test", http_client=http, **(client or {})) as c:
+                MixtralClient(**{"base_url": server.url, "api_key": "sk-test", **(client or {})}, http_client=http) as c:
             yield c
 
     @staticmethod
     @contextlib.asynccontextmanager
     async def _async(server: LoopbackServer, client: dict[str, Any] | None) -> AsyncIterator[AsyncMixtralClient]:
         async with httpx.AsyncClient(verify=False) as http, \
-                AsyncMixtralClient(base_url=server.url, api_key="sk-test", http_client=http, **(client or {})) as c:
+                AsyncMixtralClient(**{"base_url": server.url, "api_key": "sk-test", **(client or {})},
+                                   http_client=http) as c:
             yield c
 
     def _run(self, fn: Callable[[], Awaitable[Any]]) -> Any:

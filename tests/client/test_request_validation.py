@@ -54,6 +54,21 @@ def test_openai_parameters_and_extras_are_sent(driver: Driver, serve) -> None:
     assert urlsplit(req.path).path == "/v1/chat/completions"
 
 
+def test_a_query_in_base_url_goes_on_every_request(driver: Driver, serve) -> None:
+    """Gateways that version by query (``?api-version=...``): the path goes before it, extra_query joins it
+    and wins on a shared name."""
+    server = serve(replying(200, completion()))
+    client = {"base_url": server.url + "/?api-version=7&tenant=a"}
+
+    driver.complete(server, client=client)
+    driver.complete(server, client=client, extra_query={"trace": "1", "api-version": "8"})
+
+    first, second = server.requests
+    assert urlsplit(first.path).path == urlsplit(second.path).path == "/v1/chat/completions"
+    assert parse_qs(urlsplit(first.path).query) == {"api-version": ["7"], "tenant": ["a"]}
+    assert parse_qs(urlsplit(second.path).query) == {"api-version": ["8"], "tenant": ["a"], "trace": ["1"]}
+
+
 def test_stream_options_are_sent_with_streams(driver: Driver, serve) -> None:
     server = serve(streaming(text_stream("x")))
 
