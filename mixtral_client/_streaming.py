@@ -89,10 +89,10 @@ class Stream:
         return self._accumulator.completion()
 
     def text(self) -> Iterator[str]:
-        """Only the text deltas of the first choice."""
+        """Only the text deltas of the first choice (index 0; with ``n > 1`` the others are skipped)."""
         for chunk in self:
-            if chunk.choices and chunk.choices[0].delta.content:
-                yield chunk.choices[0].delta.content
+            if (piece := _first_choice_text(chunk)) is not None:
+                yield piece
 
 
 class AsyncStream:
@@ -167,7 +167,7 @@ class AsyncStream:
         return self._accumulator.completion()
 
     def text(self) -> AsyncIterator[str]:
-        """Only the text deltas of the first choice."""
+        """Only the text deltas of the first choice (index 0; with ``n > 1`` the others are skipped)."""
         return _TextDeltas(self.__aiter__())
 
 
@@ -183,5 +183,13 @@ class _TextDeltas:
     async def __anext__(self) -> str:
         while True:
             chunk = await self._stream.__anext__()
-            if chunk.choices and chunk.choices[0].delta.content:
-                return chunk.choices[0].delta.content
+            if (piece := _first_choice_text(chunk)) is not None:
+                return piece
+
+
+def _first_choice_text(chunk: ChatCompletionChunk) -> str | None:
+    """The text delta of choice 0 in ``chunk``, if any: with ``n > 1`` a chunk may carry another choice only."""
+    for choice in chunk.choices:
+        if choice.index == 0 and choice.delta.content:
+            return choice.delta.content
+    return None

@@ -73,3 +73,27 @@ async def test_async_stream_is_iterated_once_and_text_can_be_left_early(server: 
         final = await stream.get_final_completion()
 
     assert final.choices[0].message.content == "Hello"
+
+
+def _two_choices() -> bytes:
+    """n=2 as hosts stream it: each chunk carries one choice, the two interleaved."""
+    return sse(chunk("A1", index=0), chunk("B1", index=1), chunk("B2", index=1), chunk("A2", index=0),
+               chunk(finish="stop", index=1), chunk(finish="stop", index=0))
+
+
+def test_text_of_an_n2_stream_is_the_first_choice_only(serve) -> None:
+    server = serve(streaming(_two_choices()))
+    with MixtralClient(base_url=server.url, api_key="k") as client:
+        stream = client.chat.completions.create(messages=MESSAGES, stream=True, n=2)
+        assert list(stream.text()) == ["A1", "A2"]
+        final = stream.get_final_completion()
+    assert [c.message.content for c in final.choices] == ["A1A2", "B1B2"]
+
+
+@pytest.mark.anyio
+async def test_async_text_of_an_n2_stream_is_the_first_choice_only(serve) -> None:
+    server = serve(streaming(_two_choices()))
+    async with AsyncMixtralClient(base_url=server.url, api_key="k") as client:
+        stream = await client.chat.completions.create(messages=MESSAGES, stream=True, n=2)
+        async with stream:
+            assert [piece async for piece in stream.text()] == ["A1", "A2"]
