@@ -6,7 +6,8 @@
     python3 benchmarks/tune_moe.py --smoke --out /tmp/tune                     # CPU interpreter, tiny
 
 For each M it times the table's current config, then every candidate tile config that fits the GPU's shared
-memory, and keeps the fastest. Compiling dominates a sweep (two to three kernels of seconds each per
+memory, then the ``--tma-round`` fastest again with ``USE_TMA=1`` (weight tiles through Hopper's TMA unit),
+and keeps the fastest. Compiling dominates a sweep (two to three kernels of seconds each per
 candidate, timing takes a fifth of a second), so first every candidate of every M is compiled into triton's
 cache by ``--jobs`` processes at once, through the JIT's own ``warmup`` for this GPU's target
 (``mixtral_local.kernels.aot.warm_moe``): the timed launches then find their kernels built. Candidates whose
@@ -21,6 +22,8 @@ runs. Written after every M.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import functools
 import itertools
 import json
@@ -28,7 +31,7 @@ import multiprocessing
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures import TimeoutError as FuturesTimeout
 from pathlib import Path
@@ -65,6 +68,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=int,
         default=os.cpu_count() or 1,
         help="processes compiling the candidates ahead of timing (0: the JIT compiles each as it is timed)",
+    )
+    parser.add_argument(
+        "--tma-round",
+        type=int,
+        default=4,
+        help="time the N fastest configs of each M again with USE_TMA=1 (0: no TMA variants)",
     )
     parser.add_argument(
         "--smoke", action="store_true", help="CPU, Triton interpreter, tiny shapes, 3 configs"
@@ -104,32 +113,57 @@ def failing_ms(report: dict[str, Any]) -> list[int]:
     return found
 
 
+class Precompiler:
+    """Processes that compile fused-MoE calls into triton's cache ahead of timing; use it in ``with``.
+
+    The workers are spawned, not forked (the caller may hold a CUDA context), and touch no GPU: they compile
+    for ``sm_<arch>`` through ``mixtral_local.kernels.aot.warm_moe``. They stay up between ``build`` calls.
+    """
+
+    def __init__(self, shape: dict[str, Any], arch: int, jobs: int) -> None:
+        self.shape, self.arch = shape, arch
+        self.pool = ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"))
+
+    def __enter__(self) -> Precompiler:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+    def build(
+        self, plan: Sequence[tuple[int, Any]], timeout_s: float | None
+    ) -> dict[tuple[int, Any], int | None]:
+        """Compile each (M, MoEConfig) of ``plan``; {(M, config): most shared bytes of its kernels, or None
+        where the build failed}. Pairs not built within ``timeout_s`` are missing (the JIT builds them when
+        they are timed) and their builds are cancelled."""
+        from mixtral_local.kernels.aot import warm_moe
+
+        built: dict[tuple[int, Any], int | None] = {}
+        futures = {
+            self.pool.submit(warm_moe, m, config, arch=self.arch, **self.shape): (m, config)
+            for m, config in plan
+        }
+        try:
+            for future in as_completed(futures, timeout=timeout_s):
+                try:
+                    built[futures[future]] = future.result()
+                except Exception as err:  # a config that does not compile is no candidate
+                    m, config = futures[future]
+                    print(f"  build failed: M={m} {config}: {type(err).__name__}")
+                    built[futures[future]] = None
+        except FuturesTimeout:
+            print(f"  compiling ahead stopped at its time limit: {len(built)} of {len(plan)} built")
+            for future in futures:
+                future.cancel()
+        return built
+
+
 def precompile(
     plan: Sequence[tuple[int, Any]], shape: dict[str, Any], arch: int, jobs: int, timeout_s: float | None
 ) -> dict[tuple[int, Any], int | None]:
-    """Compile the kernels of each (M, MoEConfig) of ``plan`` into triton's cache, ``jobs`` at a time.
-
-    Returns {(M, config): most shared bytes of its kernels, or None where the build failed}; the pairs not
-    built within ``timeout_s`` are missing (the JIT builds them when they are timed). The workers are spawned,
-    not forked (the caller may hold a CUDA context), and touch no GPU: they compile for ``sm_<arch>``.
-    """
-    from mixtral_local.kernels.aot import warm_moe
-
-    built: dict[tuple[int, Any], int | None] = {}
-    pool = ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"))
-    try:
-        futures = {pool.submit(warm_moe, m, config, arch=arch, **shape): (m, config) for m, config in plan}
-        for future in as_completed(futures, timeout=timeout_s):
-            try:
-                built[futures[future]] = future.result()
-            except Exception as err:  # a config that does not compile is no candidate
-                print(f"  build failed: M={futures[future][0]} {futures[future][1]}: {type(err).__name__}")
-                built[futures[future]] = None
-    except FuturesTimeout:
-        print(f"  compiling ahead stopped at its time limit: {len(built)} of {len(plan)} built")
-    finally:
-        pool.shutdown(wait=False, cancel_futures=True)
-    return built
+    """``Precompiler.build`` once, in a pool of ``jobs`` processes made for it."""
+    with Precompiler(shape, arch, jobs) as pool:
+        return pool.build(plan, timeout_s)
 
 
 def _cache_entries() -> int:
@@ -138,6 +172,43 @@ def _cache_entries() -> int:
 
     folder = Path(knobs.cache.dir)
     return sum(1 for _ in folder.iterdir()) if folder.is_dir() else 0
+
+
+def _time_configs(
+    m: int,
+    configs: Sequence[Any],
+    run: Callable[..., object],
+    shared: dict[tuple[int, Any], int | None],
+    smem: int,
+    until: float,
+    device: str,
+    time_ms: Callable[[Callable[[], object], str, float], float],
+) -> list[tuple[float, Any]]:
+    """(ms, config) of each config that builds, fits and runs, timed in order until ``until`` (monotonic)."""
+    timed = []
+    for i, config in enumerate(configs):
+        if time.monotonic() > until:
+            print(f"M={m}: time is up after {i} of {len(configs)} configs")
+            break
+        built = shared.get((m, config), 0)
+        if built is None or built > smem:  # did not build, or will not launch: no need to try
+            continue
+        try:
+            timed.append((time_ms(functools.partial(run, config=config), device, 0.2), config))
+        except Exception as err:  # out of resources, compile failure: not a candidate here
+            print(f"M={m}: skip {config.to_dict()}: {type(err).__name__}")
+    return timed
+
+
+def _tma_variants(fastest: Sequence[Any], timed: Sequence[tuple[float, Any]]) -> list[Any]:
+    """USE_TMA=1 twins of ``fastest`` that a descriptor can tile (sides <= 256) and were not timed already."""
+    seen = {config for _, config in timed}
+    twins = [
+        dataclasses.replace(config, USE_TMA=1)
+        for config in fastest
+        if not config.USE_TMA and max(config.BLOCK_SIZE_N, config.BLOCK_SIZE_K) <= 256
+    ]
+    return [twin for twin in dict.fromkeys(twins) if twin not in seen]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -204,66 +275,64 @@ def main(argv: list[str] | None = None) -> int:
         plan[m] = configs
 
     shared: dict[tuple[int, MoEConfig], int | None] = {}
-    if device.type == "cuda" and args.jobs > 0:
-        pairs = [(m, config) for m in ms for config in plan[m]]
-        budget = (deadline - time.monotonic()) * PRECOMPILE_SHARE if args.stop_after_s else None
-        shape = {"hidden_size": h, "intermediate_size": inter, "n_experts": n_experts, "top_k": args.top_k}
-        major, minor = torch.cuda.get_device_capability(device)
-        tick = time.monotonic()
-        shared = precompile(pairs, shape | {"dtype": dtype}, 10 * major + minor, args.jobs, budget)
-        print(
-            f"compiled {len(shared)} of {len(pairs)} candidate calls ahead in {time.monotonic() - tick:.0f} s"
-            f" ({args.jobs} processes)",
-            flush=True,
-        )
-    cache_before = _cache_entries() if device.type == "cuda" else 0
+    with contextlib.ExitStack() as stack:
+        pool: Precompiler | None = None
+        if device.type == "cuda" and args.jobs > 0:
+            shape = {
+                "hidden_size": h,
+                "intermediate_size": inter,
+                "n_experts": n_experts,
+                "top_k": args.top_k,
+            }
+            major, minor = torch.cuda.get_device_capability(device)
+            pool = stack.enter_context(Precompiler(shape | {"dtype": dtype}, 10 * major + minor, args.jobs))
+            pairs = [(m, config) for m in ms for config in plan[m]]
+            budget = (deadline - time.monotonic()) * PRECOMPILE_SHARE if args.stop_after_s else None
+            tick = time.monotonic()
+            shared = pool.build(pairs, budget)
+            print(
+                f"compiled {len(shared)} of {len(pairs)} candidate calls ahead in {time.monotonic() - tick:.0f} s"
+                f" ({args.jobs} processes)",
+                flush=True,
+            )
+        cache_before = _cache_entries() if device.type == "cuda" else 0
 
-    gen = torch.Generator(device=device).manual_seed(0)
-    w13 = (torch.randn(n_experts, 2 * inter, h, device=device, generator=gen) / h**0.5).to(dtype)
-    w2 = (torch.randn(n_experts, h, inter, device=device, generator=gen) / inter**0.5).to(dtype)
+        gen = torch.Generator(device=device).manual_seed(0)
+        w13 = (torch.randn(n_experts, 2 * inter, h, device=device, generator=gen) / h**0.5).to(dtype)
+        w2 = (torch.randn(n_experts, h, inter, device=device, generator=gen) / inter**0.5).to(dtype)
 
-    for m in ms:
-        if time.monotonic() > deadline:
-            print(f"stopped before M={m}: --stop-after-s spent")
-            break
-        hidden = torch.randn(m, h, device=device, generator=gen).to(dtype)
-        logits = torch.randn(m, n_experts, device=device, generator=gen)
-        configs = plan[m]
-        best: tuple[float, MoEConfig] | None = None
-        incumbent_ms: float | None = None
-        bucket_start = time.perf_counter()
-        for i, config in enumerate(configs):
-            if (args.budget_s and time.perf_counter() - bucket_start > args.budget_s) or (
-                time.monotonic() > deadline
-            ):
-                print(f"M={m}: time is up after {i} of {len(configs)} configs")
+        for m in ms:
+            if time.monotonic() > deadline:
+                print(f"stopped before M={m}: --stop-after-s spent")
                 break
-            built = shared.get((m, config), 0)
-            if built is None or built > smem:  # did not build, or will not launch: no need to try
+            hidden = torch.randn(m, h, device=device, generator=gen).to(dtype)
+            logits = torch.randn(m, n_experts, device=device, generator=gen)
+            run = functools.partial(fused_moe, hidden, w13, w2, logits, args.top_k)
+            bucket_end = time.monotonic() + args.budget_s if args.budget_s else deadline
+            timed = _time_configs(
+                m, plan[m], run, shared, smem, min(bucket_end, deadline), device.type, time_ms
+            )
+            variants = _tma_variants([config for _, config in sorted(timed)[: args.tma_round]], timed)
+            if variants and time.monotonic() < deadline:  # round 2: the fastest again, weights through TMA
+                if pool is not None:
+                    shared |= pool.build([(m, v) for v in variants], max(1.0, deadline - time.monotonic()))
+                timed += _time_configs(m, variants, run, shared, smem, deadline, device.type, time_ms)
+            if not timed:
+                print(f"M={m}: no config ran")
                 continue
-            run = functools.partial(fused_moe, hidden, w13, w2, logits, args.top_k, config=config)
-            try:
-                ms_ = time_ms(run, device.type, 0.2)
-            except Exception as err:  # out of resources, compile failure: not a candidate here
-                print(f"M={m}: skip {config.to_dict()}: {type(err).__name__}")
-                continue
-            if m in current and config == current[m]:
-                incumbent_ms = ms_
-            if best is None or ms_ < best[0]:
-                best = (ms_, config)
-        if best is None:
-            print(f"M={m}: no config ran")
-            continue
-        table[str(m)] = best[1].to_dict()
-        out_dir.mkdir(parents=True, exist_ok=True)
-        ordered = dict(sorted(table.items(), key=lambda kv: int(kv[0])))
-        path.write_text(json.dumps(ordered, indent=4) + "\n")
-        was = f"; the table's config took {incumbent_ms:.4f} ms" if incumbent_ms is not None else ""
-        print(
-            f"M={m}: {best[0]:.4f} ms with {best[1].to_dict()} ({len(configs)} candidates{was})", flush=True
-        )
-    if device.type == "cuda":
-        print(f"kernels the JIT compiled while timing: {_cache_entries() - cache_before}")
+            best_ms, best = min(timed, key=lambda item: item[0])
+            table[str(m)] = best.to_dict()
+            out_dir.mkdir(parents=True, exist_ok=True)
+            ordered = dict(sorted(table.items(), key=lambda kv: int(kv[0])))
+            path.write_text(json.dumps(ordered, indent=4) + "\n")
+            incumbent = [t for t, c in timed if m in current and c == current[m]]
+            was = f"; the table's config took {incumbent[0]:.4f} ms" if incumbent else ""
+            print(
+                f"M={m}: {best_ms:.4f} ms with {best.to_dict()} ({len(timed)} timed{was})",
+                flush=True,
+            )
+        if device.type == "cuda":
+            print(f"kernels the JIT compiled while timing: {_cache_entries() - cache_before}")
     print(f"wrote {path}")
     return 0
 

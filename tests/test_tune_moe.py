@@ -60,6 +60,7 @@ def test_the_smoke_sweep_writes_a_table_keeping_other_entries(tmp_path):
     done = _tune("--smoke", "--out", str(out), env=env)
 
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert done.stdout.count("(6 timed)") == 2  # per M: the 3 tiles, then their 3 USE_TMA twins
     table = json.loads((out / name).read_text())
     assert list(table) == ["1", "9", "512"]  # tuned buckets added in M order, the old one kept
     assert table["512"] == kept

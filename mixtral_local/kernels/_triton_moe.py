@@ -20,6 +20,12 @@ keeps the register footprint of a tile the same as in the unfused w13 GEMM of vL
 
 Pointer offsets that scale with an expert, token or slot index are computed in int64: ``expert * stride_e``
 passes 2**31 elements for large experts.
+
+With ``USE_TMA`` (a tile config's choice) the weight tiles come through 3-D tensor descriptors over [E, rows,
+K] instead of pointer loads: on Hopper the tensor-memory accelerator copies them to shared memory, so the
+warps issue one instruction per tile instead of one per vector. The gathered token rows stay pointer loads
+(the unit cannot gather before Blackwell). The launcher uses descriptors only where the weights meet the
+unit's rules (16-byte aligned base and strides), else the pointer loads with the same tiles.
 """
 
 from __future__ import annotations
@@ -57,6 +63,7 @@ def _block_rows(pid_m, sorted_slots_ptr, block_expert_ptr, num_slots, BLOCK_M: t
 def w13_silu_kernel(
     x_ptr,  # [M, H] hidden
     w_ptr,  # [E, 2I, H] w13
+    w_desc,  # with USE_TMA: a TensorDescriptor of w13, block [1, BLOCK_N // 2, BLOCK_K]; else None
     act_ptr,  # [slots, I] out
     sorted_slots_ptr,  # [num_m_blocks * BLOCK_M] slot ids, padding = num_slots
     block_expert_ptr,  # [num_m_blocks] expert of each block, -1 past the end
@@ -77,6 +84,7 @@ def w13_silu_kernel(
     BLOCK_N: tl.constexpr,  # w13 rows per program: BLOCK_N // 2 gate rows + as many up rows
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
+    USE_TMA: tl.constexpr,  # weight tiles by the tensor-memory accelerator (Hopper) instead of pointer loads
 ):
     HALF_N: tl.constexpr = BLOCK_N // 2
     pid_m, pid_n = _block_coords(num_m_blocks, N, HALF_N, GROUP_M)
@@ -98,8 +106,16 @@ def w13_silu_kernel(
     for k in range(tl.cdiv(K, BLOCK_K)):
         k_ok = offs_k < K - k * BLOCK_K
         x = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        gate = tl.load(gate_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        up = tl.load(up_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        if USE_TMA:
+            # [HALF_N, BLOCK_K] tiles; past H, and past 2I for the up rows, the unit reads zeros. The last
+            # gate tile of an I that is no multiple of HALF_N reads up rows: only columns >= I, never stored.
+            e32 = expert.to(tl.int32)
+            n0 = pid_n * HALF_N
+            gate = w_desc.load([e32, n0, k * BLOCK_K]).reshape(HALF_N, BLOCK_K).T
+            up = w_desc.load([e32, n0 + N, k * BLOCK_K]).reshape(HALF_N, BLOCK_K).T
+        else:
+            gate = tl.load(gate_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+            up = tl.load(up_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
         acc_gate = tl.dot(x, gate, acc_gate)
         acc_up = tl.dot(x, up, acc_up)
         x_ptrs += BLOCK_K * stride_xk
@@ -115,6 +131,7 @@ def w13_silu_kernel(
 def w2_weighted_kernel(
     act_ptr,  # [slots, I]
     w_ptr,  # [E, H, I] w2
+    w_desc,  # with USE_TMA: a TensorDescriptor of w2, block [1, BLOCK_N, BLOCK_K]; else None
     out_ptr,  # [slots, H]
     slot_weight_ptr,  # [slots] fp32 routing weight of each slot
     sorted_slots_ptr,
@@ -135,6 +152,7 @@ def w2_weighted_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
+    USE_TMA: tl.constexpr,
 ):
     pid_m, pid_n = _block_coords(num_m_blocks, N, BLOCK_N, GROUP_M)
     if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
@@ -151,7 +169,10 @@ def w2_weighted_kernel(
     for k in range(tl.cdiv(K, BLOCK_K)):
         k_ok = offs_k < K - k * BLOCK_K
         a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        w = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        if USE_TMA:  # zeros past H and past I
+            w = w_desc.load([expert.to(tl.int32), pid_n * BLOCK_N, k * BLOCK_K]).reshape(BLOCK_N, BLOCK_K).T
+        else:
+            w = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
         acc = tl.dot(a, w, acc)
         a_ptrs += BLOCK_K * stride_ak
         w_ptrs += BLOCK_K * stride_wk

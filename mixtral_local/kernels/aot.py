@@ -9,7 +9,8 @@ a real launch's. The report reads the cubin with the ``cuobjdump`` that ships in
 
 - shared memory per program, registers per thread and stack bytes (register spills go there);
 - SASS opcode counts: HGMMA (Hopper's warpgroup tensor-core MMA), HMMA (the older mma.sync), LDGSTS (the
-  asynchronous global-to-shared copies of a pipelined loop), LDL/STL (local-memory traffic).
+  asynchronous global-to-shared copies of a pipelined loop), UTMALDG (tensor-memory-accelerator loads, with
+  ``USE_TMA``), LDL/STL (local-memory traffic).
 
 It proves that a tile table builds and that the code is the kind a fast kernel needs; only a GPU can say
 how fast it runs (``benchmarks/moe_kernel.py``). Run it as a script::
@@ -84,6 +85,7 @@ class KernelBuild:
     registers: int
     stack_bytes: int
     opcodes: collections.Counter[str] = field(repr=False)
+    tma: bool = False  # the launch reads its weight tiles through tensor descriptors
 
     @property
     def gemm(self) -> bool:
@@ -109,6 +111,8 @@ class KernelBuild:
             return found
         if self.num_stages > 1 and not self.pipelined:
             found.append(f"num_stages={self.num_stages} but the K loop is not pipelined (no LDGSTS)")
+        if self.tma and self.arch >= 90 and self.opcodes["UTMALDG"] == 0:
+            found.append("USE_TMA but no UTMALDG: the weight tiles do not go through the TMA unit")
         if self.opcodes["HGMMA"] + self.opcodes["HMMA"] == 0:
             found.append("uses no tensor-core MMA (neither HGMMA nor HMMA)")
         if self.arch == 90 and self.config.BLOCK_SIZE_M >= 64 and self.opcodes["HGMMA"] == 0:
@@ -128,7 +132,10 @@ class KernelBuild:
             "stack_bytes": self.stack_bytes,
             "gemm": self.gemm,
             "pipelined": self.pipelined,
-            "opcodes": {op: self.opcodes[op] for op in ("HGMMA", "HMMA", "LDGSTS", "LDG", "LDL", "STL")},
+            "tma": self.tma,
+            "opcodes": {
+                op: self.opcodes[op] for op in ("HGMMA", "HMMA", "LDGSTS", "UTMALDG", "LDG", "LDL", "STL")
+            },
             "problems": self.problems(),
         }
 
@@ -219,6 +226,7 @@ def compile_launch(launch: KernelLaunch, arch: int, m: int, config: MoEConfig) -
         registers=registers,
         stack_bytes=stack,
         opcodes=opcodes,
+        tma=bool(launch.constexprs.get("USE_TMA", False)),
     )
 
 
@@ -300,7 +308,7 @@ def shipped_devices() -> list[str]:
 
 _HEADER = (
     f"{'M':>5} {'kernel':<19} {'tile MxNxK':>12} {'w':>2} {'st':>2} {'shared':>7} {'regs':>4} {'stack':>5} "
-    f"{'HGMMA':>5} {'HMMA':>5} {'LDGSTS':>6}  problems"
+    f"{'HGMMA':>5} {'HMMA':>5} {'LDGSTS':>6} {'UTMALDG':>7}  problems"
 )
 
 
@@ -309,7 +317,8 @@ def _row(build: KernelBuild) -> str:
     tile = f"{c.BLOCK_SIZE_M}x{c.BLOCK_SIZE_N}x{c.BLOCK_SIZE_K}" if build.gemm else "-"
     return (
         f"{build.m:>5} {build.kernel:<19} {tile:>12} {build.num_warps:>2} {build.num_stages:>2} {build.shared_bytes:>7} "
-        f"{build.registers:>4} {build.stack_bytes:>5} {ops['HGMMA']:>5} {ops['HMMA']:>5} {ops['LDGSTS']:>6}  "
+        f"{build.registers:>4} {build.stack_bytes:>5} {ops['HGMMA']:>5} {ops['HMMA']:>5} {ops['LDGSTS']:>6} "
+        f"{ops['UTMALDG']:>7}  "
         f"{'; '.join(build.problems()) or '-'}"
     )
 

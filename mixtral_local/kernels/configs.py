@@ -59,6 +59,7 @@ class MoEConfig:
     GROUP_SIZE_M: int = 1
     num_warps: int = 4
     num_stages: int = 3
+    USE_TMA: int = 0  # 1: weight tiles through tensor descriptors (Hopper's TMA), where the weights allow
 
     def __post_init__(self) -> None:
         for name in ("BLOCK_SIZE_M", "BLOCK_SIZE_K"):
@@ -74,6 +75,12 @@ class MoEConfig:
             raise ValueError(f"num_warps must be 1, 2, 4, 8 or 16, got {self.num_warps!r}")
         if not isinstance(self.num_stages, int) or not 1 <= self.num_stages <= 8:
             raise ValueError(f"num_stages must be an int in 1..8, got {self.num_stages!r}")
+        if self.USE_TMA not in (0, 1):  # True and False pass too (they are 1 and 0)
+            raise ValueError(f"USE_TMA must be 0 or 1, got {self.USE_TMA!r}")
+        if self.USE_TMA and max(self.BLOCK_SIZE_N, self.BLOCK_SIZE_K) > 256:  # a TMA box side is <= 256
+            raise ValueError(
+                f"USE_TMA takes BLOCK_SIZE_N and BLOCK_SIZE_K <= 256, got {self.BLOCK_SIZE_N}, {self.BLOCK_SIZE_K}"
+            )
 
     @classmethod
     def from_dict(cls, values: Mapping[str, object]) -> MoEConfig:

@@ -6,7 +6,8 @@
 2. align: sort the M * top_k slots by expert, pad each expert's run to BLOCK_M (no host sync). Up to
    ``FUSED_ROUTE_MAX_SLOTS`` slots (decode), 1 and 2 are one Triton program (``route_align_kernel``);
    above, ``reference.route`` and ``moe_align`` in torch ops, whose launch costs no longer matter there;
-3. ``w13_silu_kernel``: grouped GEMM over w13 with SiLU(gate) * up in its epilogue -> act [slots, I];
+3. ``w13_silu_kernel``: grouped GEMM over w13 with SiLU(gate) * up in its epilogue -> act [slots, I]
+   (weight tiles through tensor descriptors when the config says ``USE_TMA`` and the weights allow);
 4. ``w2_weighted_kernel``: grouped GEMM over w2 times each slot's routing weight -> [slots, H];
 5. sum the top_k rows of each token (in torch: deterministic, unlike atomic adds).
 
@@ -38,6 +39,8 @@ __all__ = [
     "moe_align",
     "moe_launches",
     "route_align_launch",
+    "tma_ready",
+    "weight_descriptor",
 ]
 
 CHUNK_SLOTS = 65536
@@ -224,24 +227,29 @@ def moe_launches(
     h = hidden.shape[1]
     num_slots, inter = act.shape
     top_k = num_slots // hidden.shape[0]
-    block_n = config.BLOCK_SIZE_N
+    block_n, block_k = config.BLOCK_SIZE_N, config.BLOCK_SIZE_K
+    w13_desc = w2_desc = None
+    if config.USE_TMA and tma_ready(w13) and tma_ready(w2):
+        w13_desc = weight_descriptor(w13, block_n // 2, block_k)
+        w2_desc = weight_descriptor(w2, block_n, block_k)
     constexprs = {
         "BLOCK_M": config.BLOCK_SIZE_M,
         "BLOCK_N": block_n,
-        "BLOCK_K": config.BLOCK_SIZE_K,
+        "BLOCK_K": block_k,
         "GROUP_M": config.GROUP_SIZE_M,
+        "USE_TMA": w13_desc is not None,
     }
     options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
     sorting = (align.sorted_slots, align.block_expert, align.num_padded)
     w13_args = (
-        hidden, w13, act, *sorting,
+        hidden, w13, w13_desc, act, *sorting,
         align.num_m_blocks, num_slots, top_k, inter, h,
         hidden.stride(0), hidden.stride(1),
         w13.stride(0), w13.stride(1), w13.stride(2),
         act.stride(0), act.stride(1),
     )  # fmt: skip
     w2_args = (
-        act, w2, per_slot, slot_weights, *sorting,
+        act, w2, w2_desc, per_slot, slot_weights, *sorting,
         align.num_m_blocks, num_slots, h, inter,
         act.stride(0), act.stride(1),
         w2.stride(0), w2.stride(1), w2.stride(2),
@@ -259,6 +267,21 @@ def moe_launches(
             w2_weighted_kernel, (align.num_m_blocks * triton.cdiv(h, block_n),), w2_args, constexprs, options
         ),
     )
+
+
+def tma_ready(weights: torch.Tensor) -> bool:
+    """Whether a tensor descriptor can address ``weights`` [E, rows, K]: base and outer strides 16-byte aligned
+    (the tensor-memory accelerator's rule; the last dimension is contiguous, checked with the inputs)."""
+    elem = weights.element_size()
+    aligned = weights.device.type == "meta" or weights.data_ptr() % 16 == 0
+    return aligned and all(stride * elem % 16 == 0 for stride in weights.stride()[:-1])
+
+
+def weight_descriptor(weights: torch.Tensor, rows: int, block_k: int) -> Any:
+    """A 3-D descriptor over ``weights`` [E, rows, K] with [1, rows, block_k] tiles, zeros past each edge."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    return TensorDescriptor.from_tensor(weights, [1, rows, block_k])
 
 
 def route_align_launch(

@@ -185,3 +185,20 @@ def test_kernels_compiled_ahead_by_tune_moe_are_what_a_launch_looks_up(tmp_path)
     assert report["after_launches"] == report["after_precompile"], "a launch compiled what was built ahead"
     assert report["after_late"] > report["after_launches"]  # a config not built ahead does compile
     assert all(report["failures"]), "each launch should fail only for want of a GPU"
+
+
+def test_use_tma_builds_load_weight_tiles_through_the_tma_unit(aot):
+    config = {"BLOCK_SIZE_M": 64, "BLOCK_SIZE_N": 128, "BLOCK_SIZE_K": 64, "num_warps": 4, "num_stages": 4}
+    rc, with_tma, table = aot("--config", json.dumps(config | {"USE_TMA": 1}), "--m", "256")
+    assert rc == 0, table
+    rc, without, table = aot("--config", json.dumps(config), "--m", "256")
+    assert rc == 0, table
+
+    for b in with_tma:
+        assert b["tma"] and b["opcodes"]["UTMALDG"] > 0, b
+        assert b["opcodes"]["LDGSTS"] > 0, b  # the gathered token rows still come by cp.async
+        assert b["opcodes"]["HGMMA"] > 0 and b["problems"] == [], b
+    for b in without:
+        assert not b["tma"] and b["opcodes"]["UTMALDG"] == 0, b
+    # fewer copy instructions per tile: the weight tiles left the cp.async stream
+    assert sum(b["opcodes"]["LDGSTS"] for b in with_tma) < sum(b["opcodes"]["LDGSTS"] for b in without)

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from mixtral_local.kernels import resolve_moe_backend
+from mixtral_local.kernels.configs import device_name, get_config
 from mixtral_local.kernels.fused_moe import fused_moe
 from mixtral_local.kernels.reference import moe_reference
 
@@ -53,6 +54,7 @@ def test_odd_shapes_match_reference(cuda, make_moe_inputs, m, top_k, dtype):
     _assert_no_worse_than_reference(fused_moe(hidden, w13, w2, logits, top_k), hidden, w13, w2, logits, top_k)
 
 
+@pytest.mark.parametrize("use_tma", [0, 1], ids=["pointers", "tma"])
 @pytest.mark.parametrize(
     "config",
     [
@@ -62,9 +64,20 @@ def test_odd_shapes_match_reference(cuda, make_moe_inputs, m, top_k, dtype):
     ],
     ids=["decode", "medium", "prefill"],
 )
-def test_every_tile_shape_of_the_tables_matches_reference(cuda, make_moe_inputs, config):
-    hidden, w13, w2, logits = make_moe_inputs(257, 1024, 704, 8, torch.bfloat16, cuda)
-    out = fused_moe(hidden, w13, w2, logits, 2, config=config)
+def test_every_tile_shape_of_the_tables_matches_reference(cuda, make_moe_inputs, config, use_tma):
+    # I = 712: gate tiles run past I into the up rows; H = 1000: K tiles end ragged
+    hidden, w13, w2, logits = make_moe_inputs(257, 1000, 712, 8, torch.bfloat16, cuda)
+    out = fused_moe(hidden, w13, w2, logits, 2, config=config | {"USE_TMA": use_tma})
+    _assert_no_worse_than_reference(out, hidden, w13, w2, logits, 2)
+
+
+@pytest.mark.parametrize("m", [1, 16, 4096])
+def test_bf16_mixtral_shapes_with_tma_weight_tiles_match_reference(cuda, mixtral_weights, m):
+    w13, w2 = mixtral_weights
+    hidden = torch.randn(m, MIXTRAL_H, device=cuda, dtype=torch.bfloat16)
+    logits = torch.randn(m, MIXTRAL_E, device=cuda)
+    config = get_config(m, MIXTRAL_E, MIXTRAL_I, MIXTRAL_H, 2, torch.bfloat16, device_name(cuda))
+    out = fused_moe(hidden, w13, w2, logits, 2, config=config.to_dict() | {"USE_TMA": 1})
     _assert_no_worse_than_reference(out, hidden, w13, w2, logits, 2)
 
 
