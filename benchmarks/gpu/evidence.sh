@@ -6,7 +6,7 @@
 #   run(command="bash benchmarks/gpu/evidence.sh bench", carry=[".whl"])    # chosen phases, in order
 #
 # Phases:
-#   tests    pytest tests/kernels tests/local -m gpu (8 processes when pytest-xdist is there)
+#   tests    pytest tests/kernels tests/local -m gpu (4 processes when pytest-xdist is there)
 #   bench    benchmarks/moe_kernel.py, all 12 M: $OUT/moe-<gpu>.json and .md
 #   tune     benchmarks/tune_moe.py on the M values that bench judged FAIL, in the time left over (it keeps
 #            back as long as bench took, for rebench); the table lands in $OUT/tuned.json
@@ -32,7 +32,7 @@ python3 -c "import torch, triton, transformers; print('torch', torch.__version__
 LOG="$OUT/evidence.log"
 
 workers=()
-python3 -c "import xdist" 2>/dev/null && workers=(-n 8)
+python3 -c "import xdist" 2>/dev/null && workers=(-n 4)  # 4: each may hold ~12 GB (Mixtral weights + fp32 reference)
 bench_s=180  # until bench has run once here: about what 12 M values take
 status=0
 for step in ${@:-tests bench tune rebench}; do
