@@ -34,6 +34,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures import TimeoutError as FuturesTimeout
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any
 
@@ -134,23 +135,29 @@ class Precompiler:
         self, plan: Sequence[tuple[int, Any]], timeout_s: float | None
     ) -> dict[tuple[int, Any], int | None]:
         """Compile each (M, MoEConfig) of ``plan``; {(M, config): most shared bytes of its kernels, or None
-        where the build failed}. Pairs not built within ``timeout_s`` are missing (the JIT builds them when
-        they are timed) and their builds are cancelled."""
+        where the build failed}. Pairs not built within ``timeout_s``, or lost with a worker, are missing
+        (the JIT builds them when they are timed); the builds left over are cancelled."""
         from mixtral_local.kernels.aot import warm_moe
 
         built: dict[tuple[int, Any], int | None] = {}
-        futures = {
-            self.pool.submit(warm_moe, m, config, arch=self.arch, **self.shape): (m, config)
-            for m, config in plan
-        }
+        try:
+            futures = {
+                self.pool.submit(warm_moe, m, config, arch=self.arch, **self.shape): (m, config)
+                for m, config in plan
+            }
+        except BrokenProcessPool:
+            print("  the compile processes are gone: the JIT compiles each candidate as it is timed")
+            return built
         try:
             for future in as_completed(futures, timeout=timeout_s):
+                m, config = futures[future]
                 try:
-                    built[futures[future]] = future.result()
+                    built[m, config] = future.result()
+                except BrokenProcessPool:  # the pool, not the config, failed: leave it to the JIT
+                    print(f"  compile process lost while building M={m} {config}")
                 except Exception as err:  # a config that does not compile is no candidate
-                    m, config = futures[future]
-                    print(f"  build failed: M={m} {config}: {type(err).__name__}")
-                    built[futures[future]] = None
+                    print(f"  build failed: M={m} {config}: {type(err).__name__}: {err}"[:300])
+                    built[m, config] = None
         except FuturesTimeout:
             print(f"  compiling ahead stopped at its time limit: {len(built)} of {len(plan)} built")
             for future in futures:
@@ -312,10 +319,12 @@ def main(argv: list[str] | None = None) -> int:
             timed = _time_configs(
                 m, plan[m], run, shared, smem, min(bucket_end, deadline), device.type, time_ms
             )
-            variants = _tma_variants([config for _, config in sorted(timed)[: args.tma_round]], timed)
+            fastest = [config for _, config in sorted(timed, key=lambda item: item[0])[: args.tma_round]]
+            variants = _tma_variants(fastest, timed)
             if variants and time.monotonic() < deadline:  # round 2: the fastest again, weights through TMA
                 if pool is not None:
-                    shared |= pool.build([(m, v) for v in variants], max(1.0, deadline - time.monotonic()))
+                    left = None if args.stop_after_s is None else max(1.0, deadline - time.monotonic())
+                    shared |= pool.build([(m, v) for v in variants], left)
                 timed += _time_configs(m, variants, run, shared, smem, deadline, device.type, time_ms)
             if not timed:
                 print(f"M={m}: no config ran")
