@@ -21,11 +21,14 @@ keeps the register footprint of a tile the same as in the unfused w13 GEMM of vL
 Pointer offsets that scale with an expert, token or slot index are computed in int64: ``expert * stride_e``
 passes 2**31 elements for large experts.
 
-With ``USE_TMA`` (a tile config's choice) the weight tiles come through 3-D tensor descriptors over [E, rows,
-K] instead of pointer loads: on Hopper the tensor-memory accelerator copies them to shared memory, so the
-warps issue one instruction per tile instead of one per vector. The gathered token rows stay pointer loads
-(the unit cannot gather before Blackwell). The launcher uses descriptors only where the weights meet the
-unit's rules (16-byte aligned base and strides), else the pointer loads with the same tiles.
+With ``USE_TMA`` (a tile config's choice) every operand tile comes through a tensor descriptor instead of
+pointer loads: on Hopper the tensor-memory accelerator copies it to shared memory, one instruction per tile
+instead of one per vector. The weights through 3-D descriptors over [E, rows, K]. The token rows, which a
+pointer load gathers, the unit cannot gather before Blackwell: so the launcher first copies hidden's rows
+into sorted order ([positions, H], one ``index_select``), and w13 writes ``act`` by sorted position too, so
+each block's rows are one dense tile for both kernels. The launcher uses descriptors only where every
+operand meets the unit's rules (16-byte aligned base and strides), else the pointer loads with the same
+tiles.
 """
 
 from __future__ import annotations
@@ -62,9 +65,10 @@ def _block_rows(pid_m, sorted_slots_ptr, block_expert_ptr, num_slots, BLOCK_M: t
 @triton.jit
 def w13_silu_kernel(
     x_ptr,  # [M, H] hidden
+    x_desc,  # with USE_TMA: descriptor of hidden's rows in sorted order [positions, H], block [BLOCK_M, BLOCK_K]
     w_ptr,  # [E, 2I, H] w13
     w_desc,  # with USE_TMA: a TensorDescriptor of w13, block [1, BLOCK_N // 2, BLOCK_K]; else None
-    act_ptr,  # [slots, I] out
+    act_ptr,  # [slots, I] out; with USE_TMA [positions, I], row = sorted position
     sorted_slots_ptr,  # [num_m_blocks * BLOCK_M] slot ids, padding = num_slots
     block_expert_ptr,  # [num_m_blocks] expert of each block, -1 past the end
     num_padded_ptr,  # [1] sorted positions in use
@@ -84,7 +88,7 @@ def w13_silu_kernel(
     BLOCK_N: tl.constexpr,  # w13 rows per program: BLOCK_N // 2 gate rows + as many up rows
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
-    USE_TMA: tl.constexpr,  # weight tiles by the tensor-memory accelerator (Hopper) instead of pointer loads
+    USE_TMA: tl.constexpr,  # operand tiles by the tensor-memory accelerator (Hopper) instead of pointer loads
 ):
     HALF_N: tl.constexpr = BLOCK_N // 2
     pid_m, pid_n = _block_coords(num_m_blocks, N, HALF_N, GROUP_M)
@@ -105,15 +109,16 @@ def w13_silu_kernel(
     acc_up = tl.zeros((BLOCK_M, HALF_N), dtype=tl.float32)
     for k in range(tl.cdiv(K, BLOCK_K)):
         k_ok = offs_k < K - k * BLOCK_K
-        x = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         if USE_TMA:
             # [HALF_N, BLOCK_K] tiles; past H, and past 2I for the up rows, the unit reads zeros. The last
             # gate tile of an I that is no multiple of HALF_N reads up rows: only columns >= I, never stored.
+            x = x_desc.load([pid_m * BLOCK_M, k * BLOCK_K])  # the block's rows, already in sorted order
             e32 = expert.to(tl.int32)
             n0 = pid_n * HALF_N
             gate = w_desc.load([e32, n0, k * BLOCK_K]).reshape(HALF_N, BLOCK_K).T
             up = w_desc.load([e32, n0 + N, k * BLOCK_K]).reshape(HALF_N, BLOCK_K).T
         else:
+            x = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
             gate = tl.load(gate_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
             up = tl.load(up_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
         acc_gate = tl.dot(x, gate, acc_gate)
@@ -123,13 +128,21 @@ def w13_silu_kernel(
         up_ptrs += BLOCK_K * stride_wk
 
     act = acc_gate * tl.sigmoid(acc_gate) * acc_up  # SiLU(gate) * up, in fp32
-    act_ptrs = act_ptr + slots[:, None] * stride_am + offs_n[None, :] * stride_an
-    tl.store(act_ptrs, act.to(act_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+    if USE_TMA:  # rows by sorted position, so that w2 reads each block's rows as one tile; the padding rows
+        # too (they repeat a real token): w2 reads every row of its block, none is left unwritten
+        act_rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+        act_ok = (act_rows >= 0)[:, None] & col_ok[None, :]
+    else:
+        act_rows = slots
+        act_ok = row_ok[:, None] & col_ok[None, :]
+    act_ptrs = act_ptr + act_rows[:, None] * stride_am + offs_n[None, :] * stride_an
+    tl.store(act_ptrs, act.to(act_ptr.dtype.element_ty), mask=act_ok)
 
 
 @triton.jit
 def w2_weighted_kernel(
     act_ptr,  # [slots, I]
+    a_desc,  # with USE_TMA: descriptor of act [positions, I] (rows by sorted position), block [BLOCK_M, BLOCK_K]
     w_ptr,  # [E, H, I] w2
     w_desc,  # with USE_TMA: a TensorDescriptor of w2, block [1, BLOCK_N, BLOCK_K]; else None
     out_ptr,  # [slots, H]
@@ -168,10 +181,11 @@ def w2_weighted_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k in range(tl.cdiv(K, BLOCK_K)):
         k_ok = offs_k < K - k * BLOCK_K
-        a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        if USE_TMA:  # zeros past H and past I
+        if USE_TMA:  # zeros past H and past I; a padding row of act (a repeated token) only reaches its own
+            a = a_desc.load([pid_m * BLOCK_M, k * BLOCK_K])  # output row, which is never stored
             w = w_desc.load([expert.to(tl.int32), pid_n * BLOCK_N, k * BLOCK_K]).reshape(BLOCK_N, BLOCK_K).T
         else:
+            a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
             w = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
         acc = tl.dot(a, w, acc)
         a_ptrs += BLOCK_K * stride_ak

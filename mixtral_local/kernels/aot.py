@@ -10,7 +10,7 @@ a real launch's. The report reads the cubin with the ``cuobjdump`` that ships in
 - shared memory per program, registers per thread and stack bytes (register spills go there);
 - SASS opcode counts: HGMMA (Hopper's warpgroup tensor-core MMA), HMMA (the older mma.sync), LDGSTS (the
   asynchronous global-to-shared copies of a pipelined loop), UTMALDG (tensor-memory-accelerator loads, with
-  ``USE_TMA``), LDL/STL (local-memory traffic).
+  ``USE_TMA``: one per operand and stage), LDL/STL (local-memory traffic).
 
 It proves that a tile table builds and that the code is the kind a fast kernel needs; only a GPU can say
 how fast it runs (``benchmarks/moe_kernel.py``). Run it as a script::
@@ -46,6 +46,7 @@ from .fused_moe import (
     empty_alignment,
     moe_launches,
     route_align_launch,
+    tma_eligible,
 )
 
 __all__ = [
@@ -67,6 +68,9 @@ MIXTRAL = {"hidden_size": 4096, "intermediate_size": 14336, "n_experts": 8, "top
 #: (E, N, K, dtype) of Mixtral's tile tables, as ``load_config_table`` and ``config_file_name`` take them
 MIXTRAL_TABLE = (MIXTRAL["n_experts"], MIXTRAL["intermediate_size"], MIXTRAL["hidden_size"], torch.bfloat16)
 
+#: descriptor loads per K step of each kernel with USE_TMA: x, gate and up tiles; act and w2 tiles
+_TMA_LOADS_PER_STEP = {"w13_silu_kernel": 3, "w2_weighted_kernel": 2}
+
 _SASS_LINE = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P[0-9T]+\s+)?([A-Z][A-Z0-9_]*)")
 _RESOURCES = re.compile(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)")
 
@@ -85,7 +89,7 @@ class KernelBuild:
     registers: int
     stack_bytes: int
     opcodes: collections.Counter[str] = field(repr=False)
-    tma: bool = False  # the launch reads its weight tiles through tensor descriptors
+    tma: bool = False  # the launch reads its operand tiles through tensor descriptors
 
     @property
     def gemm(self) -> bool:
@@ -94,7 +98,10 @@ class KernelBuild:
 
     @property
     def pipelined(self) -> bool:
-        """The K loop copies global to shared asynchronously (cp.async), i.e. loads run stages ahead."""
+        """The K loop's loads run stages ahead: cp.async copies (LDGSTS) or, with TMA, more UTMALDG than one
+        per operand (the pipeliner peels ``num_stages - 1`` steps of loads ahead of the loop)."""
+        if self.tma:
+            return self.opcodes["UTMALDG"] > _TMA_LOADS_PER_STEP.get(self.kernel, 1)
         return self.opcodes["LDGSTS"] > 0
 
     def problems(self) -> list[str]:
@@ -110,9 +117,10 @@ class KernelBuild:
         if not self.gemm:
             return found
         if self.num_stages > 1 and not self.pipelined:
-            found.append(f"num_stages={self.num_stages} but the K loop is not pipelined (no LDGSTS)")
+            copies = "UTMALDG beyond one per operand" if self.tma else "LDGSTS"
+            found.append(f"num_stages={self.num_stages} but the K loop is not pipelined (no {copies})")
         if self.tma and self.arch >= 90 and self.opcodes["UTMALDG"] == 0:
-            found.append("USE_TMA but no UTMALDG: the weight tiles do not go through the TMA unit")
+            found.append("USE_TMA but no UTMALDG: the tiles do not go through the TMA unit")
         if self.opcodes["HGMMA"] + self.opcodes["HMMA"] == 0:
             found.append("uses no tensor-core MMA (neither HGMMA nor HMMA)")
         if self.arch == 90 and self.config.BLOCK_SIZE_M >= 64 and self.opcodes["HGMMA"] == 0:
@@ -256,15 +264,15 @@ def moe_call_launches(
     block_m = config.BLOCK_SIZE_M
     align = empty_alignment(num_slots, n_experts, block_m, "meta")
     slot_weights = meta(num_slots, kind=torch.float32)
+    hidden = meta(m, hidden_size)
+    w13 = meta(n_experts, 2 * intermediate_size, hidden_size)
+    w2 = meta(n_experts, hidden_size, intermediate_size)
+    sorted_hidden = None
+    if tma_eligible(config, hidden, w13, w2):  # as fused_moe: rows in sorted order, act by sorted position
+        sorted_hidden = meta(align.sorted_slots.numel(), hidden_size)
+    act = meta(num_slots if sorted_hidden is None else sorted_hidden.shape[0], intermediate_size)
     launches = moe_launches(
-        meta(m, hidden_size),
-        meta(n_experts, 2 * intermediate_size, hidden_size),
-        meta(n_experts, hidden_size, intermediate_size),
-        slot_weights,
-        align,
-        config,
-        meta(num_slots, intermediate_size),
-        meta(num_slots, hidden_size),
+        hidden, w13, w2, slot_weights, align, config, act, meta(num_slots, hidden_size), sorted_hidden
     )
     if num_slots <= FUSED_ROUTE_MAX_SLOTS:
         logits = meta(m, n_experts, kind=torch.float32)

@@ -7,7 +7,8 @@
    ``FUSED_ROUTE_MAX_SLOTS`` slots (decode), 1 and 2 are one Triton program (``route_align_kernel``);
    above, ``reference.route`` and ``moe_align`` in torch ops, whose launch costs no longer matter there;
 3. ``w13_silu_kernel``: grouped GEMM over w13 with SiLU(gate) * up in its epilogue -> act [slots, I]
-   (weight tiles through tensor descriptors when the config says ``USE_TMA`` and the weights allow);
+   (with ``USE_TMA``, where the operands allow: every tile through a tensor descriptor, hidden's rows
+   first copied into sorted order and act written by sorted position);
 4. ``w2_weighted_kernel``: grouped GEMM over w2 times each slot's routing weight -> [slots, H];
 5. sum the top_k rows of each token (in torch: deterministic, unlike atomic adds).
 
@@ -39,8 +40,9 @@ __all__ = [
     "moe_align",
     "moe_launches",
     "route_align_launch",
+    "sorted_rows",
+    "tma_eligible",
     "tma_ready",
-    "weight_descriptor",
 ]
 
 CHUNK_SLOTS = 65536
@@ -219,37 +221,44 @@ def moe_launches(
     config: MoEConfig,
     act: torch.Tensor,
     per_slot: torch.Tensor,
+    sorted_hidden: torch.Tensor | None = None,
 ) -> tuple[KernelLaunch, KernelLaunch]:
     """The w13 and w2 launches of one chunk, arguments and all (also what ``aot.py`` compiles ahead of time).
 
     hidden [m, H]; slot_weights [slots] fp32; act [slots, I] and per_slot [slots, H] are the scratch outputs.
+    With ``sorted_hidden`` ([positions, H], from ``sorted_rows``) every operand goes through a tensor
+    descriptor (``USE_TMA``) and act is [positions, I], by sorted position; ``tma_eligible`` says when.
     """
     h = hidden.shape[1]
-    num_slots, inter = act.shape
+    num_slots, inter = per_slot.shape[0], act.shape[1]
     top_k = num_slots // hidden.shape[0]
-    block_n, block_k = config.BLOCK_SIZE_N, config.BLOCK_SIZE_K
-    w13_desc = w2_desc = None
-    if config.USE_TMA and tma_ready(w13) and tma_ready(w2):
-        w13_desc = weight_descriptor(w13, block_n // 2, block_k)
-        w2_desc = weight_descriptor(w2, block_n, block_k)
+    block_m, block_n, block_k = config.BLOCK_SIZE_M, config.BLOCK_SIZE_N, config.BLOCK_SIZE_K
+    x_desc = w13_desc = a_desc = w2_desc = None
+    if sorted_hidden is not None:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        x_desc = TensorDescriptor.from_tensor(sorted_hidden, [block_m, block_k])
+        a_desc = TensorDescriptor.from_tensor(act, [block_m, block_k])
+        w13_desc = TensorDescriptor.from_tensor(w13, [1, block_n // 2, block_k])
+        w2_desc = TensorDescriptor.from_tensor(w2, [1, block_n, block_k])
     constexprs = {
-        "BLOCK_M": config.BLOCK_SIZE_M,
+        "BLOCK_M": block_m,
         "BLOCK_N": block_n,
         "BLOCK_K": block_k,
         "GROUP_M": config.GROUP_SIZE_M,
-        "USE_TMA": w13_desc is not None,
+        "USE_TMA": sorted_hidden is not None,
     }
     options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
     sorting = (align.sorted_slots, align.block_expert, align.num_padded)
     w13_args = (
-        hidden, w13, w13_desc, act, *sorting,
+        hidden, x_desc, w13, w13_desc, act, *sorting,
         align.num_m_blocks, num_slots, top_k, inter, h,
         hidden.stride(0), hidden.stride(1),
         w13.stride(0), w13.stride(1), w13.stride(2),
         act.stride(0), act.stride(1),
     )  # fmt: skip
     w2_args = (
-        act, w2, w2_desc, per_slot, slot_weights, *sorting,
+        act, a_desc, w2, w2_desc, per_slot, slot_weights, *sorting,
         align.num_m_blocks, num_slots, h, inter,
         act.stride(0), act.stride(1),
         w2.stride(0), w2.stride(1), w2.stride(2),
@@ -269,19 +278,27 @@ def moe_launches(
     )
 
 
+def tma_eligible(config: MoEConfig, hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> bool:
+    """Whether a call with this config takes the descriptor path: the config asks (``USE_TMA``) and every
+    operand meets the tensor-memory accelerator's rules (the weights as they are; the sorted hidden rows
+    and act, which the launcher allocates, need rows of a multiple of 16 bytes)."""
+    elem = hidden.element_size()
+    rows_ok = hidden.shape[1] * elem % 16 == 0 and w2.shape[2] * elem % 16 == 0
+    return bool(config.USE_TMA) and rows_ok and tma_ready(w13) and tma_ready(w2)
+
+
+def sorted_rows(hidden: torch.Tensor, align: MoEAlignment, top_k: int) -> torch.Tensor:
+    """hidden's row of each sorted position [positions, H] (padding positions repeat the last token)."""
+    tokens = torch.clamp(align.sorted_slots // top_k, max=hidden.shape[0] - 1)
+    return hidden.index_select(0, tokens)
+
+
 def tma_ready(weights: torch.Tensor) -> bool:
     """Whether a tensor descriptor can address ``weights`` [E, rows, K]: base and outer strides 16-byte aligned
     (the tensor-memory accelerator's rule; the last dimension is contiguous, checked with the inputs)."""
     elem = weights.element_size()
     aligned = weights.device.type == "meta" or weights.data_ptr() % 16 == 0
     return aligned and all(stride * elem % 16 == 0 for stride in weights.stride()[:-1])
-
-
-def weight_descriptor(weights: torch.Tensor, rows: int, block_k: int) -> Any:
-    """A 3-D descriptor over ``weights`` [E, rows, K] with [1, rows, block_k] tiles, zeros past each edge."""
-    from triton.tools.tensor_descriptor import TensorDescriptor
-
-    return TensorDescriptor.from_tensor(weights, [1, rows, block_k])
 
 
 def route_align_launch(
@@ -334,9 +351,13 @@ def _moe_chunk(
     m, h = hidden.shape
     num_slots = m * top_k
     slot_weights, align = _route_and_align(router_logits, top_k, config.BLOCK_SIZE_M)
-    act = torch.empty(num_slots, w2.shape[2], dtype=hidden.dtype, device=hidden.device)  # [slots, I]
+    sorted_hidden = sorted_rows(hidden, align, top_k) if tma_eligible(config, hidden, w13, w2) else None
+    rows = num_slots if sorted_hidden is None else sorted_hidden.shape[0]  # by slot, or by sorted position
+    act = torch.empty(rows, w2.shape[2], dtype=hidden.dtype, device=hidden.device)  # [rows, I]
     per_slot = torch.empty(num_slots, h, dtype=hidden.dtype, device=hidden.device)  # [slots, H]
-    w13_launch, w2_launch = moe_launches(hidden, w13, w2, slot_weights, align, config, act, per_slot)
+    w13_launch, w2_launch = moe_launches(
+        hidden, w13, w2, slot_weights, align, config, act, per_slot, sorted_hidden
+    )
     w13_launch()
     w2_launch()
     torch.sum(per_slot.view(m, top_k, h), dim=1, out=out)

@@ -187,18 +187,22 @@ def test_kernels_compiled_ahead_by_tune_moe_are_what_a_launch_looks_up(tmp_path)
     assert all(report["failures"]), "each launch should fail only for want of a GPU"
 
 
-def test_use_tma_builds_load_weight_tiles_through_the_tma_unit(aot):
-    config = {"BLOCK_SIZE_M": 64, "BLOCK_SIZE_N": 128, "BLOCK_SIZE_K": 64, "num_warps": 4, "num_stages": 4}
+def test_use_tma_builds_load_every_tile_through_the_tma_unit_stages_ahead(aot):
+    config = {"BLOCK_SIZE_M": 64, "BLOCK_SIZE_N": 128, "BLOCK_SIZE_K": 64, "num_warps": 4, "num_stages": 3}
     rc, with_tma, table = aot("--config", json.dumps(config | {"USE_TMA": 1}), "--m", "256")
     assert rc == 0, table
     rc, without, table = aot("--config", json.dumps(config), "--m", "256")
     assert rc == 0, table
+    rc, one_stage, table = aot("--config", json.dumps(config | {"USE_TMA": 1, "num_stages": 1}), "--m", "256")
+    assert rc == 0, table
 
-    for b in with_tma:
-        assert b["tma"] and b["opcodes"]["UTMALDG"] > 0, b
-        assert b["opcodes"]["LDGSTS"] > 0, b  # the gathered token rows still come by cp.async
+    loads_per_step = {"w13_silu_kernel": 3, "w2_weighted_kernel": 2}  # x, gate, up; act, w2
+    for b in with_tma:  # 3 stages: the pipeliner issues two steps of loads ahead of the loop's own
+        assert b["tma"] and b["pipelined"], b
+        assert b["opcodes"]["UTMALDG"] == 3 * loads_per_step[b["kernel"]], b
+        assert b["opcodes"]["LDGSTS"] == 0, b  # no operand is left to cp.async
         assert b["opcodes"]["HGMMA"] > 0 and b["problems"] == [], b
+    for b in one_stage:
+        assert b["opcodes"]["UTMALDG"] == loads_per_step[b["kernel"]] and not b["pipelined"], b
     for b in without:
-        assert not b["tma"] and b["opcodes"]["UTMALDG"] == 0, b
-    # fewer copy instructions per tile: the weight tiles left the cp.async stream
-    assert sum(b["opcodes"]["LDGSTS"] for b in with_tma) < sum(b["opcodes"]["LDGSTS"] for b in without)
+        assert not b["tma"] and b["opcodes"]["UTMALDG"] == 0 and b["opcodes"]["LDGSTS"] > 0, b

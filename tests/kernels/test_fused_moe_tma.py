@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from mixtral_local.kernels.configs import MoEConfig
-from mixtral_local.kernels.fused_moe import empty_alignment, fused_moe, moe_launches, tma_ready
+from mixtral_local.kernels.fused_moe import fused_moe, tma_eligible, tma_ready
 
 pytestmark = pytest.mark.usefixtures("interpreter")
 
@@ -20,22 +20,15 @@ TMA = {"BLOCK_SIZE_M": 16, "BLOCK_SIZE_N": 32, "BLOCK_SIZE_K": 16, "USE_TMA": 1}
 TOL = {torch.float32: {"atol": 1e-5, "rtol": 1e-5}, torch.float16: {"atol": 1e-2, "rtol": 1e-2}}
 
 
-def _launches_use_tma(hidden, w13, w2, config) -> tuple[bool, bool]:
-    m, top_k = hidden.shape[0], 2
-    slots = m * top_k
-    w13_launch, w2_launch = moe_launches(
-        hidden, w13, w2,
-        torch.empty(slots), empty_alignment(slots, w13.shape[0], 16, "cpu"), MoEConfig.from_dict(config),
-        torch.empty(slots, w2.shape[2], dtype=hidden.dtype), torch.empty(slots, hidden.shape[1], dtype=hidden.dtype),
-    )  # fmt: skip
-    return w13_launch.constexprs["USE_TMA"], w2_launch.constexprs["USE_TMA"]
+def _uses_tma(hidden, w13, w2, config) -> bool:
+    return tma_eligible(MoEConfig.from_dict(config), hidden, w13, w2)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("m", [1, 17, 64])
 def test_descriptor_tiles_match_float64_loop(make_moe_inputs, moe_float64, m, dtype):
     hidden, w13, w2, logits = make_moe_inputs(m, H, INTER, 8, dtype, seed=m)
-    assert _launches_use_tma(hidden, w13, w2, TMA) == (True, True)
+    assert _uses_tma(hidden, w13, w2, TMA)
 
     out = fused_moe(hidden, w13, w2, logits, 2, config=TMA)
 
@@ -72,7 +65,7 @@ def test_weights_the_descriptor_cannot_address_take_pointer_loads(make_moe_input
     # fp16 rows of 37 elements are 74 bytes: not 16-byte aligned, so no descriptor; same tiles, same answer
     hidden, w13, w2, logits = make_moe_inputs(17, 37, INTER, 8, torch.float16, seed=7)
     assert not tma_ready(w13)
-    assert _launches_use_tma(hidden, w13, w2, TMA) == (False, False)
+    assert not _uses_tma(hidden, w13, w2, TMA)
     out = fused_moe(hidden, w13, w2, logits, 2, config=TMA)
     torch.testing.assert_close(out.double(), moe_float64(hidden, w13, w2, logits, 2), atol=1e-2, rtol=1e-2)
 
@@ -84,7 +77,7 @@ def test_an_unaligned_expert_stride_takes_pointer_loads(make_moe_inputs, moe_flo
     spaced = storage.as_strided(w13.shape, (stride_e, H, 1))
     spaced.copy_(w13)
     assert not tma_ready(spaced) and tma_ready(w13)
-    assert _launches_use_tma(hidden, spaced, w2, TMA) == (False, False)
+    assert not _uses_tma(hidden, spaced, w2, TMA)
     out = fused_moe(hidden, spaced, w2, logits, 2, config=TMA)
     torch.testing.assert_close(out.double(), moe_float64(hidden, w13, w2, logits, 2), atol=1e-5, rtol=1e-5)
 
