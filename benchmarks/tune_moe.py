@@ -6,7 +6,7 @@
     python3 benchmarks/tune_moe.py --smoke --out /tmp/tune                     # CPU interpreter, tiny
 
 For each M it times the table's current config, then every candidate tile config that fits the GPU's shared
-memory, then the ``--tma-round`` fastest again with ``USE_TMA=1`` (weight tiles through Hopper's TMA unit),
+memory, then the ``--tma-round`` fastest again with ``USE_TMA=1`` (operand tiles through Hopper's TMA unit),
 and keeps the fastest. Compiling dominates a sweep (two to three kernels of seconds each per
 candidate, timing takes a fifth of a second), so first every candidate of every M is compiled into triton's
 cache by ``--jobs`` processes at once, through the JIT's own ``warmup`` for this GPU's target

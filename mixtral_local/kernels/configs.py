@@ -59,7 +59,7 @@ class MoEConfig:
     GROUP_SIZE_M: int = 1
     num_warps: int = 4
     num_stages: int = 3
-    USE_TMA: int = 0  # 1: weight tiles through tensor descriptors (Hopper's TMA), where the weights allow
+    USE_TMA: int = 0  # 1: operand tiles through tensor descriptors (Hopper's TMA), where the operands allow
 
     def __post_init__(self) -> None:
         for name in ("BLOCK_SIZE_M", "BLOCK_SIZE_K"):

@@ -1,8 +1,9 @@
-"""fused_moe with ``USE_TMA``: weight tiles through 3-D tensor descriptors, on CPU through Triton's interpreter.
+"""fused_moe with ``USE_TMA``: every operand tile through a tensor descriptor, on CPU through Triton's interpreter.
 
-H = I = 40 keep every weight stride 16-byte aligned (the descriptor's rule) while leaving ragged tiles: with
-16-wide K steps H ends mid-tile, 16-row gate tiles run past I into the up rows (columns never stored), and
-32-row w2 tiles run past H (the descriptor reads zeros there).
+H = I = 40 keep every stride 16-byte aligned (the descriptor's rule) while leaving ragged tiles: with 16-wide
+K steps H and I end mid-tile, 16-row gate tiles run past I into the up rows (columns never stored), 32-row
+w2 tiles run past H (the descriptor reads zeros there), and blocks of 16 sorted positions hold padding rows
+(a repeated token whose outputs are never stored).
 """
 
 from __future__ import annotations
