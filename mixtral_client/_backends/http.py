@@ -237,8 +237,9 @@ class HTTPCore:
         if response.status_code != 202:
             return None
         reqid = response.headers.get("nvcf-reqid")
-        if reqid:
-            url: str | httpx.URL = self.poll_url(reqid)
+        if reqid:  # with the POST's query (base_url's and extra_query), as a gateway in front may need it
+            query = self._base_query.merge(request.options.extra_query) if request.options.extra_query else None
+            url = httpx.URL(self.poll_url(reqid)).copy_merge_params(query or self._base_query)
         elif response.request.method == "GET":  # the only GETs sent are polls
             url = response.request.url
         else:

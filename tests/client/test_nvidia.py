@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from urllib.parse import parse_qs, urlsplit
+
 import httpx
 import pytest
 
@@ -67,6 +69,18 @@ def test_polls_carry_the_posts_headers(driver: Driver, serve) -> None:
         assert request.headers["user-agent"] == "my-agent/2"  # extra_headers replace, never duplicate
     assert post.headers["content-type"] == "application/json"
     assert all("content-type" not in p.headers for p in polls)
+
+
+def test_polls_carry_the_posts_query(driver: Driver, serve) -> None:
+    server = serve(nvcf(pending_polls=1))
+
+    driver.complete(server, client=NVIDIA | {"base_url": server.url + "?tenant=a"}, extra_query={"trace": "1"})
+
+    post, *polls = server.requests
+    assert len(polls) == 2
+    for request in (post, *polls):
+        assert parse_qs(urlsplit(request.path).query) == {"tenant": ["a"], "trace": ["1"]}
+    assert {urlsplit(p.path).path for p in polls} == {"/v2/nvcf/pexec/status/req-42"}
 
 
 def test_pending_poll_without_reqid_asks_the_same_status_url_again(serve) -> None:
