@@ -43,10 +43,10 @@ from .configs import CONFIG_DIR, MoEConfig, config_file_name, heuristic_config, 
 from .fused_moe import (
     FUSED_ROUTE_MAX_SLOTS,
     KernelLaunch,
+    chunk_scratch,
     empty_alignment,
     moe_launches,
     route_align_launch,
-    tma_eligible,
 )
 
 __all__ = [
@@ -267,13 +267,8 @@ def moe_call_launches(
     hidden = meta(m, hidden_size)
     w13 = meta(n_experts, 2 * intermediate_size, hidden_size)
     w2 = meta(n_experts, hidden_size, intermediate_size)
-    sorted_hidden = None
-    if tma_eligible(config, hidden, w13, w2):  # as fused_moe: rows in sorted order, act by sorted position
-        sorted_hidden = meta(align.sorted_slots.numel(), hidden_size)
-    act = meta(num_slots if sorted_hidden is None else sorted_hidden.shape[0], intermediate_size)
-    launches = moe_launches(
-        hidden, w13, w2, slot_weights, align, config, act, meta(num_slots, hidden_size), sorted_hidden
-    )
+    sorted_hidden, act, per_slot = chunk_scratch(hidden, w13, w2, align, config, top_k)  # as fused_moe
+    launches = moe_launches(hidden, w13, w2, slot_weights, align, config, act, per_slot, sorted_hidden)
     if num_slots <= FUSED_ROUTE_MAX_SLOTS:
         logits = meta(m, n_experts, kind=torch.float32)
         launches = (route_align_launch(logits, top_k, block_m, slot_weights, align), *launches)

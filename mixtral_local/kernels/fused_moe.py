@@ -34,6 +34,7 @@ __all__ = [
     "FUSED_ROUTE_MAX_SLOTS",
     "KernelLaunch",
     "MoEAlignment",
+    "chunk_scratch",
     "empty_alignment",
     "fused_moe",
     "max_m_blocks",
@@ -293,6 +294,28 @@ def sorted_rows(hidden: torch.Tensor, align: MoEAlignment, top_k: int) -> torch.
     return hidden.index_select(0, tokens)
 
 
+def chunk_scratch(
+    hidden: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    align: MoEAlignment,
+    config: MoEConfig,
+    top_k: int,
+) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """(sorted_hidden or None, act, per_slot): what ``moe_launches`` takes besides the inputs, for one chunk.
+
+    With the descriptor path (``tma_eligible``) hidden's rows are copied into sorted order and act is
+    [positions, I], by sorted position; else act is [slots, I], by slot. per_slot is [slots, H]. On ``meta``
+    tensors (``aot.py``) only the shapes are made.
+    """
+    num_slots = hidden.shape[0] * top_k
+    sorted_hidden = sorted_rows(hidden, align, top_k) if tma_eligible(config, hidden, w13, w2) else None
+    rows = num_slots if sorted_hidden is None else sorted_hidden.shape[0]
+    act = torch.empty(rows, w2.shape[2], dtype=hidden.dtype, device=hidden.device)
+    per_slot = torch.empty(num_slots, hidden.shape[1], dtype=hidden.dtype, device=hidden.device)
+    return sorted_hidden, act, per_slot
+
+
 def tma_ready(weights: torch.Tensor) -> bool:
     """Whether a tensor descriptor can address ``weights`` [E, rows, K]: base and outer strides 16-byte aligned
     (the tensor-memory accelerator's rule; the last dimension is contiguous, checked with the inputs)."""
@@ -349,12 +372,8 @@ def _moe_chunk(
 ) -> None:
     """One chunk of tokens through routing and both kernels; writes ``out`` [m, H]."""
     m, h = hidden.shape
-    num_slots = m * top_k
     slot_weights, align = _route_and_align(router_logits, top_k, config.BLOCK_SIZE_M)
-    sorted_hidden = sorted_rows(hidden, align, top_k) if tma_eligible(config, hidden, w13, w2) else None
-    rows = num_slots if sorted_hidden is None else sorted_hidden.shape[0]  # by slot, or by sorted position
-    act = torch.empty(rows, w2.shape[2], dtype=hidden.dtype, device=hidden.device)  # [rows, I]
-    per_slot = torch.empty(num_slots, h, dtype=hidden.dtype, device=hidden.device)  # [slots, H]
+    sorted_hidden, act, per_slot = chunk_scratch(hidden, w13, w2, align, config, top_k)
     w13_launch, w2_launch = moe_launches(
         hidden, w13, w2, slot_weights, align, config, act, per_slot, sorted_hidden
     )
