@@ -152,7 +152,7 @@ class HTTPCore:
             raise ConfigurationError(f"provider {self.provider!r} has no base_url")
         base = httpx.URL(config.base_url)  # a query in base_url (?api-version=...) goes on every request
         self.url = str(base.copy_with(path=base.path.rstrip("/") + "/chat/completions"))
-        self._base_query = httpx.QueryParams(base.query)  # httpx replaces a URL's query with params=: merge
+        self._base_query = httpx.QueryParams(base.query)  # merged into every request's params (_query)
         headers = {
             "Authorization": f"Bearer {config.api_key}",
             "Content-Type": "application/json",
@@ -197,15 +197,9 @@ class HTTPCore:
 
     def build(self, client: httpx.Client | httpx.AsyncClient, request: ChatRequest, deadline: Deadline) -> httpx.Request:
         opts = request.options
-        headers: Mapping[str, str] = self.headers
-        if request.stream or opts.extra_headers:
-            merged_headers = httpx.Headers(headers)  # case-insensitive: extra_headers replace, never duplicate
-            if request.stream:
-                merged_headers["Accept"] = "text/event-stream"
-            merged_headers.update(opts.extra_headers)
-            headers = merged_headers
+        headers = self._headers(request)
         content = json.dumps(request.body(), ensure_ascii=False, separators=(",", ":")).encode()
-        params = self._base_query.merge(opts.extra_query) if opts.extra_query else None
+        params = self._query(request) if opts.extra_query else None
         if client is self._owned and not client.cookies:
             if opts.extra_headers:
                 merged = self._merge(headers)
@@ -219,6 +213,24 @@ class HTTPCore:
         if log.isEnabledFor(logging.DEBUG):  # asked per request: logging may be set up after the client
             log_request(built, content)
         return built
+
+    def _headers(self, request: ChatRequest, *, body: bool = True) -> Mapping[str, str]:
+        """The headers of a request for ``request``: the client's, ``Accept`` for streams, ``extra_headers`` over
+        them; without ``body`` (a poll) less ``Content-Type``."""
+        opts = request.options
+        if body and not (request.stream or opts.extra_headers):
+            return self.headers
+        headers = httpx.Headers(self.headers)  # case-insensitive: extra_headers replace, never duplicate
+        if not body:
+            del headers["Content-Type"]
+        if request.stream:
+            headers["Accept"] = "text/event-stream"
+        headers.update(opts.extra_headers)
+        return headers
+
+    def _query(self, request: ChatRequest) -> httpx.QueryParams:
+        """base_url's query with ``extra_query`` over it (httpx would replace a URL's query with params=)."""
+        return self._base_query.merge(request.options.extra_query)
 
     def poll_url(self, request_id: str) -> str:
         """Where NVIDIA's 202 answers are fetched: its NVCF host, or the same origin when base_url is overridden."""
@@ -237,9 +249,8 @@ class HTTPCore:
         if response.status_code != 202:
             return None
         reqid = response.headers.get("nvcf-reqid")
-        if reqid:  # with the POST's query (base_url's and extra_query), as a gateway in front may need it
-            query = self._base_query.merge(request.options.extra_query) if request.options.extra_query else None
-            url = httpx.URL(self.poll_url(reqid)).copy_merge_params(query or self._base_query)
+        if reqid:  # with the POST's query, as a gateway in front may need it
+            url = httpx.URL(self.poll_url(reqid)).copy_merge_params(self._query(request))
         elif response.request.method == "GET":  # the only GETs sent are polls
             url = response.request.url
         else:
@@ -247,11 +258,7 @@ class HTTPCore:
         if deadline.expired():
             raise APITimeoutError(f"{self.provider} answer still pending when the total deadline passed",
                                   provider=self.provider, request_id=reqid)
-        headers = httpx.Headers(self.headers)  # the POST's headers (default_headers and extra_headers too),
-        del headers["Content-Type"]  # less the body's type: a poll has no body
-        if request.stream:
-            headers["Accept"] = "text/event-stream"
-        headers.update(request.options.extra_headers)
+        headers = self._headers(request, body=False)  # the POST's, default_headers and extra_headers too
         return client.build_request("GET", url, headers=headers, timeout=self.timeout(request, deadline))
 
     def poll_delay(self, deadline: Deadline, /) -> float:
