@@ -21,6 +21,7 @@ from ._logging import setup_logging
 from ._request import ChatRequest, RequestOptions, build_request
 from ._streaming import AsyncStream, Stream
 from ._timeouts import Timeout, coerce_timeout
+from ._tools import ToolPrompt
 from .types import ChatCompletion, ChatCompletionMessageParam, ChatCompletionToolParam
 
 __all__ = ["AsyncMixtralClient", "CompletionParams", "MixtralClient"]
@@ -131,6 +132,11 @@ class Completions:
         The request is validated first: invalid input raises ``InvalidRequestError`` and nothing is sent.
         """
         request = self._core.request(messages, stream, params)
+        prompt = ToolPrompt.for_request(request)
+        if prompt is not None:  # a host without native tools: they travel in the prompt
+            if stream:
+                return Stream(prompt.stream(self._backend.stream(prompt.request)))._open()
+            return prompt.completion(self._backend.complete(prompt.request))
         if stream:
             return Stream(self._backend.stream(request))._open()
         return self._backend.complete(request)
@@ -156,6 +162,11 @@ class AsyncCompletions:
     async def create(self, *, messages: Sequence[ChatCompletionMessageParam], stream: bool = False,
                      **params: Unpack[CompletionParams]) -> ChatCompletion | AsyncStream:
         request = self._core.request(messages, stream, params)
+        prompt = ToolPrompt.for_request(request)
+        if prompt is not None:
+            if stream:
+                return await AsyncStream(prompt.astream(self._backend.stream(prompt.request)))._open()
+            return prompt.completion(await self._backend.complete(prompt.request))
         if stream:
             return await AsyncStream(self._backend.stream(request))._open()
         return await self._backend.complete(request)

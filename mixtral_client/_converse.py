@@ -118,8 +118,8 @@ def converse_messages(messages: list[dict[str, Any]], provider: str = "bedrock")
     for i, message in enumerate(messages):
         role = message["role"]
         if role == "tool" or message.get("tool_calls"):
-            raise _unsupported("Mixtral on Bedrock has no tool calling (tool emulation is not available yet)",
-                               f"messages[{i}]", provider)
+            raise _unsupported("Mixtral on Bedrock has no tool turns; the client sends them as text "
+                               "(mixtral_client._tools)", f"messages[{i}]", provider)
         text = _text(message.get("content"))
         if role in ("system", "developer"):
             if text.strip():
@@ -159,10 +159,10 @@ def converse_body(request: ChatRequest) -> dict[str, Any]:
     for name in _UNSUPPORTED:
         if name in params and params[name] is not False:
             raise _unsupported("Mixtral on Bedrock (Converse) does not support it", name, provider)
-    for name in ("tools", "tool_choice"):  # refused by the preset already; kept here so nothing slips through
+    for name in ("tools", "tool_choice"):  # the client writes tools into the prompt before this is reached
         if name in params:
-            raise _unsupported("Mixtral on Bedrock has no tool calling (tool emulation is not available yet)",
-                               name, provider)
+            raise _unsupported("Mixtral on Bedrock has no toolConfig; the client sends tools in the prompt "
+                               "(mixtral_client._tools)", name, provider)
     fmt = params.get("response_format")
     if fmt is not None and fmt.get("type") != "text":
         raise _unsupported("Mixtral on Bedrock has no structured output", "response_format", provider)

@@ -37,7 +37,10 @@ class ProviderPreset:
     model: str
     api_key_env: str | None
     limits: Limits = field(default_factory=Limits)
+    #: the host takes OpenAI ``tools`` for Mixtral
     supports_tools: bool = True
+    #: tools are written into the prompt and the calls read back from the answer (``_tools.py``)
+    prompts_tools: bool = False
     supports_response_format: bool = True
     #: request-body keys this host accepts beyond the OpenAI ones (OpenRouter's routing, ...)
     extra_body_keys: frozenset[str] = frozenset()
@@ -66,6 +69,7 @@ PROVIDERS: Mapping[str, ProviderPreset] = {
             api_key_env="NVIDIA_API_KEY",
             limits=Limits(temperature=(0.0, 2.0), top_p=(0.0, 1.0), seed=(0, None)),
             supports_tools=False,
+            prompts_tools=True,
             supports_response_format=False,
             strict_body=True,
             request_id_headers=("nvcf-reqid", "x-request-id"),
@@ -88,6 +92,7 @@ PROVIDERS: Mapping[str, ProviderPreset] = {
             limits=Limits(temperature=(0.0, 2.0), top_p=(0.01, 1.0), seed=(1, None), max_stop=4,
                           top_logprobs=(0, 20), top_k=(1, None)),
             supports_tools=False,
+            prompts_tools=True,
             supports_response_format=False,
             extra_body_keys=frozenset({"top_k", "min_p", "repetition_penalty"}),
         ),
@@ -106,6 +111,7 @@ PROVIDERS: Mapping[str, ProviderPreset] = {
             limits=Limits(temperature=(0.0, 1.0), top_p=(0.0, 1.0), max_tokens=(1, 4096), max_stop=10,
                           top_k=(1, 200), n_max=1),
             supports_tools=False,
+            prompts_tools=True,
             supports_response_format=False,
             kind="bedrock",
             request_id_headers=("x-amzn-requestid",),
@@ -117,6 +123,7 @@ PROVIDERS: Mapping[str, ProviderPreset] = {
             api_key_env=None,
             limits=Limits(top_k=(1, None), seed=(0, None), n_max=1),
             supports_tools=False,
+            prompts_tools=True,
             supports_response_format=False,
             kind="local",
         ),

@@ -428,8 +428,8 @@ def test_an_api_key_needs_no_region(bedrock: BedrockStandIn) -> None:
 
 
 @pytest.mark.parametrize(("params", "error"), [
-    ({"tools": [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]},
-     UnsupportedFeatureError),
+    ({"tools": [{"type": "function", "function": {"name": "bad name", "parameters": {"type": "object"}}}]},
+     InvalidRequestError),
     ({"response_format": {"type": "json_object"}}, UnsupportedFeatureError),
     ({"seed": 7}, UnsupportedFeatureError),
     ({"temperature": 1.2}, InvalidRequestError),
@@ -444,13 +444,49 @@ def test_refused_requests_send_nothing(bedrock: BedrockStandIn, aws_keys: None, 
     assert bedrock.requests == []
 
 
+TOOLS: Any = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+CALL_TEXT = '[TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Lyon"}}]'
+
+
+def _check_tool_call(completion: ChatCompletion, bedrock: BedrockStandIn) -> None:
+    """Converse got no toolConfig and one user turn with the tools in its text; the text came back as a call."""
+    body = bedrock.calls[-1].json()
+    assert "toolConfig" not in body
+    (turn,) = body["messages"]
+    text = turn["content"][0]["text"]
+    assert turn["role"] == "user" and text.startswith("Be brief.\n\n[AVAILABLE_TOOLS] ") and text.endswith("\n\nHi")
+    choice = completion.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in choice.message.tool_calls or []] == \
+        [("get_weather", {"city": "Lyon"})]
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["converse", "converse-stream"])
+def test_tools_are_prompted_and_the_answer_read_back_as_calls(bedrock: BedrockStandIn, aws_keys: None,
+                                                               stream: bool) -> None:
+    pieces = ["[TOOL_CALLS] [", '{"name": "get_weather", ', '"arguments": {"city": "Lyon"}}]']
+    bedrock.replies.append(stream_bytes(answer_frames(pieces)) if stream else answer(CALL_TEXT))
+    with MixtralClient(provider="bedrock", base_url=bedrock.url, region=REGION) as client:
+        _check_tool_call(sync_call(client, stream, tools=TOOLS), bedrock)
+
+
 @pytest.mark.anyio
-async def test_async_tools_are_refused_before_sending(bedrock: BedrockStandIn, aws_keys: None) -> None:
-    tools: Any = [{"type": "function", "function": {"name": "f"}}]
+async def test_async_tools_are_prompted(bedrock: BedrockStandIn, aws_keys: None) -> None:
+    bedrock.replies.append(stream_bytes(answer_frames(["[TOOL_CALLS] ", CALL_TEXT[13:]])))
     async with AsyncMixtralClient(provider="bedrock", base_url=bedrock.url, region=REGION) as client:
-        with pytest.raises(UnsupportedFeatureError, match="tool"):
-            await async_call(client, True, tools=tools)
-    assert bedrock.requests == []
+        _check_tool_call(await async_call(client, True, tools=TOOLS), bedrock)
+
+
+def test_a_tool_result_turn_reaches_bedrock_as_user_text(bedrock: BedrockStandIn, aws_keys: None) -> None:
+    messages = [*MESSAGES, {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "abc123def", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "abc123def", "content": "sunny"}]
+    with MixtralClient(provider="bedrock", base_url=bedrock.url, region=REGION) as client:
+        answer_ = client.chat.completions.create(messages=messages, tools=TOOLS)
+    assert answer_.choices[0].message.content == "Hello from Bedrock"
+    roles = [m["role"] for m in bedrock.calls[-1].json()["messages"]]
+    assert roles == ["user", "assistant", "user"]
+    assert "sunny" in bedrock.calls[-1].json()["messages"][2]["content"][0]["text"]
 
 
 def test_unknown_events_in_a_stream_are_skipped(bedrock: BedrockStandIn, aws_keys: None) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -209,11 +210,18 @@ def test_well_formed_tool_conversation_is_accepted() -> None:
     assert build(messages=messages, tools=TOOLS).messages == messages
 
 
-@pytest.mark.parametrize("provider", ["nvidia", "aimlapi"])
-def test_tools_to_a_host_without_them_are_unsupported(provider: str) -> None:
+def test_tools_to_a_host_that_neither_takes_nor_prompts_them_are_unsupported() -> None:
+    preset = dataclasses.replace(PROVIDERS["nvidia"], prompts_tools=False)
     with pytest.raises(UnsupportedFeatureError) as info:
-        build(provider, tools=TOOLS)
+        build_request(preset, model=None, messages=MESSAGES, stream=False, options=RequestOptions(timeout=Timeout()),
+                      params={"tools": TOOLS})
     assert info.value.param == "tools"
+
+
+@pytest.mark.parametrize("provider", ["nvidia", "aimlapi", "bedrock", "local"])
+def test_tools_to_a_host_without_native_tools_are_validated_then_prompted(provider: str) -> None:
+    assert build(provider, tools=TOOLS).params["tools"] == TOOLS
+    assert "tools" in refused(provider, tools=[{"type": "function", "function": {"name": "bad name"}}]).args[0]
 
 
 @pytest.mark.parametrize("provider", ["nvidia", "aimlapi"])
@@ -228,7 +236,7 @@ def test_unsupported_feature_to_nvidia_sends_nothing(driver: Driver, serve) -> N
     server = serve(replying(200, completion()))
 
     with pytest.raises(UnsupportedFeatureError):
-        driver.complete(server, client={"provider": "nvidia"}, tools=TOOLS)
+        driver.complete(server, client={"provider": "nvidia"}, response_format={"type": "json_object"})
 
     assert server.requests == []
 

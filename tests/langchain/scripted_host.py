@@ -12,6 +12,11 @@ It answers the way a real host does, without a model:
   ``stream_options.include_usage`` a usage chunk with empty ``choices``; ``error_after`` chunks, an
   OpenRouter-style error chunk (HTTP 200, top-level ``error``, ``finish_reason: "error"``) ends the stream.
 
+With ``prompted=True`` it is a Mixtral host without native tools (NVIDIA, AIML API): a body with ``tools``
+is refused with 400, the tools are read from the ``[AVAILABLE_TOOLS] ... [/AVAILABLE_TOOLS]`` text the client
+writes into the system message, calls are answered as ``[TOOL_CALLS] [...]`` text, and a ``[TOOL_RESULTS]``
+user turn counts as a tool result.
+
 A token is a whitespace-separated word; usage counts words.
 """
 
@@ -76,6 +81,18 @@ def _message_text(message: dict[str, Any]) -> str:
     return str(content)
 
 
+def _prompted_tools(messages: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], Any]:
+    """The tools and tool choice written into the system text of a prompted-tools request."""
+    system = _message_text(messages[0]) if messages[0]["role"] == "system" else ""
+    if "[AVAILABLE_TOOLS] " not in system:
+        return [], "auto"
+    tools = json.loads(system.split("[AVAILABLE_TOOLS] ", 1)[1].split(" [/AVAILABLE_TOOLS]", 1)[0])
+    if "you must call the tool " in system:
+        name = system.split("you must call the tool ", 1)[1].split(".")[0]
+        return tools, {"type": "function", "function": {"name": name}}
+    return tools, "required" if "must call at least one tool" in system else "auto"
+
+
 @dataclass
 class ScriptedHost:
     """The handler for a ``LoopbackServer``; ``with ScriptedHost() as host: host.url``."""
@@ -88,6 +105,8 @@ class ScriptedHost:
     error_after: int | None = None
     #: split tool-call arguments into pieces of this many characters when streaming
     piece: int = 7
+    #: a host without native tools: tools only as prompt text, calls answered as text
+    prompted: bool = False
     requests: list[dict[str, Any]] = field(default_factory=list)
     _server: LoopbackServer | None = None
     _counter: int = 0
@@ -118,6 +137,9 @@ class ScriptedHost:
             return
         body = req.json()
         self.requests.append(body)
+        if self.prompted and ("tools" in body or "tool_choice" in body):
+            conn.respond(400, {"error": {"message": "tools are not supported for this model", "code": 400}})
+            return
         self._counter += 1
         answer = self._answer(body)
         if body.get("stream"):
@@ -137,22 +159,33 @@ class ScriptedHost:
         messages = body["messages"]
         tools = body.get("tools") or []
         choice = body.get("tool_choice", "auto")
+        last = _message_text(messages[-1])
+        from_user = messages[-1]["role"] == "user"
+        if self.prompted:
+            tools, choice = _prompted_tools(messages)
+            result = last.rsplit("[TOOL_RESULTS]", 1)[-1] if "[TOOL_RESULTS]" in last else None
+            if result is not None:
+                from_user, last = False, json.loads(result.split("[/TOOL_RESULTS]")[0])["content"]
         forced = choice == "required" or isinstance(choice, dict)
-        if tools and choice != "none" and (forced or messages[-1]["role"] == "user"):
+        if tools and choice != "none" and (forced or from_user):
             if isinstance(choice, dict):
                 tools = [t for t in tools if t["function"]["name"] == choice["function"]["name"]]
             chosen = tools if self.parallel else tools[:1]
             fns = [t["function"] for t in chosen]
-            return {"calls": [(fn["name"], example_from_schema(fn.get("parameters") or {})) for fn in fns]}
+            calls = [(fn["name"], example_from_schema(fn.get("parameters") or {})) for fn in fns]
+            if self.prompted:
+                listed = [{"name": name, "arguments": args} for name, args in calls]
+                return {"text": "[TOOL_CALLS] " + json.dumps(listed, ensure_ascii=False), "finish_reason": "stop"}
+            return {"calls": calls}
         fmt = (body.get("response_format") or {}).get("type")
         if fmt == "json_schema":
             text = json.dumps(example_from_schema(body["response_format"]["json_schema"]["schema"]))
         elif fmt == "json_object":
             text = json.dumps({"answer": _message_text(messages[-1])}, ensure_ascii=False)
-        elif messages[-1]["role"] == "tool":
-            text = f"The tool answered: {_message_text(messages[-1])}"
+        elif messages[-1]["role"] == "tool" or (self.prompted and not from_user):
+            text = f"The tool answered: {last}"
         else:
-            text = f"Hello! You said: {_message_text(messages[-1])}"
+            text = f"Hello! You said: {last}"
         finish = "stop"
         for stop in [body["stop"]] if isinstance(body.get("stop"), str) else body.get("stop") or []:
             if stop in text:

@@ -158,11 +158,52 @@ def test_agent_loop_sends_tool_calls_and_results_back(host: ScriptedHost) -> Non
     assert sent[2] == {"role": "tool", "content": "sunny", "tool_call_id": call.tool_calls[0]["id"]}
 
 
-def test_hosts_without_tools_refuse_them_before_sending(host: ScriptedHost) -> None:
-    llm = ChatMixtral(provider="nvidia", base_url=host.url, api_key="nvapi-test")
+@pytest.fixture
+def nvidia_like() -> Iterator[ScriptedHost]:
+    """A host without native tools: it refuses ``tools`` and reads them from the prompt."""
+    with ScriptedHost(prompted=True, parallel=True) as host:
+        yield host
+
+
+def test_an_agent_loop_runs_on_a_host_without_native_tools(nvidia_like: ScriptedHost) -> None:
+    llm = ChatMixtral(provider="nvidia", base_url=nvidia_like.url, api_key="nvapi-test").bind_tools(
+        [get_weather, get_time])
+    question = HumanMessage("weather in Oslo?")
+
+    call = llm.invoke([question])
+
+    assert [(c["name"], c["args"]) for c in call.tool_calls] == [("get_weather", {"city": "example city"}),
+                                                                  ("get_time", {"timezone": "example timezone"})]
+    assert all(MISTRAL_ID.match(c["id"] or "") for c in call.tool_calls)
+    assert call.response_metadata["finish_reason"] == "tool_calls"
+    results = [ToolMessage(f"result {i}", tool_call_id=c["id"]) for i, c in enumerate(call.tool_calls)]
+    answer = llm.invoke([question, call, *results])
+    assert answer.content == "The tool answered: result 1"
+    assert answer.tool_calls == []
+    assert all("tools" not in body for body in nvidia_like.requests)
+    follow_up = nvidia_like.requests[-1]["messages"]
+    assert [m["role"] for m in follow_up] == ["system", "user", "assistant", "user"]
+    assert follow_up[2]["content"].startswith("[TOOL_CALLS] [")
+
+
+async def test_a_streamed_agent_turn_on_a_host_without_native_tools(nvidia_like: ScriptedHost) -> None:
+    llm = ChatMixtral(provider="nvidia", base_url=nvidia_like.url, api_key="nvapi-test").bind_tools(
+        [get_weather], tool_choice="get_weather")
+
+    chunks = [chunk async for chunk in llm.astream("hi")]
+
+    full = merge(chunks)
+    assert [(c["name"], c["args"]) for c in full.tool_calls] == [("get_weather", {"city": "example city"})]
+    assert full.content == ""
+    assert "must call the tool get_weather" in nvidia_like.requests[-1]["messages"][0]["content"]
+
+
+def test_structured_output_by_function_calling_on_a_host_without_native_tools(nvidia_like: ScriptedHost) -> None:
+    llm = ChatMixtral(provider="nvidia", base_url=nvidia_like.url, api_key="nvapi-test")
+    joke = llm.with_structured_output(Joke, method="function_calling").invoke("a joke")
+    assert joke == Joke(setup="example setup", punchline="example punchline")
     with pytest.raises(UnsupportedFeatureError):
-        llm.bind_tools([get_weather]).invoke("hi")
-    assert host.requests == []
+        llm.with_structured_output(Joke, method="json_schema").invoke("a joke")
 
 
 # --------------------------------------------------------------------------- structured output

@@ -88,3 +88,27 @@ class TestChatMixtralIntegration(ChatModelIntegrationTests):
                               "('setup', 'punchline') come only from the prompt")
     def test_json_mode(self, model: BaseChatModel) -> None:
         super().test_json_mode(model)
+
+
+class TestChatMixtralPromptedToolsIntegration(TestChatMixtralIntegration):
+    """The same suite against a host without native tools, as NVIDIA serves Mixtral: tools travel in the
+    prompt and calls come back as text that the client turns into tool calls."""
+
+    @pytest.fixture(autouse=True, scope="class")
+    @classmethod
+    def _scripted_host(cls) -> Iterator[None]:
+        with ScriptedHost(prompted=True) as host:
+            cls.url = host.url
+            yield
+
+    @property
+    def chat_model_params(self) -> dict[str, Any]:
+        return {"provider": "nvidia", "base_url": self.url, "api_key": "nvapi-test"}
+
+    @property
+    def supports_json_mode(self) -> bool:
+        return False  # NVIDIA takes no response_format for Mixtral
+
+    @property
+    def structured_output_kwargs(self) -> dict[str, Any]:
+        return {"method": "function_calling"}

@@ -48,3 +48,41 @@ async def test_async_client_streams(tiny_dir: Path, anyio_backend: str) -> None:
         chunks = [chunk async for chunk in stream]
         whole = await client.chat.completions.create(messages=MESSAGES, temperature=0, max_tokens=6)
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == whole.choices[0].message.content
+
+
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
+                                           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_tools_are_written_into_the_prompt_that_transformers_is_given_too(
+        tiny_dir: Path, hf_model: Callable[..., Any], tokenizer: MixtralTokenizer, stream: bool) -> None:
+    """The local backend has no tool tokens (v1): the tools and the earlier call and result travel as prompt
+    text, and the answer is what transformers generates from exactly that prompt."""
+    from mixtral_client._tools import ToolPrompt
+
+    messages = [*MESSAGES, {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "abc123def", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}]},
+        {"role": "tool", "tool_call_id": "abc123def", "content": "snow"}]
+    with MixtralClient(provider="local", model_path=str(tiny_dir), env={}, **LOCAL) as client:
+        request = client._core.request(messages, False, {"tools": TOOLS})
+        prompt_messages = ToolPrompt.for_request(request).request.messages
+        if stream:
+            with client.chat.completions.create(messages=messages, tools=TOOLS, stream=True, temperature=0,
+                                                max_tokens=12) as chunks:
+                done = chunks.get_final_completion()
+        else:
+            done = client.chat.completions.create(messages=messages, tools=TOOLS, temperature=0, max_tokens=12)
+
+    prompt = tokenizer.encode_chat(prompt_messages)
+    text = tokenizer.decode(prompt)
+    assert "[AVAILABLE_TOOLS]" in text and '"name": "get_weather"' in text
+    assert '[TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Oslo"}, "id": "abc123def"}]' in text
+    assert '[TOOL_RESULTS] {"call_id": "abc123def", "name": "get_weather", "content": "snow"} [/TOOL_RESULTS]' in text
+    with torch.no_grad():
+        out = hf_model(tiny_dir).generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=12,
+                                          pad_token_id=tokenizer.eos_id)
+    expected = tokenizer.decode([t for t in out[0, len(prompt):].tolist() if t != tokenizer.eos_id])
+    assert done.usage.prompt_tokens == len(prompt)
+    assert done.choices[0].message.content == expected  # random weights: text, not a call
+    assert done.choices[0].message.tool_calls is None

@@ -1,0 +1,409 @@
+"""Tool calling by prompt, for the hosts that serve Mixtral without native tools (pure; no I/O).
+
+Mixtral-8x7B-Instruct v0.1 has no tool tokens, and NVIDIA, AIML API, Bedrock and the local backend take no
+``tools`` for it. For those presets ``ToolPrompt`` turns a request with tools into a plain chat request and
+the answer back into tool calls, so agent code runs unchanged on every backend:
+
+- the tools go into the system text as ``[AVAILABLE_TOOLS] [...] [/AVAILABLE_TOOLS]`` (Mistral's own
+  function-calling layout, as plain text), with how to call them and what ``tool_choice`` demands;
+- earlier assistant calls become ``[TOOL_CALLS] [{"name", "arguments", "id"}]`` text, tool results become user
+  text ``[TOOL_RESULTS] {"call_id", "name", "content"} [/TOOL_RESULTS]``; turns of one role are then joined;
+- an answer that is ``[TOOL_CALLS]`` followed by a JSON call or list of calls, or that is nothing but such
+  JSON (fenced or not) naming declared tools, becomes ``message.tool_calls`` with fresh 9-character ids and
+  ``finish_reason="tool_calls"``. Text before or after the calls stays in ``content``; an answer whose calls
+  do not parse, or name a tool that was not declared, is returned as the text it is: nothing is dropped.
+
+Streams: text is passed on as it comes, except while it may still turn out to be a call. An answer that
+opens with ``[``, ``{`` or a code fence is held to its end, then given as tool-call deltas (whole calls, one
+per index) or as the text; a ``[TOOL_CALLS]`` inside a text answer ends the text there.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import AsyncIterator, Iterator, Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+import anyio
+
+from ._request import ChatRequest
+from .types import (
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChoiceDelta,
+    ChoiceDeltaToolCall,
+    ChoiceDeltaToolCallFunction,
+    FunctionCall,
+    ToolCall,
+    new_tool_call_id,
+)
+
+__all__ = ["CALLS", "ToolPrompt", "parse_tool_calls"]
+
+CALLS = "[TOOL_CALLS]"
+RESULTS, RESULTS_END = "[TOOL_RESULTS]", "[/TOOL_RESULTS]"
+TOOLS, TOOLS_END = "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]"
+_TOOL_PARAMS = ("tools", "tool_choice", "parallel_tool_calls")
+_FENCE_OPEN = re.compile(r"```[A-Za-z0-9_-]*[ \t]*\n?")
+_JSON = json.JSONDecoder()
+
+
+def _text(content: Any) -> str:
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    return "".join(part["text"] for part in content)
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False)
+
+
+def _instructions(functions: list[dict[str, Any]], choice: Any, one_at_a_time: bool) -> str:
+    listing = [{"type": "function", "function": fn} for fn in functions]
+    lines = [
+        f"{TOOLS} {_dumps(listing)} {TOOLS_END}",
+        "",
+        f"To call tools, reply with {CALLS} followed by a JSON list of calls, and nothing else:",
+        f'{CALLS} [{{"name": "<tool name>", "arguments": {{<arguments, as the tool\'s JSON schema says>}}}}]',
+        f"Each result comes back as {RESULTS} {{...}} {RESULTS_END}.",
+    ]
+    if one_at_a_time:
+        lines.append("Call one tool at a time.")
+    else:
+        lines.append("Put calls that do not depend on each other in one list.")
+    if isinstance(choice, Mapping):
+        lines.append(f"In this reply you must call the tool {choice['function']['name']}.")
+    elif choice in ("required", "any"):
+        lines.append("In this reply you must call at least one tool.")
+    else:
+        lines.append(f"When no tool is needed, or the results answer the question, reply in plain text without "
+                     f"{CALLS}.")
+    return "\n".join(lines)
+
+
+def _call_text(calls: list[Mapping[str, Any]]) -> str:
+    rendered = []
+    for call in calls:
+        fn = call["function"]
+        try:
+            arguments = json.loads(fn["arguments"]) if fn["arguments"].strip() else {}
+        except ValueError:
+            arguments = fn["arguments"]
+        rendered.append({"name": fn["name"], "arguments": arguments, "id": call["id"]})
+    return f"{CALLS} {_dumps(rendered)}"
+
+
+def rewrite_messages(messages: list[dict[str, Any]], system: str | None) -> list[dict[str, Any]]:
+    """The conversation as plain chat turns: tool calls and results as text, ``system`` added to the
+    system text (after the caller's own), and consecutive turns of one role joined with a blank line."""
+    names: dict[str, str] = {}
+    turns: list[tuple[str, str]] = []
+    for message in messages:
+        role, text = message["role"], _text(message.get("content"))
+        if role == "developer":
+            role = "system"
+        if role == "assistant" and message.get("tool_calls"):
+            calls = message["tool_calls"]
+            names.update((call["id"], call["function"]["name"]) for call in calls)
+            text = f"{text.rstrip()}\n{_call_text(calls)}" if text.strip() else _call_text(calls)
+        elif role == "tool":
+            result: dict[str, Any] = {"call_id": message["tool_call_id"]}
+            name = message.get("name") or names.get(message["tool_call_id"])
+            if name:
+                result["name"] = name
+            result["content"] = text
+            role, text = "user", f"{RESULTS} {_dumps(result)} {RESULTS_END}"
+        turns.append((role, text))
+    if system:
+        leading = 0
+        while leading < len(turns) and turns[leading][0] == "system":
+            leading += 1
+        turns.insert(leading, ("system", system))
+    merged: list[tuple[str, list[str]]] = []
+    for role, text in turns:
+        if merged and merged[-1][0] == role:
+            merged[-1][1].append(text)
+        else:
+            merged.append((role, [text]))
+    return [{"role": role, "content": "\n\n".join(t for t in texts if t)} for role, texts in merged]
+
+
+# --------------------------------------------------------------------------- parsing answers
+
+
+def _arguments(call: Mapping[str, Any]) -> str | None:
+    """The call's arguments as a JSON object string, or None when they are not an object."""
+    arguments = call.get("arguments", call.get("parameters", {}))
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments) if arguments.strip() else {}
+        except ValueError:
+            return None
+    return _dumps(arguments) if isinstance(arguments, dict) else None
+
+
+def _decode(text: str, tools: Mapping[str, Any]) -> tuple[list[FunctionCall], str] | None:
+    """Calls at the start of ``text`` (after blanks and an optional code fence), and the text after them."""
+    body = text.lstrip()
+    fence = _FENCE_OPEN.match(body)
+    if fence:
+        body = body[fence.end():].lstrip()
+    try:
+        value, end = _JSON.raw_decode(body)
+    except ValueError:
+        return None
+    rest = body[end:]
+    if fence:
+        rest = rest.lstrip()
+        if not rest.startswith("```"):
+            return None
+        rest = rest[3:]
+    items = value if isinstance(value, list) else [value]
+    calls = []
+    for item in items:
+        if not isinstance(item, Mapping) or item.get("name") not in tools:
+            return None
+        arguments = _arguments(item)
+        if arguments is None:
+            return None
+        calls.append(FunctionCall(name=item["name"], arguments=arguments))
+    return (calls, rest) if calls else None
+
+
+def parse_tool_calls(text: str, tools: Mapping[str, Any]) -> tuple[str | None, list[FunctionCall]] | None:
+    """``(content, calls)`` when ``text`` calls declared ``tools``, else None.
+
+    ``[TOOL_CALLS]`` may follow some text, which is kept as ``content`` as it is (a stream has sent it
+    already), and may repeat; without the marker
+    the whole answer must be the JSON of the calls.
+    """
+    start = text.find(CALLS)
+    marked = start >= 0
+    before, rest = (text[:start], text[start + len(CALLS):]) if marked else ("", text)
+    calls: list[FunctionCall] = []
+    while True:
+        decoded = _decode(rest, tools)
+        if decoded is None:
+            if not calls:
+                return None
+            break
+        found, rest = decoded
+        calls.extend(found)
+        following = rest.lstrip()
+        if not following.startswith(CALLS):
+            break
+        rest = following[len(CALLS):]
+    if not marked and rest.strip():
+        return None
+    content = (before if before.strip() else "") + rest.strip()  # the text before went out as it came
+    return content or None, calls
+
+
+# --------------------------------------------------------------------------- streams
+
+
+def _could_begin_call(head: str) -> bool:
+    return head[0] in "[{`"
+
+
+def _marker_prefix_at_end(text: str) -> int:
+    """Length of the longest end of ``text`` that is a proper beginning of ``[TOOL_CALLS]``."""
+    for size in range(min(len(text), len(CALLS) - 1), 0, -1):
+        if CALLS.startswith(text[-size:]):
+            return size
+    return 0
+
+
+class _ChoiceText:
+    """One choice's content while it may still be a call: ``feed`` returns the text that can go out now."""
+
+    __slots__ = ("held", "mode")
+
+    def __init__(self) -> None:
+        self.mode = "undecided"  # -> "text" (passed on) or "calls" (held to the end)
+        self.held = ""
+
+    def feed(self, text: str) -> str:
+        self.held += text
+        if self.mode == "calls":
+            return ""
+        if self.mode == "undecided":
+            head = self.held.lstrip()
+            if not head or CALLS.startswith(head):
+                return ""
+            if _could_begin_call(head):
+                self.mode = "calls"
+                return ""
+            self.mode = "text"
+        at = self.held.find(CALLS)
+        if at >= 0:
+            out, self.held, self.mode = self.held[:at], self.held[at:], "calls"
+            return out
+        keep = _marker_prefix_at_end(self.held)
+        out, self.held = self.held[: len(self.held) - keep], self.held[len(self.held) - keep:]
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class ToolPrompt:
+    """One request's tools, written into its prompt; reads the answer's calls back out."""
+
+    request: ChatRequest
+    #: the declared tools the model may call in this answer (empty: nothing is parsed)
+    tools: Mapping[str, Any]
+    one_at_a_time: bool
+
+    @classmethod
+    def for_request(cls, request: ChatRequest) -> ToolPrompt | None:
+        """None when the request needs no rewriting: the preset has native tools, or the request names no
+        tools and carries no tool calls or results."""
+        if not request.provider.prompts_tools:
+            return None
+        params = request.params
+        history = any(m["role"] == "tool" or m.get("tool_calls") for m in request.messages)
+        if "tools" not in params and not history:
+            return None
+        functions = [t["function"] for t in params.get("tools", ())]
+        choice = params.get("tool_choice", "auto")
+        one_at_a_time = params.get("parallel_tool_calls") is False
+        callable_ = [] if choice == "none" else functions
+        if isinstance(choice, Mapping):
+            callable_ = [fn for fn in functions if fn["name"] == choice["function"]["name"]]
+        system = None
+        if callable_:
+            shown = [{k: fn[k] for k in ("name", "description", "parameters") if k in fn} for fn in callable_]
+            system = _instructions(shown, choice, one_at_a_time)
+        rewritten = replace(
+            request,
+            messages=rewrite_messages(request.messages, system),
+            params={k: v for k, v in params.items() if k not in _TOOL_PARAMS},
+        )
+        return cls(rewritten, {fn["name"]: fn for fn in callable_}, one_at_a_time)
+
+    def _calls(self, text: str) -> tuple[str | None, list[FunctionCall]] | None:
+        if not self.tools:
+            return None
+        parsed = parse_tool_calls(text, self.tools)
+        if parsed is not None and self.one_at_a_time:
+            return parsed[0], parsed[1][:1]
+        return parsed
+
+    # -- whole answers
+
+    def completion(self, completion: ChatCompletion) -> ChatCompletion:
+        choices = []
+        for choice in completion.choices:
+            message = choice.message
+            parsed = None if message.tool_calls else self._calls(message.content or "")
+            if parsed is not None:
+                content, calls = parsed
+                message = message.model_copy(update={
+                    "content": content,
+                    "tool_calls": [ToolCall(id=new_tool_call_id(), function=fn) for fn in calls],
+                })
+                choice = choice.model_copy(update={"message": message, "finish_reason": "tool_calls"})
+            choices.append(choice)
+        return completion.model_copy(update={"choices": choices})
+
+    # -- streams
+
+    def stream(self, chunks: Iterator[ChatCompletionChunk]) -> Iterator[ChatCompletionChunk]:
+        rewrite = _StreamRewrite(self)
+        try:
+            for chunk in chunks:
+                out = rewrite.feed(chunk)
+                if out is not None:
+                    yield out
+            tail = rewrite.end()
+            if tail is not None:
+                yield tail
+        finally:
+            close = getattr(chunks, "close", None)
+            if close is not None:
+                close()
+
+    async def astream(self, chunks: AsyncIterator[ChatCompletionChunk]) -> AsyncIterator[ChatCompletionChunk]:
+        rewrite = _StreamRewrite(self)
+        try:
+            async for chunk in chunks:
+                out = rewrite.feed(chunk)
+                if out is not None:
+                    yield out
+            tail = rewrite.end()
+            if tail is not None:
+                yield tail
+        finally:
+            aclose = getattr(chunks, "aclose", None)
+            if aclose is not None:
+                with anyio.CancelScope(shield=True):
+                    await aclose()
+
+
+class _StreamRewrite:
+    """Chunks in, chunks out: content held per choice while it may be a call, calls given at the finish."""
+
+    __slots__ = ("last", "open", "prompt")
+
+    def __init__(self, prompt: ToolPrompt) -> None:
+        self.prompt = prompt
+        self.open: dict[int, _ChoiceText] = {}
+        self.last: ChatCompletionChunk | None = None
+
+    def _finish(self, state: _ChoiceText, text: str) -> tuple[str, list[ChoiceDeltaToolCall] | None]:
+        """What a choice's last chunk carries: the text still held (or what is left of it), and its calls."""
+        parsed = None if state.mode == "text" else self.prompt._calls(state.held)
+        if parsed is None:
+            return text + state.held, None
+        content, calls = parsed
+        deltas = [
+            ChoiceDeltaToolCall(index=i, id=new_tool_call_id(), type="function",
+                                function=ChoiceDeltaToolCallFunction(name=fn.name, arguments=fn.arguments))
+            for i, fn in enumerate(calls)
+        ]
+        return text + (content or ""), deltas
+
+    def feed(self, chunk: ChatCompletionChunk) -> ChatCompletionChunk | None:
+        self.last = chunk
+        if not self.prompt.tools:
+            return chunk
+        choices = []
+        for choice in chunk.choices:
+            if choice.delta.tool_calls:  # the host called natively after all: pass it on
+                choices.append(choice)
+                continue
+            state = self.open.setdefault(choice.index, _ChoiceText())
+            text = state.feed(choice.delta.content) if choice.delta.content else ""
+            update: dict[str, Any] = {}
+            if choice.finish_reason is not None:
+                text, calls = self._finish(self.open.pop(choice.index), text)
+                if calls:
+                    update["finish_reason"] = "tool_calls"
+                    update["delta"] = choice.delta.model_copy(update={"content": text or None, "tool_calls": calls})
+            if "delta" not in update and text != (choice.delta.content or ""):
+                update["delta"] = choice.delta.model_copy(update={"content": text or None})
+            new = choice.model_copy(update=update) if update else choice
+            if new.delta != ChoiceDelta() or new.finish_reason is not None or new.logprobs is not None:
+                choices.append(new)
+        if not choices and chunk.choices and chunk.usage is None:
+            return None
+        return chunk.model_copy(update={"choices": choices})
+
+    def end(self) -> ChatCompletionChunk | None:
+        """A host that ended without a finish reason still gets what was held, as text or calls."""
+        if not self.open or self.last is None:
+            return None
+        choices = []
+        for index, state in sorted(self.open.items()):
+            text, calls = self._finish(state, "")
+            if text or calls:
+                delta = ChoiceDelta(content=text or None, tool_calls=calls)
+                choices.append({"index": index, "delta": delta, "finish_reason": "tool_calls" if calls else None})
+        self.open.clear()
+        if not choices:
+            return None
+        return ChatCompletionChunk(id=self.last.id, created=self.last.created, model=self.last.model,
+                                   choices=choices)
