@@ -1,7 +1,8 @@
 """``MixtralClient`` and ``AsyncMixtralClient``: ``client.chat.completions.create(...)`` over any backend.
 
 Both shells share ``_ClientCore`` (configuration, request validation, backend choice). The shells only
-call their backend: they never know whether it is a hosted host, Bedrock or local weights.
+call their backend: they never know whether it is a hosted host, Bedrock or local weights. On a host without
+native tools a ``ToolPrompt`` stands between them: it rewrites the request and reads the calls back.
 """
 
 from __future__ import annotations
