@@ -14,8 +14,9 @@ the answer back into tool calls, so agent code runs unchanged on every backend:
   do not parse, or name a tool that was not declared, is returned as the text it is: nothing is dropped.
 
 Streams: text is passed on as it comes, except while it may still turn out to be a call. An answer that
-opens with ``[``, ``{`` or a code fence is held to its end, then given as tool-call deltas (whole calls, one
-per index) or as the text; a ``[TOOL_CALLS]`` inside a text answer ends the text there.
+opens with ``[TOOL_CALLS]``, ``[{``, ``{"`` or a code fence is held to its end, then given as tool-call
+deltas (whole calls, one per index) or as the text; a ``[TOOL_CALLS]`` inside a text answer ends the text
+there. A stream that fails gives what it held as text before the error, so ``error.partial`` has it.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from typing import Any
 
 import anyio
 
+from ._exceptions import APIError
 from ._request import ChatRequest
 from .types import (
     ChatCompletion,
@@ -60,6 +62,18 @@ def _text(content: Any) -> str:
 
 def _dumps(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False)
+
+
+def _json_or_text(text: str) -> Any:
+    """A tool result that is a JSON object or list goes into the prompt as JSON, not as an escaped string."""
+    if text.lstrip().startswith(("{", "[")):
+        try:
+            value = json.loads(text)
+        except ValueError:
+            return text
+        if isinstance(value, dict | list):
+            return value
+    return text
 
 
 def _instructions(functions: list[dict[str, Any]], choice: Any, one_at_a_time: bool) -> str:
@@ -115,7 +129,7 @@ def rewrite_messages(messages: list[dict[str, Any]], system: str | None) -> list
             name = message.get("name") or names.get(message["tool_call_id"])
             if name:
                 result["name"] = name
-            result["content"] = text
+            result["content"] = _json_or_text(text)
             role, text = "user", f"{RESULTS} {_dumps(result)} {RESULTS_END}"
         turns.append((role, text))
     if system:
@@ -206,8 +220,16 @@ def parse_tool_calls(text: str, tools: Mapping[str, Any]) -> tuple[str | None, l
 # --------------------------------------------------------------------------- streams
 
 
-def _could_begin_call(head: str) -> bool:
-    return head[0] in "[{`"
+def _call_start(head: str) -> bool | None:
+    """Whether an answer opening with ``head`` (no leading blanks) may be a call; None: too short to tell."""
+    if head.startswith((CALLS, "```")):
+        return True
+    if CALLS.startswith(head) or "```".startswith(head):
+        return None
+    if head[0] in "[{":  # a list of calls opens with [{, a call with {"
+        rest = head[1:].lstrip()
+        return None if not rest else rest[0] == ("{" if head[0] == "[" else '"')
+    return False
 
 
 def _marker_prefix_at_end(text: str) -> int:
@@ -233,9 +255,10 @@ class _ChoiceText:
             return ""
         if self.mode == "undecided":
             head = self.held.lstrip()
-            if not head or CALLS.startswith(head):
+            start = _call_start(head) if head else None
+            if start is None:
                 return ""
-            if _could_begin_call(head):
+            if start:
                 self.mode = "calls"
                 return ""
             self.mode = "text"
@@ -318,6 +341,12 @@ class ToolPrompt:
                 out = rewrite.feed(chunk)
                 if out is not None:
                     yield out
+        except APIError:
+            held = rewrite.end(read_calls=False)
+            if held is not None:
+                yield held  # the caller's Stream merges it into error.partial before the error goes on
+            raise
+        else:
             tail = rewrite.end()
             if tail is not None:
                 yield tail
@@ -333,6 +362,12 @@ class ToolPrompt:
                 out = rewrite.feed(chunk)
                 if out is not None:
                     yield out
+        except APIError:
+            held = rewrite.end(read_calls=False)
+            if held is not None:
+                yield held
+            raise
+        else:
             tail = rewrite.end()
             if tail is not None:
                 yield tail
@@ -353,9 +388,10 @@ class _StreamRewrite:
         self.open: dict[int, _ChoiceText] = {}
         self.last: ChatCompletionChunk | None = None
 
-    def _finish(self, state: _ChoiceText, text: str) -> tuple[str, list[ChoiceDeltaToolCall] | None]:
+    def _finish(self, state: _ChoiceText, text: str,
+                read_calls: bool = True) -> tuple[str, list[ChoiceDeltaToolCall] | None]:
         """What a choice's last chunk carries: the text still held (or what is left of it), and its calls."""
-        parsed = None if state.mode == "text" else self.prompt._calls(state.held)
+        parsed = self.prompt._calls(state.held) if read_calls and state.mode != "text" else None
         if parsed is None:
             return text + state.held, None
         content, calls = parsed
@@ -392,13 +428,14 @@ class _StreamRewrite:
             return None
         return chunk.model_copy(update={"choices": choices})
 
-    def end(self) -> ChatCompletionChunk | None:
-        """A host that ended without a finish reason still gets what was held, as text or calls."""
+    def end(self, read_calls: bool = True) -> ChatCompletionChunk | None:
+        """What is still held when the chunks end without a finish reason (as text or calls), or fail (as
+        text)."""
         if not self.open or self.last is None:
             return None
         choices = []
         for index, state in sorted(self.open.items()):
-            text, calls = self._finish(state, "")
+            text, calls = self._finish(state, "", read_calls)
             if text or calls:
                 delta = ChoiceDelta(content=text or None, tool_calls=calls)
                 choices.append({"index": index, "delta": delta, "finish_reason": "tool_calls" if calls else None})

@@ -8,12 +8,12 @@ from typing import Any
 
 import pytest
 
-from mixtral_client import PROVIDERS, ChatCompletion, ChatCompletionChunk, Timeout
+from mixtral_client import PROVIDERS, APIConnectionError, ChatCompletion, ChatCompletionChunk, Timeout
 from mixtral_client._accumulate import ChunkAccumulator
 from mixtral_client._request import RequestOptions, build_request
 from mixtral_client._tools import CALLS, ToolPrompt, parse_tool_calls, rewrite_messages
 from tests.client.conftest import MESSAGES, Driver, chunk, completion, replying, streaming
-from tests.loopback import sse
+from tests.loopback import Conn, Received, sse
 
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "Current weather in a city",
@@ -105,6 +105,18 @@ def test_tool_calls_and_results_in_the_history_become_text_turns() -> None:
     assert results == [
         '[TOOL_RESULTS] {"call_id": "abc123def", "name": "get_weather", "content": "sunny"} [/TOOL_RESULTS]',
         '[TOOL_RESULTS] {"call_id": "xyz987uvw", "name": "get_weather", "content": "rain"} [/TOOL_RESULTS]',
+    ]
+
+
+def test_a_json_tool_result_is_shown_as_json() -> None:
+    messages = [*MESSAGES, {"role": "tool", "tool_call_id": "abc123def", "content": '{"temp": 21, "sky": "clear"}'},
+                {"role": "tool", "tool_call_id": "xyz987uvw", "content": "[not json"}]
+
+    results = rewrite_messages(messages, None)[0]["content"].split("\n\n")[1:]
+
+    assert results == [
+        '[TOOL_RESULTS] {"call_id": "abc123def", "content": {"temp": 21, "sky": "clear"}} [/TOOL_RESULTS]',
+        '[TOOL_RESULTS] {"call_id": "xyz987uvw", "content": "[not json"} [/TOOL_RESULTS]',
     ]
 
 
@@ -241,6 +253,17 @@ def test_a_text_answer_streams_as_it_comes() -> None:
     assert texts == list(text)  # one piece out for each piece in: nothing held back
 
 
+@pytest.mark.parametrize("text", ["[1] Paris is sunny.", "{braces} first", "`code` then prose", "[To be sure]"])
+def test_text_that_opens_like_json_but_cannot_be_a_call_is_not_held(text: str) -> None:
+    prompt = prompt_for(tools=TOOLS)
+    assert prompt is not None
+
+    _, texts = _merge(prompt, _chunks(text, list(range(1, len(text)))))
+
+    assert "".join(texts) == text
+    assert len(texts) >= len(text) - 4  # released after at most a few characters, not at the end
+
+
 def test_a_marker_in_a_text_answer_ends_the_text_there() -> None:
     prompt = prompt_for(tools=TOOLS)
     assert prompt is not None
@@ -273,6 +296,24 @@ def test_a_stream_closed_early_closes_what_it_reads() -> None:
 
 
 # --------------------------------------------------------------------------- end to end on a loopback NVIDIA host
+
+
+def test_a_stream_cut_inside_a_call_keeps_what_was_held_in_the_partial(driver: Driver, serve) -> None:
+    def handler(req: Received, conn: Conn) -> None:
+        conn.start(200, {"Content-Type": "text/event-stream"})
+        conn.write(sse(chunk(role="assistant"), chunk("[TOOL_CALLS] "), chunk('[{"name": "add", "argu'), done=False))
+        conn.pause(0.05)
+        conn.drop()
+
+    server = serve(handler)
+
+    with pytest.raises(APIConnectionError) as info:
+        driver.chunks(server, client=NVIDIA | {"max_retries": 0}, tools=TOOLS)
+
+    assert info.value.partial is not None
+    assert info.value.partial.choices[0].message.content == '[TOOL_CALLS] [{"name": "add", "argu'
+    assert "".join(c.choices[0].delta.content or "" for c in driver.seen if c.choices) == \
+        '[TOOL_CALLS] [{"name": "add", "argu'
 
 
 def test_nvidia_gets_a_plain_request_and_its_answer_comes_back_as_tool_calls(driver: Driver, serve) -> None:
