@@ -190,6 +190,7 @@ class _ClientArgs(TypedDict, total=False):
     region: str
     model_path: str
     local_options: Mapping[str, Any]
+    tool_calling: Literal["auto", "native", "prompt"]
 
 
 class _Shell:

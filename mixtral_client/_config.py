@@ -8,12 +8,13 @@ Environment variables:
     MIXTRAL_API_KEY      a key for any provider (the provider's own variable, e.g. NVIDIA_API_KEY, also works)
     MIXTRAL_MODEL        the model id (default: the provider's Mixtral id)
     MIXTRAL_MODEL_PATH   a local checkpoint directory (implies provider "local" when no provider is set)
+    MIXTRAL_TOOL_CALLING auto | native | prompt: how tools reach the model (default: what the provider does)
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import httpx
@@ -22,7 +23,10 @@ from ._exceptions import ConfigurationError, InvalidRequestError
 from ._providers import ProviderPreset, get_preset
 from ._timeouts import Timeout, coerce_timeout
 
-__all__ = ["ClientConfig", "resolve_config"]
+__all__ = ["TOOL_CALLING", "ClientConfig", "resolve_config"]
+
+#: ``tool_calling=`` values: the provider's own way, the host's ``tools`` field, or tools in the prompt
+TOOL_CALLING = ("auto", "native", "prompt")
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +55,21 @@ class ClientConfig:
         return self.preset.name
 
 
+def _with_tool_calling(preset: ProviderPreset, mode: str) -> ProviderPreset:
+    """The preset with tools sent natively or written into the prompt, as ``tool_calling`` asks."""
+    mode = mode.strip().lower()
+    if mode not in TOOL_CALLING:
+        raise ConfigurationError(f"tool_calling must be one of {', '.join(TOOL_CALLING)}, got {mode!r}")
+    if mode == "prompt":
+        return replace(preset, supports_tools=False, prompts_tools=True)
+    if mode == "native":
+        if preset.kind != "http":
+            raise ConfigurationError(f"tool_calling='native' needs an OpenAI-compatible host; {preset.name!r} "
+                                     "serves Mixtral without a tools field, so tools go in the prompt")
+        return replace(preset, supports_tools=True, prompts_tools=False)
+    return preset
+
+
 def resolve_config(
     env: Mapping[str, str],
     *,
@@ -68,6 +87,7 @@ def resolve_config(
     local_options: Mapping[str, Any] | None = None,
     http_client: httpx.Client | None = None,
     async_http_client: httpx.AsyncClient | None = None,
+    tool_calling: str | None = None,
 ) -> ClientConfig:
     name = provider or env.get("MIXTRAL_PROVIDER") or None
     base_url = base_url or env.get("MIXTRAL_BASE_URL") or None
@@ -118,6 +138,7 @@ def resolve_config(
             "provider 'local' needs model_path= (or MIXTRAL_MODEL_PATH): a Hugging Face Mixtral checkpoint "
             "directory; `mixtral local init-tiny DIR` writes a tiny random one"
         )
+    preset = _with_tool_calling(preset, tool_calling or env.get("MIXTRAL_TOOL_CALLING") or "auto")
     if preset.kind == "bedrock":
         # without one, the Bedrock backend asks botocore (the AWS profile) before refusing
         region = region or env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or None

@@ -89,9 +89,10 @@ class ChatMixtral(BaseChatModel):
     ```
 
     Keys are read from the provider's variable (``NVIDIA_API_KEY``, ``OPENROUTER_API_KEY``, ``AIMLAPI_API_KEY``,
-    or ``MIXTRAL_API_KEY``) when not given. Tools and structured output need a host that supports them
-    (``openai``-compatible endpoints, OpenRouter); NVIDIA, AIML API and the local backend refuse them with
-    ``UnsupportedFeatureError`` before anything is sent. See docs/langchain.md.
+    or ``MIXTRAL_API_KEY``) when not given. Tools work on every provider: natively on ``openai``-compatible hosts
+    and OpenRouter, written into the prompt on NVIDIA, AIML API, Bedrock and the local backend. ``json_mode`` and
+    ``json_schema`` structured output need a host with ``response_format`` (``openai``-compatible, OpenRouter);
+    the others refuse it with ``UnsupportedFeatureError`` before anything is sent. See docs/langchain.md.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -117,6 +118,9 @@ class ChatMixtral(BaseChatModel):
     """Stream internally on ``invoke`` (callbacks see tokens as they arrive)."""
     stream_usage: bool = True
     """Ask for token usage when streaming (``stream_options.include_usage``)."""
+    tool_calling: Literal["auto", "native", "prompt"] | None = None
+    """How bound tools reach the model: the provider's way (``auto``), the host's ``tools`` field, or the
+    prompt (for an OpenAI-compatible host without tools). Default: ``MIXTRAL_TOOL_CALLING``, else ``auto``."""
     model_kwargs: dict[str, Any] = Field(default_factory=dict)
     """Other ``create()`` parameters (``n``, ``presence_penalty``, ...); unknown ones go to ``extra_body``."""
 
@@ -138,7 +142,7 @@ class ChatMixtral(BaseChatModel):
         config = resolve_config(
             os.environ, provider=self.provider, base_url=self.base_url, model_path=self.model_path,
             api_key=self.api_key.get_secret_value() if self.api_key else None, model=self.model,
-            timeout=self.timeout, max_retries=self.max_retries,
+            timeout=self.timeout, max_retries=self.max_retries, tool_calling=self.tool_calling,
         )
         self.provider = config.provider
         if self.api_key is None and config.api_key:
@@ -211,7 +215,7 @@ class ChatMixtral(BaseChatModel):
 
     def _client_args(self) -> dict[str, Any]:
         args = {"base_url": self.base_url, "model": self.model, "model_path": self.model_path,
-                "timeout": self.timeout, "max_retries": self.max_retries,
+                "timeout": self.timeout, "max_retries": self.max_retries, "tool_calling": self.tool_calling,
                 "api_key": self.api_key.get_secret_value() if self.api_key else None}
         return {k: v for k, v in args.items() if v is not None}
 

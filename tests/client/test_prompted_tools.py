@@ -360,3 +360,49 @@ def test_a_follow_up_turn_with_results_is_sent_as_text_and_answered_as_text(driv
     assert "sunny, 21 C" in sent[3]["content"] and "abc123def" in sent[3]["content"]
     assert answer.choices[0].message.content == "It is sunny in Paris."
     assert answer.choices[0].finish_reason == "stop"
+
+
+# --------------------------------------------------------------------------- choosing the way: tool_calling=
+
+
+def test_tool_calling_prompt_writes_tools_into_the_prompt_for_any_openai_compatible_host(driver: Driver,
+                                                                                         serve) -> None:
+    server = serve(replying(200, completion(CALL)))
+
+    answer = driver.complete(server, client={"tool_calling": "prompt"}, tools=TOOLS)
+
+    assert "tools" not in server.requests[0].json()
+    assert answer.choices[0].message.tool_calls is not None
+    assert answer.choices[0].message.tool_calls[0].function.name == "get_weather"
+
+
+def test_tool_calling_native_sends_tools_to_a_host_that_would_get_them_in_the_prompt(driver: Driver,
+                                                                                     serve) -> None:
+    server = serve(replying(200, completion("no call")))
+
+    driver.complete(server, client=NVIDIA | {"tool_calling": "native"}, tools=TOOLS)
+
+    assert server.requests[0].json()["tools"] == TOOLS
+
+
+def test_tool_calling_from_the_environment() -> None:
+    from mixtral_client._config import resolve_config
+
+    env = {"MIXTRAL_BASE_URL": "http://127.0.0.1:9/v1", "MIXTRAL_API_KEY": "k", "MIXTRAL_TOOL_CALLING": "prompt"}
+    assert resolve_config(env).preset.prompts_tools
+    assert not resolve_config(env, tool_calling="auto").preset.prompts_tools
+    assert not resolve_config({**env, "MIXTRAL_TOOL_CALLING": ""}).preset.prompts_tools
+
+
+@pytest.mark.parametrize(("provider", "mode", "message"), [
+    ("openai", "sometimes", "tool_calling must be one of auto, native, prompt"),
+    ("local", "native", "needs an OpenAI-compatible host"),
+    ("bedrock", "native", "needs an OpenAI-compatible host"),
+])
+def test_impossible_tool_calling_settings_are_configuration_errors(provider: str, mode: str, message: str) -> None:
+    from mixtral_client import ConfigurationError
+    from mixtral_client._config import resolve_config
+
+    with pytest.raises(ConfigurationError, match=message):
+        resolve_config({}, provider=provider, base_url="http://127.0.0.1:9/v1", api_key="k", model_path="/m",
+                       region="eu-west-1", tool_calling=mode)

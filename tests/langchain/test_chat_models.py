@@ -409,3 +409,14 @@ def test_the_sync_client_is_built_once_and_reused(llm: ChatMixtral, host: Script
     llm.invoke("b")
     assert llm._client() is client
     assert json.loads(json.dumps(host.requests[-1]))["messages"] == [{"role": "user", "content": "b"}]
+
+
+def test_tool_calling_prompt_for_an_openai_compatible_host_without_tools(nvidia_like: ScriptedHost) -> None:
+    llm = ChatMixtral(base_url=nvidia_like.url, api_key="k", tool_calling="prompt").bind_tools([get_weather])
+
+    call = llm.invoke("weather in Oslo?")
+
+    assert call.tool_calls[0]["name"] == "get_weather"
+    assert "tools" not in nvidia_like.requests[-1]
+    with pytest.raises(ValueError, match="tool_calling"):
+        ChatMixtral(base_url=nvidia_like.url, api_key="k", tool_calling="always")
