@@ -18,7 +18,7 @@ from typing import Any
 from urllib.parse import quote, unquote
 
 from ._exceptions import APIStatusError, InvalidRequestError, UnsupportedFeatureError, status_error_for
-from ._request import ChatRequest
+from ._request import ChatRequest, join_turns, message_text
 from .types import (
     ChatCompletion,
     ChatCompletionChunk,
@@ -93,14 +93,6 @@ def model_from_path(raw_path: str) -> str:
     return unquote(segments[-2]) if len(segments) >= 3 else ""
 
 
-def _text(content: Any) -> str:
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    return "".join(part["text"] for part in content)
-
-
 def _unsupported(message: str, param: str, provider: str) -> UnsupportedFeatureError:
     return UnsupportedFeatureError(f"{param}: {message}", param=param, provider=provider)
 
@@ -120,7 +112,7 @@ def converse_messages(messages: list[dict[str, Any]], provider: str = "bedrock")
         if role == "tool" or message.get("tool_calls"):
             raise _unsupported("Mixtral on Bedrock has no tool turns; the client sends them as text "
                                "(mixtral_client._tools)", f"messages[{i}]", provider)
-        text = _text(message.get("content"))
+        text = message_text(message.get("content"))
         if role in ("system", "developer"):
             if text.strip():
                 system.append(text)
@@ -139,13 +131,7 @@ def converse_messages(messages: list[dict[str, Any]], provider: str = "bedrock")
             "messages: Mixtral on Bedrock needs a user (or system) message before the first assistant message",
             param="messages", provider=provider,
         )
-    merged: list[tuple[str, list[str]]] = []
-    for role, text in turns:
-        if merged and merged[-1][0] == role:
-            merged[-1][1].append(text)
-        else:
-            merged.append((role, [text]))
-    return [{"role": role, "content": [{"text": "\n\n".join(texts)}]} for role, texts in merged]
+    return [{"role": role, "content": [{"text": text}]} for role, text in join_turns(turns)]
 
 
 def converse_body(request: ChatRequest) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from ._exceptions import InvalidRequestError, UnsupportedFeatureError
 from ._providers import ProviderPreset
 from ._timeouts import Timeout
 
-__all__ = ["ChatRequest", "RequestOptions", "build_request"]
+__all__ = ["ChatRequest", "RequestOptions", "build_request", "join_turns", "message_text"]
 
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
 _TOOL_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -84,6 +84,27 @@ def _number(value: Any, param: str, preset: ProviderPreset, lo: float, hi: float
     if value < lo or (hi is not None and value > hi):
         rng = f"between {lo:g} and {hi:g}" if hi is not None else f">= {lo:g}"
         raise _fail(f"{preset.name} accepts {rng}, got {value!r}", param, preset)
+
+
+def message_text(content: Any) -> str:
+    """A validated message's content as one string (``None`` is empty, text parts are joined)."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    return "".join(part["text"] for part in content)
+
+
+def join_turns(turns: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Consecutive turns of one role as one turn, their non-empty texts joined with a blank line (Mixtral's
+    template wants the roles to alternate; mistral-common joins them the same way)."""
+    merged: list[tuple[str, list[str]]] = []
+    for role, text in turns:
+        if merged and merged[-1][0] == role:
+            merged[-1][1].append(text)
+        else:
+            merged.append((role, [text]))
+    return [(role, "\n\n".join(t for t in texts if t)) for role, texts in merged]
 
 
 def _check_content(content: Any, where: str, preset: ProviderPreset, *, may_be_none: bool) -> None:

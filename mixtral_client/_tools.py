@@ -30,7 +30,7 @@ from typing import Any
 import anyio
 
 from ._exceptions import APIError
-from ._request import ChatRequest
+from ._request import ChatRequest, join_turns, message_text
 from .types import (
     ChatCompletion,
     ChatCompletionChunk,
@@ -50,14 +50,6 @@ TOOLS, TOOLS_END = "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]"
 _TOOL_PARAMS = ("tools", "tool_choice", "parallel_tool_calls")
 _FENCE_OPEN = re.compile(r"```[A-Za-z0-9_-]*[ \t]*\n?")
 _JSON = json.JSONDecoder()
-
-
-def _text(content: Any) -> str:
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    return "".join(part["text"] for part in content)
 
 
 def _dumps(value: Any) -> str:
@@ -117,7 +109,7 @@ def rewrite_messages(messages: list[dict[str, Any]], system: str | None) -> list
     names: dict[str, str] = {}
     turns: list[tuple[str, str]] = []
     for message in messages:
-        role, text = message["role"], _text(message.get("content"))
+        role, text = message["role"], message_text(message.get("content"))
         if role == "developer":
             role = "system"
         if role == "assistant" and message.get("tool_calls"):
@@ -137,13 +129,7 @@ def rewrite_messages(messages: list[dict[str, Any]], system: str | None) -> list
         while leading < len(turns) and turns[leading][0] == "system":
             leading += 1
         turns.insert(leading, ("system", system))
-    merged: list[tuple[str, list[str]]] = []
-    for role, text in turns:
-        if merged and merged[-1][0] == role:
-            merged[-1][1].append(text)
-        else:
-            merged.append((role, [text]))
-    return [{"role": role, "content": "\n\n".join(t for t in texts if t)} for role, texts in merged]
+    return [{"role": role, "content": text} for role, text in join_turns(turns)]
 
 
 # --------------------------------------------------------------------------- parsing answers
@@ -338,18 +324,12 @@ class ToolPrompt:
         rewrite = _StreamRewrite(self)
         try:
             for chunk in chunks:
-                out = rewrite.feed(chunk)
-                if out is not None:
-                    yield out
+                yield from rewrite.feed(chunk)
         except APIError:
-            held = rewrite.end(read_calls=False)
-            if held is not None:
-                yield held  # the caller's Stream merges it into error.partial before the error goes on
+            yield from rewrite.end(read_calls=False)  # the caller's Stream merges it into error.partial
             raise
         else:
-            tail = rewrite.end()
-            if tail is not None:
-                yield tail
+            yield from rewrite.end()
         finally:
             close = getattr(chunks, "close", None)
             if close is not None:
@@ -359,17 +339,14 @@ class ToolPrompt:
         rewrite = _StreamRewrite(self)
         try:
             async for chunk in chunks:
-                out = rewrite.feed(chunk)
-                if out is not None:
+                for out in rewrite.feed(chunk):
                     yield out
         except APIError:
-            held = rewrite.end(read_calls=False)
-            if held is not None:
+            for held in rewrite.end(read_calls=False):
                 yield held
             raise
         else:
-            tail = rewrite.end()
-            if tail is not None:
+            for tail in rewrite.end():
                 yield tail
         finally:
             aclose = getattr(chunks, "aclose", None)
@@ -402,10 +379,11 @@ class _StreamRewrite:
         ]
         return text + (content or ""), deltas
 
-    def feed(self, chunk: ChatCompletionChunk) -> ChatCompletionChunk | None:
+    def feed(self, chunk: ChatCompletionChunk) -> list[ChatCompletionChunk]:
+        """The chunk to pass on for ``chunk`` (none when all it had is held)."""
         self.last = chunk
         if not self.prompt.tools:
-            return chunk
+            return [chunk]
         choices = []
         for choice in chunk.choices:
             if choice.delta.tool_calls:  # the host called natively after all: pass it on
@@ -425,14 +403,14 @@ class _StreamRewrite:
             if new.delta != ChoiceDelta() or new.finish_reason is not None or new.logprobs is not None:
                 choices.append(new)
         if not choices and chunk.choices and chunk.usage is None:
-            return None
-        return chunk.model_copy(update={"choices": choices})
+            return []
+        return [chunk.model_copy(update={"choices": choices})]
 
-    def end(self, read_calls: bool = True) -> ChatCompletionChunk | None:
+    def end(self, read_calls: bool = True) -> list[ChatCompletionChunk]:
         """What is still held when the chunks end without a finish reason (as text or calls), or fail (as
         text)."""
         if not self.open or self.last is None:
-            return None
+            return []
         choices = []
         for index, state in sorted(self.open.items()):
             text, calls = self._finish(state, "", read_calls)
@@ -441,6 +419,6 @@ class _StreamRewrite:
                 choices.append({"index": index, "delta": delta, "finish_reason": "tool_calls" if calls else None})
         self.open.clear()
         if not choices:
-            return None
-        return ChatCompletionChunk(id=self.last.id, created=self.last.created, model=self.last.model,
-                                   choices=choices)
+            return []
+        return [ChatCompletionChunk(id=self.last.id, created=self.last.created, model=self.last.model,
+                                    choices=choices)]
