@@ -8,6 +8,8 @@ the answer back into tool calls, so agent code runs unchanged on every backend:
   function-calling layout, as plain text), with how to call them and what ``tool_choice`` demands;
 - earlier assistant calls become ``[TOOL_CALLS] [{"name", "arguments", "id"}]`` text, tool results become user
   text ``[TOOL_RESULTS] {"call_id", "name", "content"} [/TOOL_RESULTS]``; turns of one role are then joined;
+- the answer is stopped at ``[TOOL_RESULTS]`` (a stop sequence added to the caller's, where the host takes one
+  more), so a model cannot go on to invent a result;
 - an answer that is ``[TOOL_CALLS]`` followed by a JSON call or list of calls, or that is nothing but such
   JSON (fenced or not) naming declared tools, becomes ``message.tool_calls`` with fresh 9-character ids and
   ``finish_reason="tool_calls"``. Text before or after the calls stays in ``content``; an answer whose calls
@@ -257,6 +259,15 @@ class _ChoiceText:
         return out
 
 
+def _stop_before_made_up_results(params: dict[str, Any], max_stop: int | None) -> None:
+    """Stop the answer where the model would start writing a tool's result itself (a model that calls tools
+    by prompt tends to go on with an invented ``[TOOL_RESULTS]``), when the host takes one more stop."""
+    stop = params.get("stop")
+    stops = [] if stop is None else [stop] if isinstance(stop, str) else list(stop)
+    if RESULTS not in stops and (max_stop is None or len(stops) < max_stop):
+        params["stop"] = [*stops, RESULTS]
+
+
 @dataclass(frozen=True, slots=True)
 class ToolPrompt:
     """One request's tools, written into its prompt; reads the answer's calls back out."""
@@ -283,14 +294,12 @@ class ToolPrompt:
         if isinstance(choice, Mapping):
             callable_ = [fn for fn in functions if fn["name"] == choice["function"]["name"]]
         system = None
+        plain = {k: v for k, v in params.items() if k not in _TOOL_PARAMS}
         if callable_:
             shown = [{k: fn[k] for k in ("name", "description", "parameters") if k in fn} for fn in callable_]
             system = _instructions(shown, choice, one_at_a_time)
-        rewritten = replace(
-            request,
-            messages=rewrite_messages(request.messages, system),
-            params={k: v for k, v in params.items() if k not in _TOOL_PARAMS},
-        )
+            _stop_before_made_up_results(plain, request.provider.limits.max_stop)
+        rewritten = replace(request, messages=rewrite_messages(request.messages, system), params=plain)
         return cls(rewritten, {fn["name"]: fn for fn in callable_}, one_at_a_time)
 
     def _calls(self, text: str) -> tuple[str | None, list[FunctionCall]] | None:

@@ -54,6 +54,25 @@ def test_tools_go_into_the_system_text_and_leave_the_body() -> None:
     assert "plain text" in system["content"]
 
 
+@pytest.mark.parametrize(("provider", "stop", "sent"), [
+    ("nvidia", None, ["[TOOL_RESULTS]"]),
+    ("nvidia", "END", ["END", "[TOOL_RESULTS]"]),
+    ("local", ["a", "[TOOL_RESULTS]"], ["a", "[TOOL_RESULTS]"]),
+    ("aimlapi", ["a", "b", "c"], ["a", "b", "c", "[TOOL_RESULTS]"]),
+    ("aimlapi", ["a", "b", "c", "d"], ["a", "b", "c", "d"]),  # AIML API takes at most 4
+])
+def test_answers_stop_before_a_made_up_tool_result(provider: str, stop: Any, sent: list[str]) -> None:
+    prompt = prompt_for(provider, tools=TOOLS, **({"stop": stop} if stop is not None else {}))
+
+    assert prompt is not None
+    assert prompt.request.params["stop"] == sent
+
+
+def test_no_stop_is_added_when_no_tool_may_be_called() -> None:
+    prompt = prompt_for(tools=TOOLS, tool_choice="none")
+    assert prompt is not None and "stop" not in prompt.request.params
+
+
 @pytest.mark.parametrize(("choice", "says", "listed"), [
     ("required", "must call at least one tool", ["get_weather", "add"]),
     ({"type": "function", "function": {"name": "add"}}, "must call the tool add", ["add"]),
