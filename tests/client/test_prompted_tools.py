@@ -6,10 +6,12 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import anyio
 import pytest
 
 from mixtral_client import PROVIDERS, APIConnectionError, ChatCompletion, ChatCompletionChunk, Timeout
 from mixtral_client._accumulate import ChunkAccumulator
+from mixtral_client._streaming import AsyncStream
 from mixtral_client._request import RequestOptions, build_request
 from mixtral_client._tools import CALLS, ToolPrompt, parse_tool_calls, rewrite_messages
 from tests.client.conftest import MESSAGES, Driver, chunk, completion, replying, streaming
@@ -312,6 +314,32 @@ def test_a_stream_closed_early_closes_what_it_reads() -> None:
     stream.close()
 
     assert closed == [True]
+
+
+@pytest.mark.anyio
+async def test_an_async_stream_left_early_or_cancelled_closes_what_it_reads(anyio_backend: str) -> None:
+    prompt = prompt_for(tools=TOOLS)
+    assert prompt is not None
+    closed: list[str] = []
+
+    async def source(name: str):
+        try:
+            for piece in _chunks("Hello there, a long answer", [1, 5, 9]):
+                yield piece
+                await anyio.sleep(0.01)
+        finally:
+            closed.append(name)
+
+    stream = AsyncStream(prompt.astream(source("left")))
+    async with await stream._open() as opened:
+        async for _ in opened:
+            break
+    with anyio.move_on_after(0.015):
+        async with await AsyncStream(prompt.astream(source("cancelled")))._open() as opened:
+            async for _ in opened:
+                pass
+
+    assert closed == ["left", "cancelled"]
 
 
 # --------------------------------------------------------------------------- end to end on a loopback NVIDIA host
