@@ -11,8 +11,8 @@ import pytest
 
 from mixtral_client import PROVIDERS, APIConnectionError, ChatCompletion, ChatCompletionChunk, Timeout
 from mixtral_client._accumulate import ChunkAccumulator
-from mixtral_client._streaming import AsyncStream
 from mixtral_client._request import RequestOptions, build_request
+from mixtral_client._streaming import AsyncStream
 from mixtral_client._tools import CALLS, ToolPrompt, parse_tool_calls, rewrite_messages
 from tests.client.conftest import MESSAGES, Driver, chunk, completion, replying, streaming
 from tests.loopback import Conn, Received, sse
