@@ -60,14 +60,14 @@ def _with_tool_calling(preset: ProviderPreset, mode: str) -> ProviderPreset:
     mode = mode.strip().lower()
     if mode not in TOOL_CALLING:
         raise ConfigurationError(f"tool_calling must be one of {', '.join(TOOL_CALLING)}, got {mode!r}")
+    if mode == "auto":
+        return preset
     if mode == "prompt":
-        return replace(preset, supports_tools=False, prompts_tools=True)
-    if mode == "native":
-        if preset.kind != "http":
-            raise ConfigurationError(f"tool_calling='native' needs an OpenAI-compatible host; {preset.name!r} "
-                                     "serves Mixtral without a tools field, so tools go in the prompt")
-        return replace(preset, supports_tools=True, prompts_tools=False)
-    return preset
+        return replace(preset, tools="prompt")
+    if preset.kind != "http":
+        raise ConfigurationError(f"tool_calling='native' needs an OpenAI-compatible host; {preset.name!r} "
+                                 "serves Mixtral without a tools field, so tools go in the prompt")
+    return replace(preset, tools="native")
 
 
 def resolve_config(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Literal
 
 __all__ = ["MODEL_ALIAS", "PROVIDERS", "Limits", "ProviderPreset", "get_preset"]
 
@@ -37,10 +38,9 @@ class ProviderPreset:
     model: str
     api_key_env: str | None
     limits: Limits = field(default_factory=Limits)
-    #: the host takes OpenAI ``tools`` for Mixtral
-    supports_tools: bool = True
-    #: tools are written into the prompt and the calls read back from the answer (``_tools.py``)
-    prompts_tools: bool = False
+    #: how tools reach the model: the host's OpenAI ``tools`` field ("native"), written into the prompt with
+    #: the calls read back from the answer ("prompt", ``_tools.py``), or not at all ("none")
+    tools: Literal["native", "prompt", "none"] = "native"
     supports_response_format: bool = True
     #: request-body keys this host accepts beyond the OpenAI ones (OpenRouter's routing, ...)
     extra_body_keys: frozenset[str] = frozenset()
@@ -52,6 +52,10 @@ class ProviderPreset:
     request_id_headers: tuple[str, ...] = ("x-request-id",)
     context_window: int = 32768
     notes: str = ""
+
+    @property
+    def prompts_tools(self) -> bool:
+        return self.tools == "prompt"
 
     def resolve_model(self, model: str | None) -> str:
         if model is None or model == MODEL_ALIAS:
@@ -68,8 +72,7 @@ PROVIDERS: Mapping[str, ProviderPreset] = {
             model="mistralai/mixtral-8x7b-instruct-v0.1",
             api_key_env="NVIDIA_API_KEY",
             limits=Limits(temperature=(0.0, 2.0), top_p=(0.0, 1.0), seed=(0, None)),
-            supports_tools=False,
-            prompts_tools=True,
+            tools="prompt",
             supports_response_format=False,
             strict_body=True,
             request_id_headers=("nvcf-reqid", "x-request-id"),
@@ -91,8 +94,7 @@ PROVIDERS: Mapping[str, ProviderPreset] = {
             api_key_env="AIMLAPI_API_KEY",
             limits=Limits(temperature=(0.0, 2.0), top_p=(0.01, 1.0), seed=(1, None), max_stop=4,
                           top_logprobs=(0, 20), top_k=(1, None)),
-            supports_tools=False,
-            prompts_tools=True,
+            tools="prompt",
             supports_response_format=False,
             extra_body_keys=frozenset({"top_k", "min_p", "repetition_penalty"}),
         ),
@@ -110,8 +112,7 @@ PROVIDERS: Mapping[str, ProviderPreset] = {
             api_key_env="AWS_BEARER_TOKEN_BEDROCK",
             limits=Limits(temperature=(0.0, 1.0), top_p=(0.0, 1.0), max_tokens=(1, 4096), max_stop=10,
                           top_k=(1, 200), n_max=1),
-            supports_tools=False,
-            prompts_tools=True,
+            tools="prompt",
             supports_response_format=False,
             kind="bedrock",
             request_id_headers=("x-amzn-requestid",),
@@ -122,8 +123,7 @@ PROVIDERS: Mapping[str, ProviderPreset] = {
             model="mixtral-local",
             api_key_env=None,
             limits=Limits(top_k=(1, None), seed=(0, None), n_max=1),
-            supports_tools=False,
-            prompts_tools=True,
+            tools="prompt",
             supports_response_format=False,
             kind="local",
         ),

@@ -158,7 +158,7 @@ def _check_messages(messages: Any, preset: ProviderPreset) -> list[dict[str, Any
 
 def _check_tools(tools: Any, tool_choice: Any, preset: ProviderPreset) -> None:
     if tools is not None:
-        if not (preset.supports_tools or preset.prompts_tools):
+        if preset.tools == "none":
             raise UnsupportedFeatureError(
                 f"tools: {preset.name} does not support tool calling for Mixtral", param="tools", provider=preset.name
             )

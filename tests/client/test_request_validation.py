@@ -211,7 +211,7 @@ def test_well_formed_tool_conversation_is_accepted() -> None:
 
 
 def test_tools_to_a_host_that_neither_takes_nor_prompts_them_are_unsupported() -> None:
-    preset = dataclasses.replace(PROVIDERS["nvidia"], prompts_tools=False)
+    preset = dataclasses.replace(PROVIDERS["nvidia"], tools="none")
     with pytest.raises(UnsupportedFeatureError) as info:
         build_request(preset, model=None, messages=MESSAGES, stream=False, options=RequestOptions(timeout=Timeout()),
                       params={"tools": TOOLS})
