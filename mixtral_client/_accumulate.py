@@ -17,13 +17,23 @@ from .types import (
     ChatCompletionMessage,
     Choice,
     ChoiceDeltaToolCall,
+    ChoiceDeltaToolCallFunction,
     FunctionCall,
     ToolCall,
     Usage,
     new_tool_call_id,
 )
 
-__all__ = ["ChunkAccumulator"]
+__all__ = ["ChunkAccumulator", "whole_call_deltas"]
+
+
+def whole_call_deltas(calls: list[ToolCall]) -> list[ChoiceDeltaToolCall]:
+    """Whole tool calls as the stream deltas that ``ChunkAccumulator`` merges back into them (one per index)."""
+    return [
+        ChoiceDeltaToolCall(index=i, id=c.id, type=c.type,
+                            function=ChoiceDeltaToolCallFunction(name=c.function.name, arguments=c.function.arguments))
+        for i, c in enumerate(calls)
+    ]
 
 
 class _ToolCallParts:

@@ -31,6 +31,7 @@ from typing import Any
 
 import anyio
 
+from ._accumulate import whole_call_deltas
 from ._exceptions import APIError
 from ._request import ChatRequest, join_turns, message_text
 from .types import (
@@ -38,10 +39,8 @@ from .types import (
     ChatCompletionChunk,
     ChoiceDelta,
     ChoiceDeltaToolCall,
-    ChoiceDeltaToolCallFunction,
     FunctionCall,
     ToolCall,
-    new_tool_call_id,
 )
 
 __all__ = ["CALLS", "ToolPrompt", "parse_tool_calls"]
@@ -302,13 +301,13 @@ class ToolPrompt:
         rewritten = replace(request, messages=rewrite_messages(request.messages, system), params=plain)
         return cls(rewritten, {fn["name"]: fn for fn in callable_}, one_at_a_time)
 
-    def _calls(self, text: str) -> tuple[str | None, list[FunctionCall]] | None:
-        if not self.tools:
+    def _calls(self, text: str) -> tuple[str | None, list[ToolCall]] | None:
+        """The answer's content and its calls, each with a fresh id; None when it calls nothing."""
+        parsed = parse_tool_calls(text, self.tools) if self.tools else None
+        if parsed is None:
             return None
-        parsed = parse_tool_calls(text, self.tools)
-        if parsed is not None and self.one_at_a_time:
-            return parsed[0], parsed[1][:1]
-        return parsed
+        content, calls = parsed
+        return content, [ToolCall(function=fn) for fn in calls[:1 if self.one_at_a_time else None]]
 
     # -- whole answers
 
@@ -319,10 +318,7 @@ class ToolPrompt:
             parsed = None if message.tool_calls else self._calls(message.content or "")
             if parsed is not None:
                 content, calls = parsed
-                message = message.model_copy(update={
-                    "content": content,
-                    "tool_calls": [ToolCall(id=new_tool_call_id(), function=fn) for fn in calls],
-                })
+                message = message.model_copy(update={"content": content, "tool_calls": calls})
                 choice = choice.model_copy(update={"message": message, "finish_reason": "tool_calls"})
             choices.append(choice)
         return completion.model_copy(update={"choices": choices})
@@ -381,12 +377,7 @@ class _StreamRewrite:
         if parsed is None:
             return text + state.held, None
         content, calls = parsed
-        deltas = [
-            ChoiceDeltaToolCall(index=i, id=new_tool_call_id(), type="function",
-                                function=ChoiceDeltaToolCallFunction(name=fn.name, arguments=fn.arguments))
-            for i, fn in enumerate(calls)
-        ]
-        return text + (content or ""), deltas
+        return text + (content or ""), whole_call_deltas(calls)
 
     def feed(self, chunk: ChatCompletionChunk) -> list[ChatCompletionChunk]:
         """The chunk to pass on for ``chunk`` (none when all it had is held)."""

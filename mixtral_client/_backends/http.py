@@ -21,6 +21,7 @@ import anyio
 import httpx
 import pydantic
 
+from mixtral_client._accumulate import whole_call_deltas
 from mixtral_client._config import ClientConfig
 from mixtral_client._exceptions import (
     APIConnectionError,
@@ -35,14 +36,7 @@ from mixtral_client._retry import RetryPolicy
 from mixtral_client._sse import ServerSentEvent, SSEDecoder
 from mixtral_client._timeouts import Deadline
 from mixtral_client._version import __version__
-from mixtral_client.types import (
-    ChatCompletion,
-    ChatCompletionChunk,
-    ChoiceDelta,
-    ChoiceDeltaToolCall,
-    ChoiceDeltaToolCallFunction,
-    ChunkChoice,
-)
+from mixtral_client.types import ChatCompletion, ChatCompletionChunk, ChoiceDelta, ChunkChoice
 
 __all__ = ["AsyncHTTPBackend", "EventDecoder", "HTTPBackend", "HTTPCore", "WireCore", "log_request",
            "read_error", "transport_errors"]
@@ -359,8 +353,7 @@ class HTTPCore:
         choices = []
         for choice in completion.choices:
             message = choice.message
-            calls = [ChoiceDeltaToolCall(index=i, id=c.id, type=c.type, function=ChoiceDeltaToolCallFunction(
-                name=c.function.name, arguments=c.function.arguments)) for i, c in enumerate(message.tool_calls or [])]
+            calls = whole_call_deltas(message.tool_calls or [])
             delta = ChoiceDelta(role=message.role, content=message.content, tool_calls=calls or None)
             choices.append(ChunkChoice(index=choice.index, delta=delta, finish_reason=choice.finish_reason,
                                        logprobs=choice.logprobs))
