@@ -1,13 +1,16 @@
 """The local backend behind ``MixtralClient(provider="local", model_path=DIR)``.
 
-One core (``LocalCore``) turns a validated ``ChatRequest`` into a prompt and sampling parameters, and engine
-deltas into ``ChatCompletion`` / ``ChatCompletionChunk`` objects; ``LocalBackend`` runs it in the calling
-thread, ``AsyncLocalBackend`` in worker threads (one token step per hop, so the event loop never blocks and
-a cancelled or closed stream stops after the step in flight).
+One core (``LocalCore``) turns a validated ``ChatRequest`` into a prompt and sampling parameters and queues
+it in the engine's running batch (``Engine.submit``: continuous batching, so concurrent requests from any
+threads or tasks decode together, one step for all); ``_Answer`` turns the engine's deltas into
+``ChatCompletion`` / ``ChatCompletionChunk`` objects. ``LocalBackend`` waits for the deltas in the calling
+thread; ``AsyncLocalBackend`` queues from a worker thread and then awaits the deltas without holding a
+thread, so the event loop never blocks. A closed, abandoned or cancelled stream leaves the batch after the
+step in flight.
 
 The checkpoint is checked when a backend is built (a bad one raises ``CheckpointError``, a
 ``ConfigurationError``) and loaded on the first request, once per process for each
-(path, dtype, device, moe_backend): clients built alike share the weights.
+(path, dtype, device, moe_backend): clients built alike share the weights and the running batch.
 
 Streams: a first chunk with ``role="assistant"``, one chunk per piece of text, and a last chunk with an
 empty delta, the ``finish_reason`` and the ``usage`` (always there, whatever ``stream_options`` says).
@@ -15,6 +18,8 @@ empty delta, the ``finish_reason`` and the ``usage`` (always there, whatever ``s
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import threading
 import time
@@ -40,7 +45,7 @@ from mixtral_client.types import (
     Usage,
 )
 
-from .engine import Engine, SamplingParams
+from .engine import Delta, Engine, SamplingParams, Ticket
 from .loader import check_checkpoint, load_model, resolve_device, resolve_dtype
 from .tokenizer import MixtralTokenizer
 
@@ -132,8 +137,36 @@ def _sampling(request: ChatRequest) -> SamplingParams:
         raise InvalidRequestError(str(exc), provider="local") from None
 
 
+class _Answer:
+    """One request's engine deltas as OpenAI chunks: the role first, then text, then the finish with usage."""
+
+    def __init__(self, model: str) -> None:
+        self.head: dict[str, Any] = {"id": f"chatcmpl-local-{uuid.uuid4().hex[:24]}", "created": int(time.time()),
+                                     "model": model}
+
+    def first(self) -> ChatCompletionChunk:
+        return ChatCompletionChunk(**self.head, choices=[ChunkChoice(delta=ChoiceDelta(role="assistant", content=""))])
+
+    def chunks(self, delta: Delta) -> Iterator[ChatCompletionChunk]:
+        if delta.text:
+            yield ChatCompletionChunk(**self.head, choices=[ChunkChoice(delta=ChoiceDelta(content=delta.text))])
+        if delta.finish_reason is not None:
+            usage = Usage(prompt_tokens=delta.prompt_tokens, completion_tokens=delta.completion_tokens,
+                          total_tokens=delta.prompt_tokens + delta.completion_tokens)
+            yield ChatCompletionChunk(**self.head, choices=[ChunkChoice(finish_reason=delta.finish_reason)],
+                                      usage=usage)
+
+    @staticmethod
+    def fold(chunks: list[ChatCompletionChunk]) -> ChatCompletion:
+        text = [c.choices[0].delta.content or "" for c in chunks]  # never empty: the role chunk comes first
+        last = chunks[-1]
+        message = ChatCompletionMessage(role="assistant", content="".join(text))
+        return ChatCompletion(id=last.id, created=last.created, model=last.model, usage=last.usage,
+                              choices=[Choice(message=message, finish_reason=last.choices[0].finish_reason)])
+
+
 class LocalCore:
-    """Request in, completion or chunks out; no threads of its own."""
+    """Request in, a ticket in the engine's running batch out; the engine's thread does the work."""
 
     def __init__(self, config: ClientConfig) -> None:
         self.options = LocalOptions.from_config(config)
@@ -154,41 +187,31 @@ class LocalCore:
     def close(self) -> None:
         self._engine = None
 
-    def chunks(self, request: ChatRequest, should_stop: Callable[[], bool] | None = None,
-               ) -> Iterator[ChatCompletionChunk]:
+    def start(self, request: ChatRequest) -> Ticket:
+        """Check the request, load the model on first use, and queue the prompt (blocking work: a thread's)."""
         params = _sampling(request)
         engine = self.engine
-        prompt = engine.tokenizer.encode_chat(request.messages)
-        deltas = engine.stream([prompt], params, should_stop)  # refuses a prompt that does not fit, here
-        head: dict[str, Any] = {"id": f"chatcmpl-local-{uuid.uuid4().hex[:24]}", "created": int(time.time()),
-                                "model": request.model}
-        yield ChatCompletionChunk(**head, choices=[ChunkChoice(delta=ChoiceDelta(role="assistant", content=""))])
-        for delta in deltas:
-            if delta.text:
-                yield ChatCompletionChunk(**head, choices=[ChunkChoice(delta=ChoiceDelta(content=delta.text))])
-            if delta.finish_reason is not None:
-                usage = Usage(prompt_tokens=delta.prompt_tokens, completion_tokens=delta.completion_tokens,
-                              total_tokens=delta.prompt_tokens + delta.completion_tokens)
-                yield ChatCompletionChunk(**head, choices=[ChunkChoice(finish_reason=delta.finish_reason)],
-                                          usage=usage)
+        return engine.submit(engine.tokenizer.encode_chat(request.messages), params)  # refuses what does not fit
 
-    def complete(self, request: ChatRequest, should_stop: Callable[[], bool] | None = None) -> ChatCompletion:
-        chunks = list(self.chunks(request, should_stop))  # never empty: the role chunk comes first
-        text = [c.choices[0].delta.content or "" for c in chunks]
-        last = chunks[-1]
-        message = ChatCompletionMessage(role="assistant", content="".join(text))
-        return ChatCompletion(id=last.id, created=last.created, model=last.model, usage=last.usage,
-                              choices=[Choice(message=message, finish_reason=last.choices[0].finish_reason)])
+    def chunks(self, request: ChatRequest) -> Iterator[ChatCompletionChunk]:
+        ticket = self.start(request)
+        try:
+            answer = _Answer(request.model)
+            yield answer.first()
+            for delta in ticket:
+                yield from answer.chunks(delta)
+        finally:
+            ticket.cancel()
 
 
 class LocalBackend:
-    """``SyncBackend``: generation runs in the calling thread."""
+    """``SyncBackend``: the caller's thread waits for the engine's thread."""
 
     def __init__(self, config: ClientConfig) -> None:
         self._core = LocalCore(config)
 
     def complete(self, request: ChatRequest) -> ChatCompletion:
-        return self._core.complete(request)
+        return _Answer.fold(list(self._core.chunks(request)))
 
     def stream(self, request: ChatRequest) -> Iterator[ChatCompletionChunk]:
         return self._core.chunks(request)
@@ -197,32 +220,69 @@ class LocalBackend:
         self._core.close()
 
 
-_DONE = object()
+class _Waker:
+    """Wakes a task of the running event loop (asyncio or trio) from any thread, never blocking that thread."""
+
+    def __init__(self) -> None:
+        try:
+            self._call_soon: Callable[[Callable[[], object]], object] = asyncio.get_running_loop().call_soon_threadsafe
+        except RuntimeError:  # not asyncio, so trio: anyio's other backend
+            import trio
+
+            self._call_soon = trio.lowlevel.current_trio_token().run_sync_soon
+        self._event = anyio.Event()
+
+    def wake(self) -> None:
+        try:
+            self._call_soon(self._set)
+        except RuntimeError:  # the loop has ended (trio's RunFinishedError is one too): nobody is waiting
+            pass
+
+    def _set(self) -> None:
+        self._event.set()
+
+    async def wait(self) -> None:
+        await self._event.wait()
+        self._event = anyio.Event()
 
 
 class AsyncLocalBackend:
-    """``AsyncBackend``: generation runs in worker threads; works under asyncio and trio."""
+    """``AsyncBackend``: the prompt is queued from a worker thread (the first request loads the model); the
+    deltas arrive from the engine's thread through a waker, so a stream holds no thread while it waits."""
 
     def __init__(self, config: ClientConfig) -> None:
         self._core = LocalCore(config)
 
     async def complete(self, request: ChatRequest) -> ChatCompletion:
-        stop = threading.Event()
-        try:  # on cancellation the worker is abandoned and stops at its next token
-            return await anyio.to_thread.run_sync(self._core.complete, request, stop.is_set, abandon_on_cancel=True)
-        finally:
-            stop.set()
+        async with contextlib.aclosing(self.stream(request)) as chunks:
+            return _Answer.fold([chunk async for chunk in chunks])
 
     async def stream(self, request: ChatRequest) -> AsyncIterator[ChatCompletionChunk]:
-        chunks = self._core.chunks(request)
+        started: list[Ticket] = []
+
+        def start() -> None:
+            started.append(self._core.start(request))
+
         try:
+            await anyio.to_thread.run_sync(start)  # not abandoned on cancellation: the ticket is cancelled below
+            ticket = started[0]
+            waker = _Waker()
+            ticket.listen(waker.wake)
+            answer = _Answer(request.model)
+            yield answer.first()
             while True:
-                chunk = await anyio.to_thread.run_sync(next, chunks, _DONE)
-                if chunk is _DONE:
+                delta = ticket.poll()
+                if delta is None:
+                    await waker.wait()
+                    continue
+                for chunk in answer.chunks(delta):
+                    yield chunk
+                if delta.finish_reason is not None:
                     return
-                yield chunk
         finally:
-            chunks.close()
+            for ticket in started:
+                ticket.listen(None)
+                ticket.cancel()
 
     async def aclose(self) -> None:
         self._core.close()

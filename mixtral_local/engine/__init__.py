@@ -1,8 +1,10 @@
-"""Generation: a preallocated KV cache, pure sampling functions, stop strings, and the prefill/decode loop."""
+"""Generation: a growable KV cache, pure sampling functions, stop strings, the prefill/decode loop, and the
+scheduler that decodes concurrent requests in one running batch."""
 
 from .engine import Completion, Delta, Engine
 from .kv_cache import KVCache
 from .sampling import SamplingParams, apply_penalties, logits_to_probs, sample
+from .scheduler import Scheduler, Ticket
 from .stops import StopMatcher
 
 __all__ = [
@@ -11,7 +13,9 @@ __all__ = [
     "Engine",
     "KVCache",
     "SamplingParams",
+    "Scheduler",
     "StopMatcher",
+    "Ticket",
     "apply_penalties",
     "logits_to_probs",
     "sample",

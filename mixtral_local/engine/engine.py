@@ -1,8 +1,13 @@
 """The generation loop: refuse what does not fit, prefill each prompt, then decode all rows together.
 
-An ``Engine`` holds only the model and tokenizer; each generation allocates its own KV cache, so several
-threads may generate at once. ``stream()`` yields ``Delta`` objects as tokens arrive (text that is safe to
-show: whole UTF-8 characters, nothing that could begin a stop string); ``generate()`` collects them.
+An ``Engine`` holds the model and tokenizer. ``generate()`` / ``stream()`` run a fixed set of prompts as
+one batch in the calling thread; ``submit()`` hands one prompt to the engine's ``Scheduler``, which
+decodes every submitted request in one running batch (continuous batching). Both yield ``Delta`` objects
+as tokens arrive: text that is safe to show (whole UTF-8 characters, nothing that could begin a stop
+string), and on the last one the finish reason.
+
+A ``_Batch`` is the rows decoding together: they sit in the first slots of one KV cache, which grows as
+they need; a row that finishes leaves its slot to the last row, so a step only ever computes live rows.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from mixtral_local.tokenizer import IncrementalDetokenizer, MixtralTokenizer
 
 from .kv_cache import KVCache
 from .sampling import SamplingParams, sample
+from .scheduler import Scheduler, Ticket
 from .stops import StopMatcher
 
 __all__ = ["Completion", "Delta", "Engine"]
@@ -47,7 +53,7 @@ class Completion:
         return len(self.token_ids)
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class _Row:
     """One request being generated."""
 
@@ -64,7 +70,12 @@ class _Row:
 
 
 class Engine:
-    def __init__(self, model: MixtralModel, tokenizer: MixtralTokenizer) -> None:
+    """Generation over one model: a fixed batch in the caller's thread, or requests joining a running batch.
+
+    ``max_batch`` bounds how many submitted requests decode together; more wait for a free row.
+    """
+
+    def __init__(self, model: MixtralModel, tokenizer: MixtralTokenizer, *, max_batch: int = 16) -> None:
         if tokenizer.vocab_size > model.config.vocab_size:
             raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens, the model only "
                              f"{model.config.vocab_size}")
@@ -72,6 +83,7 @@ class Engine:
         self.context = model.config.max_position_embeddings
         self.device = model.output.weight.device
         self.dtype = model.output.weight.dtype
+        self.scheduler = Scheduler(self, max_batch)
 
     def budget(self, prompt_len: int, max_tokens: int | None) -> int:
         """How many tokens a request may generate; refuses a prompt that does not fit the context."""
@@ -109,6 +121,13 @@ class Engine:
         """
         return self._run(self._rows(prompts, params), should_stop)
 
+    def submit(self, prompt: Sequence[int], params: SamplingParams) -> Ticket:
+        """Queue one prompt for the running batch; iterate the ticket for its deltas.
+
+        A prompt that does not fit, or bad token ids, raise here, in the caller's thread.
+        """
+        return self.scheduler.submit(self._rows([prompt], params)[0])
+
     def _rows(self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams],
               ) -> list[_Row]:
         per_row = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
@@ -127,7 +146,6 @@ class Engine:
                              self.tokenizer.detokenizer(), StopMatcher(p.stop), generator, counts))
         return rows
 
-    @torch.inference_mode()
     def _forward(self, ids: list[list[int]], positions: list[list[int]], cache: Sequence[tuple[torch.Tensor, ...]],
                  kv_len: int) -> torch.Tensor:
         t_ids = torch.tensor(ids, device=self.device)
@@ -155,22 +173,91 @@ class Engine:
         return Delta(row.index, text, row.finish, len(row.prompt), len(row.tokens))
 
     def _run(self, rows: list[_Row], should_stop: Callable[[], bool] | None) -> Iterator[Delta]:
-        length = max(len(r.prompt) + r.max_new for r in rows)
-        with torch.inference_mode():
-            cache = KVCache(self.model.config, len(rows), length, dtype=self.dtype, device=self.device)
-        for b, row in enumerate(rows):
+        batch = _Batch(self, slots=len(rows))
+        for row in rows:
             if should_stop is not None and should_stop():
                 return
-            logits = self._forward([row.prompt], [list(range(len(row.prompt)))], cache.row(b), len(row.prompt))
-            yield self._accept(row, sample(logits[0], row.params, row.counts, row.generator))
-        while any(r.finish is None for r in rows):
+            yield batch.admit(row)
+        while batch.rows:
             if should_stop is not None and should_stop():
                 return
-            # each row feeds its last token; finished rows ride along, repeating their last step (ignored)
-            ids = [[r.tokens[-1]] for r in rows]
-            pos = [[len(r.prompt) + len(r.tokens) - 1] for r in rows]
-            kv_len = max(p[0] for p in pos) + 1
-            logits = self._forward(ids, pos, cache.layers, kv_len)
-            for b, row in enumerate(rows):
-                if row.finish is None:
-                    yield self._accept(row, sample(logits[b], row.params, row.counts, row.generator))
+            for _, delta in batch.step():
+                yield delta
+
+
+_MIN_LENGTH = 256  # positions a fresh cache holds at least (when the rows may need that many)
+
+
+class _Batch:
+    """Rows decoding together, in the first ``len(rows)`` slots of a KV cache that grows as they need.
+
+    ``slots`` is the most rows the batch will hold: the cache's slots double up to it. Positions double
+    too, up to the most any row may reach (its prompt plus its token budget), so a request that may
+    generate to the end of the context holds memory only for the positions it has reached.
+    """
+
+    def __init__(self, engine: Engine, slots: int) -> None:
+        self.engine, self.slots = engine, slots
+        self.rows: list[_Row] = []
+        self.cache: KVCache | None = None
+
+    def _reserve(self, slots: int, positions: int) -> None:
+        cache = self.cache
+        if cache is not None and slots <= cache.batch and positions <= cache.length:
+            return
+        have_b, have_t = (cache.batch, cache.length) if cache is not None else (0, 0)
+        limit = max(len(r.prompt) + r.max_new for r in self.rows)
+        b = have_b if slots <= have_b else min(self.slots, max(slots, 2 * have_b))
+        t = have_t if positions <= have_t else min(limit, max(positions, 2 * have_t, _MIN_LENGTH))
+        if cache is None:
+            config = self.engine.model.config
+            self.cache = KVCache(config, b, t, dtype=self.engine.dtype, device=self.engine.device)
+        else:
+            cache.reserve(b, t)
+
+    @torch.inference_mode()
+    def admit(self, row: _Row) -> Delta:
+        """Prefill ``row`` into the next free slot; its first token's delta (it may already be the last)."""
+        if len(self.rows) >= self.slots:
+            raise RuntimeError(f"the batch is full ({self.slots} rows)")
+        b, n = len(self.rows), len(row.prompt)
+        self.rows.append(row)
+        try:
+            self._reserve(b + 1, n)
+            assert self.cache is not None
+            logits = self.engine._forward([row.prompt], [list(range(n))], self.cache.row(b), n)
+            delta = self.engine._accept(row, sample(logits[0], row.params, row.counts, row.generator))
+        except BaseException:
+            self.rows.pop()
+            raise
+        if row.finish is not None:
+            self.rows.pop()
+        return delta
+
+    @torch.inference_mode()
+    def step(self) -> list[tuple[_Row, Delta]]:
+        """One decode step for every row; finished rows leave the batch."""
+        rows = list(self.rows)
+        positions = [len(r.prompt) + len(r.tokens) - 1 for r in rows]  # where each row's last token goes
+        kv_len = max(positions) + 1
+        self._reserve(len(rows), kv_len)
+        assert self.cache is not None
+        logits = self.engine._forward([[r.tokens[-1]] for r in rows], [[p] for p in positions],
+                                      self.cache.first(len(rows)), kv_len)
+        out = [(row, self.engine._accept(row, sample(logits[b], row.params, row.counts, row.generator)))
+               for b, row in enumerate(rows)]
+        for row, delta in out:
+            if delta.finish_reason is not None:
+                self.drop(row)
+        return out
+
+    @torch.inference_mode()
+    def drop(self, row: _Row) -> None:
+        """Take ``row`` out; the last row moves into its slot (its cached keys and values copied)."""
+        b = next(i for i, r in enumerate(self.rows) if r is row)
+        last = self.rows[-1]
+        if last is not row:
+            assert self.cache is not None
+            self.cache.move(len(self.rows) - 1, b, len(last.prompt) + len(last.tokens) - 1)
+            self.rows[b] = last
+        self.rows.pop()

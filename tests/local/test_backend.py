@@ -155,7 +155,7 @@ async def test_async_stream_does_not_block_the_event_loop(local_config: ClientCo
 def _counting(config: ClientConfig, make_request: MakeRequest) -> tuple[AsyncLocalBackend, list[float], Any]:
     """An async backend whose model records each forward pass (and the hook handle to remove)."""
     backend = AsyncLocalBackend(config)
-    backend._core.complete(make_request(HELLO, max_tokens=1))  # load now
+    _ = backend._core.engine  # load now
     calls: list[float] = []
     handle = backend._core.engine.model.register_forward_hook(lambda *_: calls.append(time.monotonic()))
     return backend, calls, handle

@@ -1,0 +1,178 @@
+"""Continuous batching: every request submitted to an engine decodes in one running batch, on one thread.
+
+Between two decode steps the scheduler's thread admits waiting requests (a prefill each, up to
+``max_rows`` rows in all) and drops finished or cancelled ones. A request joins the batch without waiting
+for the others to finish, and N concurrent streams cost one decode step per token instead of N: decoding
+is bound by reading the weights, and a step reads them once for every row.
+
+The thread starts with the first request and ends when nothing is left to do, releasing the KV cache
+(and its hold on the engine). Consumers read a ``Ticket``: iterate it (blocking) from any thread, or poll
+it and be woken by a listener from an event loop; ``cancel()`` takes the request out after the step in
+flight. An error in a step (out of memory, say) fails every request of that step, each with the error.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import weakref
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from .engine import Delta, Engine, _Row
+
+__all__ = ["Scheduler", "Ticket"]
+
+log = logging.getLogger("mixtral_local")
+
+
+class Ticket:
+    """One submitted request: its deltas in order, the last with a finish reason, or the error that ended it."""
+
+    def __init__(self, row: _Row) -> None:
+        self.row = row
+        self._items: collections.deque[Delta | BaseException] = collections.deque()
+        self._cond = threading.Condition()
+        self._listener: Callable[[], None] | None = None
+        self._cancelled = False
+        self._ended = False  # the scheduler is done with it (finished, failed or cancelled)
+
+    # the scheduler's side
+
+    def _put(self, item: Delta | BaseException) -> None:
+        with self._cond:
+            self._items.append(item)
+            if isinstance(item, BaseException) or item.finish_reason is not None:
+                self._ended = True
+            self._cond.notify_all()
+            listener = self._listener
+        if listener is not None:
+            listener()
+
+    # the consumer's side
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled
+
+    def cancel(self) -> None:
+        """Take the request out of the batch (after the step in flight); idempotent, from any thread."""
+        self._cancelled = True
+
+    def listen(self, listener: Callable[[], None] | None) -> None:
+        """Call ``listener()`` (from the scheduler's thread, never blocking it) after each new item."""
+        with self._cond:
+            self._listener = listener
+
+    def poll(self) -> Delta | None:
+        """The next delta if one is ready, else None; raises the error that ended the request."""
+        with self._cond:
+            item = self._items.popleft() if self._items else None
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def get(self, timeout: float | None = None) -> Delta:
+        """The next delta, waiting for it; ``TimeoutError`` after ``timeout`` seconds."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: bool(self._items), timeout):
+                raise TimeoutError(f"no token within {timeout} s")
+            item = self._items.popleft()
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def __iter__(self) -> Iterator[Delta]:
+        """The deltas until the finish reason; leaving the loop early cancels the request."""
+        try:
+            while True:
+                delta = self.get()
+                yield delta
+                if delta.finish_reason is not None:
+                    return
+        finally:
+            self.cancel()
+
+
+class Scheduler:
+    """The engine's running batch and the thread that drives it."""
+
+    def __init__(self, engine: Engine, max_rows: int) -> None:
+        if max_rows < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_rows}")
+        self.max_rows = max_rows
+        self._engine = weakref.ref(engine)  # the engine owns its scheduler; only a serving thread holds it
+        self._waiting: collections.deque[Ticket] = collections.deque()
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self.steps = 0  # decode steps run (for tests and benchmarks: rows per step = tokens / steps)
+
+    def submit(self, row: _Row) -> Ticket:
+        ticket = Ticket(row)
+        with self._cond:
+            self._waiting.append(ticket)
+            if self._thread is None:
+                engine = self._engine()  # alive: its submit() called this
+                self._thread = threading.Thread(target=self._serve, args=(engine,), name="mixtral-local-batch",
+                                                daemon=True)
+                self._thread.start()
+            self._cond.notify()
+        return ticket
+
+    def _take_waiting(self, room: int, active: int) -> list[Ticket] | None:
+        """Up to ``room`` waiting tickets; None (and the thread is over) when there is nothing to do."""
+        with self._cond:
+            if not self._waiting and not active:
+                self._thread = None
+                return None
+            taken = []
+            while self._waiting and len(taken) < room:
+                taken.append(self._waiting.popleft())
+            return taken
+
+    def _serve(self, engine: Engine) -> None:
+        from .engine import _Batch  # the engine module imports this one
+
+        if engine.device.type == "cuda":
+            torch.cuda.set_device(engine.device)
+        batch = _Batch(engine, self.max_rows)
+        active: dict[int, Ticket] = {}  # id(row) -> ticket
+        while True:
+            for ticket in [t for t in active.values() if t.cancelled]:
+                batch.drop(ticket.row)
+                del active[id(ticket.row)]
+            taken = self._take_waiting(self.max_rows - len(batch.rows), len(active))
+            if taken is None:
+                return
+            for ticket in taken:
+                if ticket.cancelled:
+                    continue
+                try:
+                    delta = batch.admit(ticket.row)
+                except Exception as exc:  # this prompt's prefill failed: only it fails
+                    ticket._put(exc)
+                    continue
+                ticket._put(delta)
+                if delta.finish_reason is None:
+                    active[id(ticket.row)] = ticket
+            if not batch.rows:
+                continue
+            try:
+                out = batch.step()
+            except Exception as exc:
+                log.error("a decode step of %d rows failed: %r", len(batch.rows), exc)
+                for ticket in active.values():
+                    ticket._put(exc)
+                active.clear()
+                batch = _Batch(engine, self.max_rows)  # the old cache goes
+                continue
+            self.steps += 1
+            for row, delta in out:
+                ticket = active[id(row)]
+                ticket._put(delta)
+                if delta.finish_reason is not None:
+                    del active[id(row)]
