@@ -25,7 +25,7 @@ import threading
 import time
 import uuid
 import weakref
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncGenerator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -67,17 +67,22 @@ class LocalOptions:
     device: str = "auto"
     moe_backend: str = "auto"
     progress: bool | None = None
+    max_batch: int = 16
 
     @classmethod
     def from_config(cls, config: ClientConfig) -> LocalOptions:
         if config.model_path is None:
             raise ConfigurationError("provider 'local' needs model_path= (or MIXTRAL_MODEL_PATH)")
         opts = dict(config.local_options)
-        unknown = sorted(set(opts) - {"dtype", "device", "moe_backend", "progress"})
+        unknown = sorted(set(opts) - {"dtype", "device", "moe_backend", "progress", "max_batch"})
         if unknown:
             raise ConfigurationError(f"local_options: unknown {', '.join(unknown)}; "
-                                     "known: dtype, device, moe_backend, progress")
-        options = cls(Path(config.model_path), **{k: str(v) if k != "progress" else v for k, v in opts.items()})
+                                     "known: dtype, device, moe_backend, progress, max_batch")
+        max_batch = opts.pop("max_batch", 16)
+        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+            raise ConfigurationError(f"local_options: max_batch must be an integer >= 1, got {max_batch!r}")
+        options = cls(Path(config.model_path), max_batch=max_batch,
+                      **{k: str(v) if k != "progress" else v for k, v in opts.items()})
         try:
             resolve_dtype(options.dtype, resolve_device(options.device))
         except (ValueError, RuntimeError) as exc:
@@ -90,17 +95,21 @@ class LocalOptions:
 
 
 def _engine_for(options: LocalOptions) -> Engine:
-    """The process-wide engine for these options, loading the model on first use."""
+    """The process-wide engine for these options, loading the model on first use.
+
+    Clients sharing an engine share its running batch; its row limit is the largest ``max_batch`` asked.
+    """
     key = options.key()
     with _engines_lock:
         engine = _engines.get(key)
         if engine is None:
             model = load_model(options.path, dtype=options.dtype, device=options.device,
                                moe_backend=options.moe_backend, progress=options.progress)
-            engine = Engine(model, MixtralTokenizer.from_pretrained(options.path))
+            engine = Engine(model, MixtralTokenizer.from_pretrained(options.path), max_batch=options.max_batch)
             if model.config.random_weights:
                 log.info("%s holds RANDOM weights (a tiny test checkpoint): its text is nonsense", options.path)
             _engines[key] = engine
+        engine.scheduler.max_rows = max(engine.scheduler.max_rows, options.max_batch)
         return engine
 
 
@@ -257,7 +266,7 @@ class AsyncLocalBackend:
         async with contextlib.aclosing(self.stream(request)) as chunks:
             return _Answer.fold([chunk async for chunk in chunks])
 
-    async def stream(self, request: ChatRequest) -> AsyncIterator[ChatCompletionChunk]:
+    async def stream(self, request: ChatRequest) -> AsyncGenerator[ChatCompletionChunk, None]:
         started: list[Ticket] = []
 
         def start() -> None:

@@ -129,7 +129,7 @@ class Scheduler:
             if not self._waiting and not active:
                 self._thread = None
                 return None
-            taken = []
+            taken: list[Ticket] = []
             while self._waiting and len(taken) < room:
                 taken.append(self._waiting.popleft())
             return taken
@@ -145,6 +145,7 @@ class Scheduler:
             for ticket in [t for t in active.values() if t.cancelled]:
                 batch.drop(ticket.row)
                 del active[id(ticket.row)]
+            batch.slots = self.max_rows  # it may have been raised by a client sharing the engine
             taken = self._take_waiting(self.max_rows - len(batch.rows), len(active))
             if taken is None:
                 return

@@ -1,0 +1,325 @@
+"""Continuous batching: requests submitted to one engine decode together, each as if it were alone."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+import torch
+
+from mixtral_client._config import resolve_config
+from mixtral_client._exceptions import ConfigurationError
+from mixtral_client._request import ChatRequest
+from mixtral_local.backend import AsyncLocalBackend, LocalBackend, clear_engine_cache
+from mixtral_local.engine import Engine, KVCache, SamplingParams, Ticket
+from mixtral_local.engine.engine import _MIN_LENGTH, _Batch
+from mixtral_local.loader import load_model
+from mixtral_local.tokenizer import MixtralTokenizer
+
+GREEDY = SamplingParams(temperature=0, max_tokens=12)
+
+
+@pytest.fixture
+def engine(tiny_dir: Path, tokenizer: MixtralTokenizer) -> Engine:
+    """A fresh engine per test (its scheduler's step counter starts at 0)."""
+    return Engine(load_model(tiny_dir, dtype="float32", device="cpu"), tokenizer, max_batch=8)
+
+
+@pytest.fixture(scope="module")
+def prompts(tokenizer: MixtralTokenizer) -> list[list[int]]:
+    texts = ("Hello!", "Write a long poem about the sea and its moods, please.", "Why?", "Count to ten.",
+             "Name three rivers in Europe and say which is longest.")
+    return [tokenizer.encode_chat([{"role": "user", "content": text}]) for text in texts]
+
+
+@contextmanager
+def held(engine: Engine) -> Iterator[None]:
+    """Hold the scheduler while submitting, so every request is waiting when its thread first looks."""
+    with engine.scheduler._cond:
+        yield
+
+
+@contextmanager
+def batch_sizes(engine: Engine) -> Iterator[list[int]]:
+    """The batch size of every forward pass of the model."""
+    sizes: list[int] = []
+    handle = engine.model.register_forward_pre_hook(lambda _m, args: sizes.append(int(args[0].shape[0])))
+    try:
+        yield sizes
+    finally:
+        handle.remove()
+
+
+def tokens(ticket: Ticket) -> list[int]:
+    deltas = list(ticket)
+    assert deltas[-1].finish_reason is not None
+    return list(ticket.row.tokens)
+
+
+def alone(engine: Engine, prompt: list[int], params: SamplingParams = GREEDY) -> list[int]:
+    return engine.generate([prompt], params)[0].token_ids
+
+
+def no_batch_thread(timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not any(t.name == "mixtral-local-batch" for t in threading.enumerate()):
+            return True
+        time.sleep(0.01)
+    return False
+
+
+def test_concurrent_requests_decode_together_and_give_the_tokens_they_give_alone(
+        engine: Engine, prompts: list[list[int]]) -> None:
+    params = [GREEDY, SamplingParams(temperature=0.9, top_p=0.95, seed=5, max_tokens=12), GREEDY,
+              SamplingParams(temperature=0.7, top_k=40, seed=6, max_tokens=9), GREEDY]
+    expected = [alone(engine, p, q) for p, q in zip(prompts, params, strict=True)]
+    with batch_sizes(engine) as sizes:
+        with held(engine):
+            tickets = [engine.submit(p, q) for p, q in zip(prompts, params, strict=True)]
+        got = [tokens(t) for t in tickets]
+    assert got == expected
+    decode_tokens = sum(len(t) - 1 for t in got)  # one forward pass each if every request ran alone
+    assert engine.scheduler.steps < decode_tokens
+    assert max(sizes) == len(prompts)  # all five rows in one decode step
+
+
+def test_a_request_joins_a_batch_that_is_already_decoding(engine: Engine, prompts: list[list[int]]) -> None:
+    long = SamplingParams(temperature=0, max_tokens=40)
+    expected = [alone(engine, prompts[1], long), alone(engine, prompts[0])]
+    first = engine.submit(prompts[1], long)
+    early = [first.get(timeout=10) for _ in range(5)]  # it is decoding, alone
+    assert all(d.finish_reason is None for d in early)
+    with batch_sizes(engine) as sizes:
+        second = engine.submit(prompts[0], GREEDY)
+        rest = list(first)
+        got_second = tokens(second)
+    assert list(first.row.tokens) == expected[0] and got_second == expected[1]
+    assert rest[-1].finish_reason == "length"
+    assert 2 in sizes  # the newcomer decoded beside the running request
+
+
+def test_a_finished_row_leaves_its_slot_to_the_last_row(engine: Engine, prompts: list[list[int]]) -> None:
+    params = [SamplingParams(temperature=0, max_tokens=2), SamplingParams(temperature=0, max_tokens=20),
+              SamplingParams(temperature=0, max_tokens=3), SamplingParams(temperature=0, max_tokens=25)]
+    expected = [alone(engine, p, q) for p, q in zip(prompts[:4], params, strict=True)]
+    with batch_sizes(engine) as sizes:
+        with held(engine):
+            tickets = [engine.submit(p, q) for p, q in zip(prompts[:4], params, strict=True)]
+        got = [tokens(t) for t in tickets]
+    assert got == expected
+    decode = sizes[4:]  # after the four prefills
+    assert decode[0] == 4 and 2 in decode and decode[-1] == 1  # the batch shrinks as rows finish
+
+
+def test_cancelling_one_request_leaves_the_others_untouched(engine: Engine, prompts: list[list[int]]) -> None:
+    long = SamplingParams(temperature=0, max_tokens=30)
+    expected = [alone(engine, p, long) for p in prompts[:3]]
+    with held(engine):
+        tickets = [engine.submit(p, long) for p in prompts[:3]]
+    for _ in range(4):
+        tickets[1].get(timeout=10)
+    tickets[1].cancel()
+    assert tokens(tickets[0]) == expected[0] and tokens(tickets[2]) == expected[2]
+    assert len(tickets[1].row.tokens) < 30  # it stopped early
+
+
+def test_breaking_out_of_a_ticket_cancels_it(engine: Engine, prompts: list[list[int]]) -> None:
+    ticket = engine.submit(prompts[0], SamplingParams(temperature=0, max_tokens=200))
+    for i, _ in enumerate(ticket):
+        if i == 2:
+            break
+    assert ticket.cancelled
+    assert no_batch_thread()
+    assert len(ticket.row.tokens) < 200
+
+
+def test_max_batch_bounds_the_rows_of_a_step_and_the_rest_wait(tiny_dir: Path, tokenizer: MixtralTokenizer,
+                                                               prompts: list[list[int]]) -> None:
+    engine = Engine(load_model(tiny_dir, dtype="float32", device="cpu"), tokenizer, max_batch=2)
+    expected = [alone(engine, p) for p in prompts]
+    with batch_sizes(engine) as sizes:
+        with held(engine):
+            tickets = [engine.submit(p, GREEDY) for p in prompts]
+        got = [tokens(t) for t in tickets]
+    assert got == expected
+    assert max(sizes) == 2
+
+
+def test_the_thread_ends_when_the_work_does_and_a_new_request_starts_it_again(
+        engine: Engine, prompts: list[list[int]]) -> None:
+    assert tokens(engine.submit(prompts[0], GREEDY)) == alone(engine, prompts[0])
+    assert no_batch_thread()
+    assert tokens(engine.submit(prompts[2], GREEDY)) == alone(engine, prompts[2])
+    assert no_batch_thread()
+
+
+def test_a_failed_step_fails_every_request_in_it_and_the_next_ones_are_served(
+        engine: Engine, prompts: list[list[int]]) -> None:
+    def fail_on_a_batch(_module: Any, args: tuple[torch.Tensor, ...]) -> None:
+        if args[0].shape[0] > 1:
+            raise RuntimeError("CUDA out of memory (simulated)")
+
+    handle = engine.model.register_forward_pre_hook(fail_on_a_batch)
+    try:
+        with held(engine):
+            tickets = [engine.submit(p, GREEDY) for p in prompts[:3]]
+        for ticket in tickets:
+            with pytest.raises(RuntimeError, match="simulated"):
+                list(ticket)
+    finally:
+        handle.remove()
+    assert tokens(engine.submit(prompts[0], GREEDY)) == alone(engine, prompts[0])
+
+
+def test_a_failed_prefill_fails_only_its_own_request(engine: Engine, prompts: list[list[int]]) -> None:
+    bad_length = len(prompts[1])
+
+    def fail_on_that_prompt(_module: Any, args: tuple[torch.Tensor, ...]) -> None:
+        if args[0].shape[1] == bad_length:
+            raise RuntimeError("prefill failed (simulated)")
+
+    handle = engine.model.register_forward_pre_hook(fail_on_that_prompt)
+    try:
+        with held(engine):
+            tickets = [engine.submit(p, GREEDY) for p in prompts[:3]]
+        with pytest.raises(RuntimeError, match="simulated"):
+            list(tickets[1])
+        assert tokens(tickets[0]) == alone(engine, prompts[0])
+        assert tokens(tickets[2]) == alone(engine, prompts[2])
+    finally:
+        handle.remove()
+
+
+def test_a_refused_prompt_raises_in_the_callers_thread(engine: Engine) -> None:
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        engine.submit([1, 10**6], GREEDY)
+    assert no_batch_thread(timeout=0.5)
+
+
+def test_the_cache_holds_the_positions_reached_not_the_whole_budget(engine: Engine,
+                                                                    prompts: list[list[int]]) -> None:
+    context = engine.context
+    assert context >= 4 * _MIN_LENGTH  # the tiny model's context is large enough to tell the two apart
+    batch = _Batch(engine, slots=4)
+    for prompt in prompts[:2]:
+        row = engine._rows([prompt], SamplingParams(temperature=0))[0]  # may generate to the end of the context
+        assert row.max_new == context - len(prompt)
+        batch.admit(row)
+    assert batch.cache is not None
+    assert batch.cache.length == _MIN_LENGTH and batch.cache.batch == 2
+    while batch.rows and len(batch.rows[0].tokens) < _MIN_LENGTH + 5:
+        batch.step()
+    assert batch.cache.length == 2 * _MIN_LENGTH
+
+
+def test_kv_cache_reserve_keeps_what_is_cached_and_move_copies_a_slot(engine: Engine) -> None:
+    config = engine.model.config
+    cache = KVCache(config, 2, 8, dtype=torch.float32, device=torch.device("cpu"))
+    for k, v in cache.layers:
+        k.normal_()
+        v.normal_()
+    before = [(k.clone(), v.clone()) for k, v in cache.layers]
+    cache.reserve(3, 20)
+    assert (cache.batch, cache.length) == (3, 20)
+    for (k, v), (k0, v0) in zip(cache.layers, before, strict=True):
+        assert k.shape == (3, config.num_key_value_heads, 20, config.head_dim)
+        assert torch.equal(k[:2, :, :8], k0) and torch.equal(v[:2, :, :8], v0)
+        assert not k[2].any() and not k[:, :, 8:].any()  # new room is zeroed
+    cache.reserve(1, 4)  # never shrinks
+    assert (cache.batch, cache.length) == (3, 20)
+    cache.move(1, 0, 5)
+    for (k, _), (k0, _) in zip(cache.layers, before, strict=True):
+        assert torch.equal(k[0, :, :5], k0[1, :, :5]) and torch.equal(k[0, :, 5:8], k0[0, :, 5:8])
+
+
+# the backends: many callers, one batch
+
+
+def _requests(make_request: Any, n: int, *, stream: bool) -> list[ChatRequest]:
+    return [make_request([{"role": "user", "content": f"Question number {i}?"}], stream=stream, temperature=0,
+                         max_tokens=10) for i in range(n)]
+
+
+def test_sync_callers_in_threads_share_one_batch(tiny_dir: Path, make_request: Any) -> None:
+    clear_engine_cache()
+    config = resolve_config({}, provider="local", model_path=str(tiny_dir),
+                            local_options={"dtype": "float32", "device": "cpu", "max_batch": 8})
+    backend = LocalBackend(config)
+    requests = _requests(make_request, 6, stream=False)
+    expected = [backend.complete(r).choices[0].message.content for r in requests]
+    results: list[str | None] = [None] * len(requests)
+    with batch_sizes(backend._core.engine) as sizes:
+        barrier = threading.Barrier(len(requests))
+
+        def call(i: int) -> None:
+            barrier.wait()
+            results[i] = backend.complete(requests[i]).choices[0].message.content
+
+        threads = [threading.Thread(target=call, args=(i,)) for i in range(len(requests))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+    assert results == expected
+    assert max(sizes) > 1
+
+
+@pytest.fixture(params=["asyncio", "trio"])
+def anyio_backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.mark.anyio
+async def test_many_async_streams_share_one_batch_and_hold_no_thread(tiny_dir: Path, make_request: Any) -> None:
+    clear_engine_cache()
+    config = resolve_config({}, provider="local", model_path=str(tiny_dir),
+                            local_options={"dtype": "float32", "device": "cpu", "max_batch": 64})
+    backend = AsyncLocalBackend(config)
+    requests = _requests(make_request, 48, stream=True)  # more than anyio's 40 worker threads
+    expected = ["".join(c.choices[0].delta.content or "" for c in LocalBackend(config).stream(r))
+                for r in requests[:4]]
+    texts: list[str] = [""] * len(requests)
+    peak_threads = 0
+
+    async def consume(i: int) -> None:
+        nonlocal peak_threads
+        async for chunk in backend.stream(requests[i]):
+            texts[i] += chunk.choices[0].delta.content or ""
+            peak_threads = max(peak_threads, threading.active_count())
+
+    with batch_sizes(backend._core.engine) as sizes:
+        with anyio.fail_after(60):
+            async with anyio.create_task_group() as tg:
+                for i in range(len(requests)):
+                    tg.start_soon(consume, i)
+    assert texts[:4] == expected and all(texts)
+    assert max(sizes) > 8  # streams decoded together
+    assert peak_threads < len(requests)  # waiting streams hold no worker thread
+
+
+@pytest.mark.parametrize("value", [0, -1, 2.5, "8", True])
+def test_a_bad_max_batch_is_a_configuration_error(tiny_dir: Path, value: Any) -> None:
+    with pytest.raises(ConfigurationError, match="max_batch must be an integer >= 1"):
+        LocalBackend(resolve_config({}, provider="local", model_path=str(tiny_dir),
+                                    local_options={"device": "cpu", "max_batch": value}))
+
+
+def test_clients_sharing_an_engine_get_the_largest_max_batch(tiny_dir: Path, make_request: Any) -> None:
+    clear_engine_cache()
+
+    def backend(max_batch: int) -> LocalBackend:
+        return LocalBackend(resolve_config({}, provider="local", model_path=str(tiny_dir),
+                                           local_options={"dtype": "float32", "device": "cpu",
+                                                          "max_batch": max_batch}))
+
+    small, large = backend(2), backend(12)
+    assert small._core.engine is large._core.engine
+    assert small._core.engine.scheduler.max_rows == 12
+    assert backend(4)._core.engine.scheduler.max_rows == 12
