@@ -135,8 +135,9 @@ class MixtralModel(nn.Module):
         return 1.0 / (self.config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float, device=device) / d))
 
     def forward(self, input_ids: Tensor, positions: Tensor | None = None, cache: Sequence[KVPair] | None = None,
-                kv_len: int | None = None, last_only: bool = False) -> Tensor:
-        """input_ids [B, S] -> logits [B, S, V] (or [B, 1, V] with ``last_only``).
+                kv_len: int | None = None, last_only: bool = False, last: Tensor | None = None) -> Tensor:
+        """input_ids [B, S] -> logits [B, S, V] (or [B, 1, V] with ``last_only``, or at ``last`` [B]: each
+        row's own last position, for right-padded prompts of different lengths).
 
         ``positions`` [B, S] defaults to 0..S-1; ``kv_len`` (with a cache) to max(positions) + 1.
         """
@@ -152,6 +153,8 @@ class MixtralModel(nn.Module):
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, positions, None if cache is None else cache[i], kv_len)
-        if last_only:
+        if last is not None:
+            x = x[torch.arange(b, device=x.device), last][:, None]  # [B, 1, H]
+        elif last_only:
             x = x[:, -1:]
         return self.output(self.norm(x))  # [B, S, V]

@@ -147,10 +147,11 @@ class Engine:
         return rows
 
     def _forward(self, ids: list[list[int]], positions: list[list[int]], cache: Sequence[tuple[torch.Tensor, ...]],
-                 kv_len: int) -> torch.Tensor:
+                 kv_len: int, last: list[int] | None = None) -> torch.Tensor:
         t_ids = torch.tensor(ids, device=self.device)
         t_pos = torch.tensor(positions, device=self.device)
-        return self.model(t_ids, t_pos, cache, kv_len, last_only=True)[:, -1]  # [B, V]
+        t_last = None if last is None else torch.tensor(last, device=self.device)
+        return self.model(t_ids, t_pos, cache, kv_len, last_only=True, last=t_last)[:, -1]  # [B, V]
 
     def _accept(self, row: _Row, token: int) -> Delta:
         """Take one sampled token for ``row``: text, stop strings, EOS and the length limit."""
@@ -174,10 +175,10 @@ class Engine:
 
     def _run(self, rows: list[_Row], should_stop: Callable[[], bool] | None) -> Iterator[Delta]:
         batch = _Batch(self, slots=len(rows))
-        for row in rows:
+        for group in prefill_groups(rows):
             if should_stop is not None and should_stop():
                 return
-            yield batch.admit(row)
+            yield from batch.admit(group)
         while batch.rows:
             if should_stop is not None and should_stop():
                 return
@@ -186,6 +187,19 @@ class Engine:
 
 
 _MIN_LENGTH = 256  # positions a fresh cache holds at least (when the rows may need that many)
+PREFILL_TOKENS = 4096  # the most (padded) prompt tokens one prefill pass takes, unless one prompt is longer
+
+
+def prefill_groups(rows: Sequence[_Row], budget: int = PREFILL_TOKENS) -> list[list[_Row]]:
+    """``rows`` in order, cut into groups prefilled in one pass each: rows x longest prompt <= ``budget``."""
+    groups: list[list[_Row]] = []
+    for row in rows:
+        group = groups[-1] if groups else None
+        if group is not None and (len(group) + 1) * max(len(row.prompt), *(len(r.prompt) for r in group)) <= budget:
+            group.append(row)
+        else:
+            groups.append([row])
+    return groups
 
 
 class _Batch:
@@ -216,23 +230,32 @@ class _Batch:
             cache.reserve(b, t)
 
     @torch.inference_mode()
-    def admit(self, row: _Row) -> Delta:
-        """Prefill ``row`` into the next free slot; its first token's delta (it may already be the last)."""
-        if len(self.rows) >= self.slots:
+    def admit(self, rows: Sequence[_Row]) -> list[Delta]:
+        """Prefill ``rows`` together into the next free slots; their first tokens' deltas (a row whose first
+        token is its last leaves at once). Prompts are right-padded to the longest: every row sits at
+        positions 0..S-1, so one causal pass serves all, and what a pad leaves in the cache lies beyond its
+        row's position, never attended and overwritten as the row moves on."""
+        if len(self.rows) + len(rows) > self.slots:
             raise RuntimeError(f"the batch is full ({self.slots} rows)")
-        b, n = len(self.rows), len(row.prompt)
-        self.rows.append(row)
+        b, n = len(self.rows), len(rows)
+        lengths = [len(r.prompt) for r in rows]
+        s = max(lengths)
+        self.rows.extend(rows)
         try:
-            self._reserve(b + 1, n)
+            self._reserve(b + n, s)
             assert self.cache is not None
-            logits = self.engine._forward([row.prompt], [list(range(n))], self.cache.row(b), n)
-            delta = self.engine._accept(row, sample(logits[0], row.params, row.counts, row.generator))
+            cache = self.cache.slots(b, n)
+            ids = [r.prompt + [0] * (s - len(r.prompt)) for r in rows]
+            logits = self.engine._forward(ids, [list(range(s))] * n, cache, s, last=[t - 1 for t in lengths])
+            deltas = [self.engine._accept(row, sample(logits[i], row.params, row.counts, row.generator))
+                      for i, row in enumerate(rows)]
         except BaseException:
-            self.rows.pop()
+            del self.rows[b:]
             raise
-        if row.finish is not None:
-            self.rows.pop()
-        return delta
+        for row in rows:
+            if row.finish is not None:
+                self.drop(row)
+        return deltas
 
     @torch.inference_mode()
     def step(self) -> list[tuple[_Row, Delta]]:
@@ -243,7 +266,7 @@ class _Batch:
         self._reserve(len(rows), kv_len)
         assert self.cache is not None
         logits = self.engine._forward([[r.tokens[-1]] for r in rows], [[p] for p in positions],
-                                      self.cache.first(len(rows)), kv_len)
+                                      self.cache.slots(0, len(rows)), kv_len)
         out = [(row, self.engine._accept(row, sample(logits[b], row.params, row.counts, row.generator)))
                for b, row in enumerate(rows)]
         for row, delta in out:

@@ -49,13 +49,11 @@ class KVCache:
             k[dst, :, :length] = k[src, :, :length]
             v[dst, :, :length] = v[src, :, :length]
 
-    def row(self, b: int) -> list[KVPair]:
-        """Views of slot ``b`` alone ([1, Hkv, T, D]): a prefill writes through them."""
-        return [(k[b:b + 1], v[b:b + 1]) for k, v in self.layers]
-
-    def first(self, n: int) -> list[KVPair]:
-        """Views of the first ``n`` slots: a decode step over ``n`` rows writes through them."""
-        return self.layers if n == self.batch else [(k[:n], v[:n]) for k, v in self.layers]
+    def slots(self, start: int, n: int) -> list[KVPair]:
+        """Views of slots ``start .. start + n - 1``: a prefill or a decode step writes through them."""
+        if start == 0 and n == self.batch:
+            return self.layers
+        return [(k[start:start + n], v[start:start + n]) for k, v in self.layers]
 
     @staticmethod
     def nbytes(config: MixtralConfig, batch: int, length: int, dtype: torch.dtype) -> int:

@@ -1,7 +1,7 @@
 """Continuous batching: every request submitted to an engine decodes in one running batch, on one thread.
 
-Between two decode steps the scheduler's thread admits waiting requests (a prefill each, up to
-``max_rows`` rows in all) and drops finished or cancelled ones. A request joins the batch without waiting
+Between two decode steps the scheduler's thread admits waiting requests (prefilled together, up to
+``PREFILL_TOKENS`` padded prompt tokens a pass, and up to ``max_rows`` rows in all) and drops finished or cancelled ones. A request joins the batch without waiting
 for the others to finish, and N concurrent streams cost one decode step per token instead of N: decoding
 is bound by reading the weights, and a step reads them once for every row.
 
@@ -135,7 +135,7 @@ class Scheduler:
             return taken
 
     def _serve(self, engine: Engine) -> None:
-        from .engine import _Batch  # the engine module imports this one
+        from .engine import _Batch, prefill_groups  # the engine module imports this one
 
         if engine.device.type == "cuda":
             torch.cuda.set_device(engine.device)
@@ -149,17 +149,21 @@ class Scheduler:
             taken = self._take_waiting(self.max_rows - len(batch.rows), len(active))
             if taken is None:
                 return
-            for ticket in taken:
-                if ticket.cancelled:
-                    continue
+            by_row = {id(t.row): t for t in taken if not t.cancelled}
+            for group in prefill_groups([t.row for t in by_row.values()]):
                 try:
-                    delta = batch.admit(ticket.row)
-                except Exception as exc:  # this prompt's prefill failed: only it fails
-                    ticket._put(exc)
-                    continue
-                ticket._put(delta)
-                if delta.finish_reason is None:
-                    active[id(ticket.row)] = ticket
+                    admitted = list(zip(group, batch.admit(group), strict=True))
+                except Exception:  # prefill them one by one: only a prompt that fails alone fails
+                    admitted = []
+                    for row in group:
+                        try:
+                            admitted.append((row, batch.admit([row])[0]))
+                        except Exception as exc:
+                            by_row[id(row)]._put(exc)
+                for row, delta in admitted:
+                    by_row[id(row)]._put(delta)
+                    if delta.finish_reason is None:
+                        active[id(row)] = by_row[id(row)]
             if not batch.rows:
                 continue
             try:

@@ -7,6 +7,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import anyio
@@ -18,7 +19,7 @@ from mixtral_client._exceptions import ConfigurationError
 from mixtral_client._request import ChatRequest
 from mixtral_local.backend import AsyncLocalBackend, LocalBackend, clear_engine_cache
 from mixtral_local.engine import Engine, KVCache, SamplingParams, Ticket
-from mixtral_local.engine.engine import _MIN_LENGTH, _Batch
+from mixtral_local.engine.engine import _MIN_LENGTH, _Batch, prefill_groups
 from mixtral_local.loader import load_model
 from mixtral_local.tokenizer import MixtralTokenizer
 
@@ -114,7 +115,8 @@ def test_a_finished_row_leaves_its_slot_to_the_last_row(engine: Engine, prompts:
             tickets = [engine.submit(p, q) for p, q in zip(prompts[:4], params, strict=True)]
         got = [tokens(t) for t in tickets]
     assert got == expected
-    decode = sizes[4:]  # after the four prefills
+    assert sizes[0] == 4  # one prefill pass for the four prompts
+    decode = sizes[1:]
     assert decode[0] == 4 and 2 in decode and decode[-1] == 1  # the batch shrinks as rows finish
 
 
@@ -197,6 +199,40 @@ def test_a_failed_prefill_fails_only_its_own_request(engine: Engine, prompts: li
         handle.remove()
 
 
+def test_requests_arriving_together_are_prefilled_in_one_pass(engine: Engine, prompts: list[list[int]]) -> None:
+    with batch_sizes(engine) as sizes:
+        with held(engine):
+            tickets = [engine.submit(p, GREEDY) for p in prompts]
+        firsts = [t.get(timeout=10) for t in tickets]
+        assert sizes[0] == len(prompts) and len(sizes) <= 2  # one prefill, at most one step since
+        for t in tickets:
+            list(t)
+    assert all(d.completion_tokens == 1 for d in firsts)
+
+
+def test_padded_prompts_prefilled_together_give_each_rows_own_logits(engine: Engine) -> None:
+    model = engine.model
+    a, b = torch.randint(0, 32000, (2, 9), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        ids = torch.stack([a, torch.cat([b[:5], torch.zeros(4, dtype=torch.long)])])  # b is 5 long, padded
+        cache = [(torch.zeros(2, 2, 16, 16), torch.zeros(2, 2, 16, 16)) for _ in model.layers]
+        both = model(ids, torch.arange(9).expand(2, 9), cache, 9, last=torch.tensor([8, 4]))
+        assert torch.allclose(both[0, 0], model(a[None])[0, -1], atol=1e-5)
+        assert torch.allclose(both[1, 0], model(b[None, :5])[0, -1], atol=1e-5)
+        # the next step of the shorter row attends over its own 5 positions, not the pads beyond them
+        step = model(torch.stack([a[:1], b[5:6]]), torch.tensor([[9], [5]]), cache)
+        assert torch.allclose(step[1, 0], model(b[None, :6])[0, -1], atol=1e-5)
+
+
+def test_prefill_groups_keep_the_order_and_the_padded_token_budget() -> None:
+    lengths = [100, 300, 50, 2000, 2000, 5000, 10]
+    rows: Any = [SimpleNamespace(prompt=[1] * n) for n in lengths]  # only the prompts matter here
+    groups = prefill_groups(rows, budget=4096)
+    assert [r for g in groups for r in g] == rows
+    assert [[len(r.prompt) for r in g] for g in groups] == [[100, 300, 50], [2000, 2000], [5000], [10]]
+    assert all(len(g) * max(len(r.prompt) for r in g) <= 4096 for g in groups if len(g) > 1)
+
+
 def test_a_refused_prompt_raises_in_the_callers_thread(engine: Engine) -> None:
     with pytest.raises(ValueError, match="outside the vocabulary"):
         engine.submit([1, 10**6], GREEDY)
@@ -211,7 +247,7 @@ def test_the_cache_holds_the_positions_reached_not_the_whole_budget(engine: Engi
     for prompt in prompts[:2]:
         row = engine._rows([prompt], SamplingParams(temperature=0))[0]  # may generate to the end of the context
         assert row.max_new == context - len(prompt)
-        batch.admit(row)
+        batch.admit([row])
     assert batch.cache is not None
     assert batch.cache.length == _MIN_LENGTH and batch.cache.batch == 2
     while batch.rows and len(batch.rows[0].tokens) < _MIN_LENGTH + 5:

@@ -1,0 +1,176 @@
+"""Concurrent streams on the local backend: our continuous batching vs transformers' (CPU).
+
+    python benchmarks/local_concurrency.py [--streams 1 4 16] [--tokens 64] [--repeats 3] [--threads N]
+
+N requests arrive at once, each a different prompt, greedy, ``--tokens`` new tokens each. Measured from the
+moment they are sent to the moment the last one finishes: aggregate throughput (all generated tokens / wall
+time) and, for ours, the median time to first token. Side by side, in one run, alternating:
+
+- ``mixtral_local``: N concurrent streams through ``AsyncMixtralClient(provider="local")``, the path an
+  async web app takes; the engine decodes them in one running batch.
+- ``thread per request``: the same engine, each request generated alone in its own thread, as the local
+  backend did before continuous batching.
+- ``transformers CB``: transformers' continuous batching (``init_continuous_batching``: paged KV cache,
+  one persistent manager, warmed up first), the same token ids, EOS off.
+
+Model: the random small Mixtral of ``local_cpu.py`` (hidden 256, 4 layers, 8 experts), fp32.
+Prints a table and writes benchmarks/results/local_concurrency.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import anyio
+import torch
+import transformers
+from local_cpu import SHAPE, _cpu_name
+from transformers import GenerationConfig
+
+from mixtral_client import AsyncMixtralClient
+from mixtral_local.backend import LocalOptions, _engine_for
+from mixtral_local.engine import Engine, SamplingParams
+from mixtral_local.tiny import write_tiny_checkpoint
+from mixtral_local.tokenizer import MixtralTokenizer
+
+TOPICS = ("a lighthouse keeper", "a storm at sea", "a lost cat", "the first snow", "a clockmaker", "a long train",
+          "a mountain village", "an old library", "a desert well", "a kite festival", "a night market",
+          "a glass factory", "a river ferry", "a beekeeper", "a radio operator", "a map of the stars")
+
+
+def _messages(n: int) -> list[list[dict[str, str]]]:
+    return [[{"role": "user", "content": f"Write a short story about {TOPICS[i % len(TOPICS)]} (number {i})."}]
+            for i in range(n)]
+
+
+async def _ours(client: AsyncMixtralClient, messages: list[list[dict[str, str]]], tokens: int,
+                ) -> tuple[float, float, int]:
+    start = time.perf_counter()
+    counts: list[int] = []
+    firsts: list[float] = []
+
+    async def one(msgs: list[dict[str, str]]) -> None:
+        stream = await client.chat.completions.create(messages=msgs, stream=True, temperature=0, max_tokens=tokens)
+        first = None
+        async for chunk in stream:
+            if first is None and chunk.choices and chunk.choices[0].delta.content:
+                first = time.perf_counter() - start
+            if chunk.usage is not None:
+                counts.append(chunk.usage.completion_tokens)
+        firsts.append(first if first is not None else time.perf_counter() - start)
+
+    async with anyio.create_task_group() as tg:
+        for msgs in messages:
+            tg.start_soon(one, msgs)
+    wall = time.perf_counter() - start
+    return sum(counts) / wall, statistics.median(firsts), sum(counts)
+
+
+def _thread_per_request(engine: Engine, prompts: list[list[int]], tokens: int) -> tuple[float, int]:
+    counts = [0] * len(prompts)
+
+    def one(i: int) -> None:
+        counts[i] = engine.generate([prompts[i]], SamplingParams(temperature=0, max_tokens=tokens))[0].completion_tokens
+
+    start = time.perf_counter()
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return sum(counts) / (time.perf_counter() - start), sum(counts)
+
+
+def _transformers_cb(manager: Any, prompts: list[list[int]], tokens: int) -> tuple[float, int]:
+    start = time.perf_counter()
+    ids = manager.add_requests(prompts, max_new_tokens=tokens)
+    done: dict[str, Any] = {}
+    while len(done) < len(ids):
+        result = manager.get_result(timeout=120)
+        if result is None:
+            raise RuntimeError("transformers' continuous batching returned no result within 120 s")
+        if result.is_finished():
+            done[result.request_id] = result
+    count = sum(len(r.generated_tokens) for r in done.values())
+    return count / (time.perf_counter() - start), count
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--streams", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "local_concurrency.json")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    top = max(args.streams)
+
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        path = write_tiny_checkpoint(tmp, seed=0, **SHAPE)
+        tokenizer = MixtralTokenizer.from_pretrained(path)
+        options = {"dtype": "float32", "device": "cpu", "max_batch": top, "progress": False}
+        client = AsyncMixtralClient(provider="local", model_path=str(path), local_options=options)
+        engine = _engine_for(LocalOptions.from_config(client.config))  # the client's engine, shared
+        hf = transformers.MixtralForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        config = GenerationConfig(do_sample=False, eos_token_id=-1, pad_token_id=0, max_new_tokens=args.tokens)
+        manager = hf.init_continuous_batching(generation_config=config)
+        manager.warmup()
+        manager.start()
+        try:
+            warm = _messages(2)
+            anyio.run(_ours, client, warm, 4)
+            _transformers_cb(manager, [tokenizer.encode_chat(m) for m in warm], 4)
+            for n in args.streams:
+                messages = _messages(n)
+                prompts = [tokenizer.encode_chat(m) for m in messages]
+                ours, ttft, threaded, theirs = [], [], [], []
+                for _ in range(args.repeats):
+                    tok_s, first, _count = anyio.run(_ours, client, messages, args.tokens)
+                    ours.append(tok_s)
+                    ttft.append(first)
+                    threaded.append(_thread_per_request(engine, prompts, args.tokens)[0])
+                    theirs.append(_transformers_cb(manager, prompts, args.tokens)[0])
+                rows.append({"streams": n, "mixtral_local_tok_s": statistics.median(ours),
+                             "mixtral_local_ttft_s": statistics.median(ttft),
+                             "thread_per_request_tok_s": statistics.median(threaded),
+                             "transformers_cb_tok_s": statistics.median(theirs),
+                             "runs": {"mixtral_local": ours, "thread_per_request": threaded,
+                                      "transformers_cb": theirs}})
+        finally:
+            manager.stop(block=True, timeout=10)
+
+    for row in rows:
+        row["vs_transformers_cb"] = row["mixtral_local_tok_s"] / row["transformers_cb_tok_s"]
+        row["vs_thread_per_request"] = row["mixtral_local_tok_s"] / row["thread_per_request_tok_s"]
+    result = {
+        "command": f"python benchmarks/local_concurrency.py --streams {' '.join(map(str, args.streams))} "
+                   f"--tokens {args.tokens} --repeats {args.repeats} --threads {args.threads}",
+        "cpu": _cpu_name(), "threads": args.threads, "torch": torch.__version__,
+        "transformers": transformers.__version__, "model": SHAPE, "dtype": "float32", "new_tokens": args.tokens,
+        "rows": rows,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"{'streams':>7}{'mixtral_local tok/s':>21}{'TTFT s':>8}{'thread/request':>16}{'transformers CB':>17}"
+          f"{'vs CB':>8}{'vs thread':>11}")
+    for row in rows:
+        print(f"{row['streams']:>7}{row['mixtral_local_tok_s']:>21.1f}{row['mixtral_local_ttft_s']:>8.2f}"
+              f"{row['thread_per_request_tok_s']:>16.1f}{row['transformers_cb_tok_s']:>17.1f}"
+              f"{row['vs_transformers_cb']:>7.2f}x{row['vs_thread_per_request']:>10.2f}x")
+    print(f"({result['cpu']}, {args.threads} threads, fp32, {args.tokens} new tokens per stream, "
+          f"transformers {transformers.__version__})")
+
+
+if __name__ == "__main__":
+    main()
