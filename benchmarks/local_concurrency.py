@@ -4,7 +4,9 @@
 
 N requests arrive at once, each a different prompt, greedy, ``--tokens`` new tokens each. Measured from the
 moment they are sent to the moment the last one finishes: aggregate throughput (all generated tokens / wall
-time) and, for ours, the median time to first token. Side by side, in one run, alternating:
+time) and, for ours, the median time to first token. Side by side, in one run, alternating, each contender
+in a fresh process (as an app would run it alone: on CPU, torch's OpenMP pools in other threads of the same
+process would slow every contender):
 
 - ``mixtral_local``: N concurrent streams through ``AsyncMixtralClient(provider="local")``, the path an
   async web app takes; the engine decodes them in one running batch.
@@ -13,7 +15,8 @@ time) and, for ours, the median time to first token. Side by side, in one run, a
 - ``transformers CB``: transformers' continuous batching (``init_continuous_batching``: paged KV cache,
   one persistent manager, warmed up first), the same token ids, EOS off.
 
-Model: the random small Mixtral of ``local_cpu.py`` (hidden 256, 4 layers, 8 experts), fp32.
+Model: the random small Mixtral of ``local_cpu.py`` (hidden 256, 4 layers, 8 experts), fp32. The
+checkpoint is written once; each process loads it.
 Prints a table and writes benchmarks/results/local_concurrency.json.
 """
 
@@ -22,6 +25,8 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -40,6 +45,7 @@ from mixtral_local.engine import Engine, SamplingParams
 from mixtral_local.tiny import write_tiny_checkpoint
 from mixtral_local.tokenizer import MixtralTokenizer
 
+KINDS = ("ours", "threads", "transformers")
 TOPICS = ("a lighthouse keeper", "a storm at sea", "a lost cat", "the first snow", "a clockmaker", "a long train",
           "a mountain village", "an old library", "a desert well", "a kite festival", "a night market",
           "a glass factory", "a river ferry", "a beekeeper", "a radio operator", "a map of the stars")
@@ -102,6 +108,52 @@ def _transformers_cb(manager: Any, prompts: list[list[int]], tokens: int) -> tup
     return count / (time.perf_counter() - start), count
 
 
+def _worker(kind: str, path: Path, streams: list[int], tokens: int) -> list[dict[str, float]]:
+    """One contender in this (fresh) process: its own OpenMP pools only, as in an app that runs it alone."""
+    tokenizer = MixtralTokenizer.from_pretrained(path)
+    warm = _messages(2)
+    out = []
+    if kind == "transformers":
+        transformers.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+        hf = transformers.MixtralForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        config = GenerationConfig(do_sample=False, eos_token_id=-1, pad_token_id=0, max_new_tokens=tokens)
+        manager = hf.init_continuous_batching(generation_config=config)
+        manager.warmup()
+        manager.start()
+        try:
+            _transformers_cb(manager, [tokenizer.encode_chat(m) for m in warm], 4)
+            for n in streams:
+                tok_s, _ = _transformers_cb(manager, [tokenizer.encode_chat(m) for m in _messages(n)], tokens)
+                out.append({"streams": n, "tok_s": tok_s})
+        finally:
+            manager.stop(block=True, timeout=10)
+        return out
+    options = {"dtype": "float32", "device": "cpu", "max_batch": max(streams), "progress": False}
+    client = AsyncMixtralClient(provider="local", model_path=str(path), local_options=options)
+    if kind == "ours":
+        anyio.run(_ours, client, warm, 4)
+        for n in streams:
+            tok_s, ttft, _ = anyio.run(_ours, client, _messages(n), tokens)
+            out.append({"streams": n, "tok_s": tok_s, "ttft_s": ttft})
+        return out
+    engine = _engine_for(LocalOptions.from_config(client.config))  # loaded the same way, then one thread each
+    _thread_per_request(engine, [tokenizer.encode_chat(m) for m in warm], 4)
+    for n in streams:
+        tok_s, _ = _thread_per_request(engine, [tokenizer.encode_chat(m) for m in _messages(n)], tokens)
+        out.append({"streams": n, "tok_s": tok_s})
+    return out
+
+
+def _run_worker(kind: str, path: Path, args: argparse.Namespace) -> list[dict[str, float]]:
+    command = [sys.executable, __file__, "--worker", kind, "--path", str(path), "--tokens", str(args.tokens),
+               "--threads", str(args.threads), "--streams", *map(str, args.streams)]
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"{kind} worker failed:\n{done.stderr[-3000:]}")
+    return list(json.loads(done.stdout.strip().splitlines()[-1]))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--streams", type=int, nargs="+", default=[1, 4, 16])
@@ -109,50 +161,35 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "local_concurrency.json")
+    parser.add_argument("--worker", choices=KINDS, help=argparse.SUPPRESS)
+    parser.add_argument("--path", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    top = max(args.streams)
+    if args.worker is not None:
+        print(json.dumps(_worker(args.worker, args.path, args.streams, args.tokens)))
+        return
 
-    rows: list[dict[str, Any]] = []
+    runs: dict[str, list[list[dict[str, float]]]] = {kind: [] for kind in KINDS}
     with tempfile.TemporaryDirectory() as tmp:
         path = write_tiny_checkpoint(tmp, seed=0, **SHAPE)
-        tokenizer = MixtralTokenizer.from_pretrained(path)
-        options = {"dtype": "float32", "device": "cpu", "max_batch": top, "progress": False}
-        client = AsyncMixtralClient(provider="local", model_path=str(path), local_options=options)
-        engine = _engine_for(LocalOptions.from_config(client.config))  # the client's engine, shared
-        hf = transformers.MixtralForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-        config = GenerationConfig(do_sample=False, eos_token_id=-1, pad_token_id=0, max_new_tokens=args.tokens)
-        manager = hf.init_continuous_batching(generation_config=config)
-        manager.warmup()
-        manager.start()
-        try:
-            warm = _messages(2)
-            anyio.run(_ours, client, warm, 4)
-            _transformers_cb(manager, [tokenizer.encode_chat(m) for m in warm], 4)
-            for n in args.streams:
-                messages = _messages(n)
-                prompts = [tokenizer.encode_chat(m) for m in messages]
-                ours, ttft, threaded, theirs = [], [], [], []
-                for _ in range(args.repeats):
-                    tok_s, first, _count = anyio.run(_ours, client, messages, args.tokens)
-                    ours.append(tok_s)
-                    ttft.append(first)
-                    threaded.append(_thread_per_request(engine, prompts, args.tokens)[0])
-                    theirs.append(_transformers_cb(manager, prompts, args.tokens)[0])
-                rows.append({"streams": n, "mixtral_local_tok_s": statistics.median(ours),
-                             "mixtral_local_ttft_s": statistics.median(ttft),
-                             "thread_per_request_tok_s": statistics.median(threaded),
-                             "transformers_cb_tok_s": statistics.median(theirs),
-                             "runs": {"mixtral_local": ours, "thread_per_request": threaded,
-                                      "transformers_cb": theirs}})
-        finally:
-            manager.stop(block=True, timeout=10)
+        for _ in range(args.repeats):  # the contenders alternate, each in a fresh process
+            for kind in KINDS:
+                runs[kind].append(_run_worker(kind, path, args))
 
-    for row in rows:
+    rows: list[dict[str, Any]] = []
+    for i, n in enumerate(args.streams):
+        per = {kind: [run[i]["tok_s"] for run in runs[kind]] for kind in KINDS}
+        row: dict[str, Any] = {
+            "streams": n, "mixtral_local_tok_s": statistics.median(per["ours"]),
+            "mixtral_local_ttft_s": statistics.median(run[i]["ttft_s"] for run in runs["ours"]),
+            "thread_per_request_tok_s": statistics.median(per["threads"]),
+            "transformers_cb_tok_s": statistics.median(per["transformers"]),
+            "runs": {"mixtral_local": per["ours"], "thread_per_request": per["threads"],
+                     "transformers_cb": per["transformers"]},
+        }
         row["vs_transformers_cb"] = row["mixtral_local_tok_s"] / row["transformers_cb_tok_s"]
         row["vs_thread_per_request"] = row["mixtral_local_tok_s"] / row["thread_per_request_tok_s"]
+        rows.append(row)
     result = {
         "command": f"python benchmarks/local_concurrency.py --streams {' '.join(map(str, args.streams))} "
                    f"--tokens {args.tokens} --repeats {args.repeats} --threads {args.threads}",

@@ -47,6 +47,7 @@ from mixtral_client.types import (
 
 from .engine import Delta, Engine, SamplingParams, Ticket
 from .loader import check_checkpoint, load_model, resolve_device, resolve_dtype
+from .model import MixtralModel
 from .tokenizer import MixtralTokenizer
 
 __all__ = ["AsyncLocalBackend", "LocalBackend", "LocalCore", "LocalOptions", "clear_engine_cache"]
@@ -94,6 +95,31 @@ class LocalOptions:
         return (str(self.path.resolve()), str(resolve_dtype(self.dtype, device)), str(device), self.moe_backend)
 
 
+def _load_in_own_thread(options: LocalOptions) -> MixtralModel:
+    """``load_model`` in a short-lived thread, so that the caller's thread starts no OpenMP pool of its own.
+
+    On CPU each thread that runs torch operators gets its own OpenMP pool, and once two pools exist their
+    workers stop spinning between operators (there are more of them than cores): every small operator of the
+    scheduler thread then waits for a sleeping worker. A pool dies with its thread.
+    """
+    out: list[MixtralModel] = []
+    errors: list[BaseException] = []
+
+    def load() -> None:
+        try:
+            out.append(load_model(options.path, dtype=options.dtype, device=options.device,
+                                  moe_backend=options.moe_backend, progress=options.progress))
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=load, name="mixtral-local-load", daemon=True)
+    thread.start()
+    thread.join()
+    if errors:
+        raise errors[0]
+    return out[0]
+
+
 def _engine_for(options: LocalOptions) -> Engine:
     """The process-wide engine for these options, loading the model on first use.
 
@@ -103,8 +129,7 @@ def _engine_for(options: LocalOptions) -> Engine:
     with _engines_lock:
         engine = _engines.get(key)
         if engine is None:
-            model = load_model(options.path, dtype=options.dtype, device=options.device,
-                               moe_backend=options.moe_backend, progress=options.progress)
+            model = _load_in_own_thread(options)
             engine = Engine(model, MixtralTokenizer.from_pretrained(options.path), max_batch=options.max_batch)
             if model.config.random_weights:
                 log.info("%s holds RANDOM weights (a tiny test checkpoint): its text is nonsense", options.path)

@@ -135,12 +135,24 @@ class Scheduler:
             return taken
 
     def _serve(self, engine: Engine) -> None:
+        active: dict[int, Ticket] = {}  # id(row) -> ticket
+        try:
+            self._loop(engine, active)
+        except BaseException as exc:  # a bug or a broken device: fail everyone rather than leave them waiting
+            log.exception("the batch scheduler stopped")
+            with self._cond:
+                waiting = list(self._waiting)
+                self._waiting.clear()
+                self._thread = None
+            for ticket in [*active.values(), *waiting]:
+                ticket._put(exc)
+
+    def _loop(self, engine: Engine, active: dict[int, Ticket]) -> None:
         from .engine import _Batch, prefill_groups  # the engine module imports this one
 
         if engine.device.type == "cuda":
             torch.cuda.set_device(engine.device)
         batch = _Batch(engine, self.max_rows)
-        active: dict[int, Ticket] = {}  # id(row) -> ticket
         while True:
             for ticket in [t for t in active.values() if t.cancelled]:
                 batch.drop(ticket.row)

@@ -180,6 +180,23 @@ def test_a_failed_step_fails_every_request_in_it_and_the_next_ones_are_served(
     assert tokens(engine.submit(prompts[0], GREEDY)) == alone(engine, prompts[0])
 
 
+def test_if_the_scheduler_itself_breaks_every_request_gets_the_error_and_the_next_one_a_new_thread(
+        engine: Engine, prompts: list[list[int]], monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    long = SamplingParams(temperature=0, max_tokens=200)
+    with held(engine):
+        tickets = [engine.submit(p, long) for p in prompts[:2]]
+    tickets[0].get(timeout=10)
+    monkeypatch.setattr(_Batch, "drop", lambda *_: (_ for _ in ()).throw(RuntimeError("broken (simulated)")))
+    tickets[0].cancel()  # the scheduler drops it between two steps, outside any step: the drop breaks
+    with pytest.raises(RuntimeError, match="simulated"):
+        list(tickets[1])
+    assert no_batch_thread()
+    assert "the batch scheduler stopped" in caplog.text
+    monkeypatch.undo()
+    assert tokens(engine.submit(prompts[2], GREEDY)) == alone(engine, prompts[2])
+
+
 def test_a_failed_prefill_fails_only_its_own_request(engine: Engine, prompts: list[list[int]]) -> None:
     bad_length = len(prompts[1])
 
