@@ -13,6 +13,7 @@ flight. An error in a step (out of memory, say) fails every request of that step
 
 from __future__ import annotations
 
+import atexit
 import collections
 import logging
 import threading
@@ -99,7 +100,11 @@ class Ticket:
 
 
 class Scheduler:
-    """The engine's running batch and the thread that drives it."""
+    """The engine's running batch and the thread that drives it.
+
+    At interpreter exit every scheduler stops after its step in flight (an ``atexit`` hook): a daemon thread
+    still inside torch when the interpreter ends would abort the process.
+    """
 
     def __init__(self, engine: Engine, max_rows: int) -> None:
         if max_rows < 1:
@@ -110,22 +115,39 @@ class Scheduler:
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
         self.steps = 0  # decode steps run (for tests and benchmarks: rows per step = tokens / steps)
+        self._closing = False
+        _schedulers.add(self)
+
+    def shutdown(self, timeout: float | None = None) -> None:
+        """Fail every waiting and running request, and wait (up to ``timeout``) for the thread to end."""
+        with self._cond:
+            self._closing = True
+            thread = self._thread
+        if thread is not None:
+            thread.join(timeout)
 
     def submit(self, row: _Row) -> Ticket:
         ticket = Ticket(row)
         with self._cond:
+            if self._closing:
+                raise RuntimeError("the engine's scheduler is shut down (the process is exiting)")
             self._waiting.append(ticket)
             if self._thread is None:
                 engine = self._engine()  # alive: its submit() called this
                 self._thread = threading.Thread(target=self._serve, args=(engine,), name="mixtral-local-batch",
                                                 daemon=True)
                 self._thread.start()
-            self._cond.notify()
         return ticket
 
-    def _take_waiting(self, room: int, active: int) -> list[Ticket] | None:
+    def _take_waiting(self, room: int, active: dict[int, Ticket]) -> list[Ticket] | None:
         """Up to ``room`` waiting tickets; None (and the thread is over) when there is nothing to do."""
         with self._cond:
+            if self._closing:
+                closed = RuntimeError("the engine's scheduler is shut down (the process is exiting)")
+                for ticket in [*self._waiting, *active.values()]:
+                    ticket._put(closed)
+                self._waiting.clear()
+                active.clear()
             if not self._waiting and not active:
                 self._thread = None
                 return None
@@ -158,7 +180,7 @@ class Scheduler:
                 batch.drop(ticket.row)
                 del active[id(ticket.row)]
             batch.slots = self.max_rows  # it may have been raised by a client sharing the engine
-            taken = self._take_waiting(self.max_rows - len(batch.rows), len(active))
+            taken = self._take_waiting(self.max_rows - len(batch.rows), active)
             if taken is None:
                 return
             by_row = {id(t.row): t for t in taken if not t.cancelled}
@@ -193,3 +215,12 @@ class Scheduler:
                 ticket._put(delta)
                 if delta.finish_reason is not None:
                     del active[id(row)]
+
+
+_schedulers: weakref.WeakSet[Scheduler] = weakref.WeakSet()
+
+
+@atexit.register
+def _shutdown_all() -> None:
+    for scheduler in list(_schedulers):
+        scheduler.shutdown(timeout=30)
