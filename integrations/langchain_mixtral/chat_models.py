@@ -245,11 +245,6 @@ class ChatMixtral(BaseChatModel):
         if close is not None:
             close()  # a finalizer runs at most once
 
-    @property
-    def _runs_in_process(self) -> bool:
-        """The local backend computes in-process: its async paths run the sync ones in a thread."""
-        return self._preset.kind == "local"
-
     # -- calls ----------------------------------------------------------------------------------------
 
     def _generate(self, messages: list[BaseMessage], stop: list[str] | None = None,
@@ -260,9 +255,8 @@ class ChatMixtral(BaseChatModel):
         return to_chat_result(completion, params.get("model") or self._model_name)
 
     async def _agenerate(self, messages: list[BaseMessage], stop: list[str] | None = None,
-                         run_manager: AsyncCallbackManagerForLLMRun | None = None, **kwargs: Any) -> ChatResult:
-        if self._runs_in_process:
-            return await super()._agenerate(messages, stop, run_manager, **kwargs)
+                         run_manager: AsyncCallbackManagerForLLMRun | None = None,  # noqa: ARG002 (part of the interface)
+                         **kwargs: Any) -> ChatResult:
         params = self._create_params(messages, stop, False, **kwargs)
         completion = await (await self._aclient()).chat.completions.create(**params)
         return to_chat_result(completion, params.get("model") or self._model_name)
@@ -282,10 +276,6 @@ class ChatMixtral(BaseChatModel):
     async def _astream(self, messages: list[BaseMessage], stop: list[str] | None = None,
                        run_manager: AsyncCallbackManagerForLLMRun | None = None,
                        **kwargs: Any) -> AsyncIterator[ChatGenerationChunk]:
-        if self._runs_in_process:
-            async for in_thread in super()._astream(messages, stop, run_manager, **kwargs):
-                yield in_thread
-            return
         params = self._create_params(messages, stop, True, **kwargs)
         converter = ChunkConverter(params.get("model") or self._model_name)
         async with await (await self._aclient()).chat.completions.create(stream=True, **params) as stream:

@@ -61,6 +61,31 @@ async def test_greedy_ainvoke_and_astream_give_the_same_text(local_llm: ChatMixt
     assert streamed == invoked.content == local_llm.invoke("Hello").content
 
 
+async def test_concurrent_chains_on_the_local_backend_decode_in_one_batch(local_llm: ChatMixtral) -> None:
+    import anyio
+
+    from mixtral_local.backend import LocalOptions, _engine_for
+
+    questions = [f"Question {i}?" for i in range(6)]
+    expected = [local_llm.invoke(q).content for q in questions]
+    engine = _engine_for(LocalOptions.from_config(local_llm._client().config))  # the one the client uses
+    sizes: list[int] = []
+    hook = engine.model.register_forward_pre_hook(lambda _m, args: sizes.append(int(args[0].shape[0])))
+    answers: dict[int, object] = {}
+
+    async def ask(i: int) -> None:
+        answers[i] = (await local_llm.ainvoke(questions[i])).content
+
+    try:
+        async with anyio.create_task_group() as tg:
+            for i in range(len(questions)):
+                tg.start_soon(ask, i)
+    finally:
+        hook.remove()
+    assert [answers[i] for i in range(len(questions))] == expected
+    assert max(sizes) > 1  # the chains shared decode steps
+
+
 def test_usage_appears_once_in_a_local_stream(local_llm: ChatMixtral) -> None:
     chunks = list(local_llm.stream("Hello"))
     assert len([c for c in chunks if c.usage_metadata]) == 1
