@@ -122,7 +122,7 @@ PROVIDERS: Mapping[str, ProviderPreset] = {
             base_url=None,
             model="mixtral-local",
             api_key_env=None,
-            limits=Limits(top_k=(1, None), seed=(0, None), n_max=1),
+            limits=Limits(top_k=(1, None), seed=(0, None), n_max=64),
             tools="prompt",
             supports_response_format=False,
             kind="local",

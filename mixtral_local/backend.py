@@ -20,26 +20,26 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import threading
 import time
 import uuid
 import weakref
-from collections.abc import AsyncGenerator, Callable, Iterator
+from collections.abc import AsyncGenerator, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import anyio.to_thread
 
+from mixtral_client._accumulate import ChunkAccumulator
 from mixtral_client._config import ClientConfig
 from mixtral_client._exceptions import ConfigurationError, InvalidRequestError, UnsupportedFeatureError
 from mixtral_client._request import ChatRequest
 from mixtral_client.types import (
     ChatCompletion,
     ChatCompletionChunk,
-    ChatCompletionMessage,
-    Choice,
     ChoiceDelta,
     ChunkChoice,
     Usage,
@@ -172,31 +172,49 @@ def _sampling(request: ChatRequest) -> SamplingParams:
 
 
 class _Answer:
-    """One request's engine deltas as OpenAI chunks: the role first, then text, then the finish with usage."""
+    """One request's engine deltas as OpenAI chunks: the role first, then text, then each choice's finish.
 
-    def __init__(self, model: str) -> None:
+    With one choice the finish chunk carries the ``usage``; with ``n`` choices a last chunk with no choices
+    does (the prompt counted once, the completion tokens of every choice added up), as OpenAI streams it.
+    """
+
+    def __init__(self, model: str, n: int) -> None:
         self.head: dict[str, Any] = {"id": f"chatcmpl-local-{uuid.uuid4().hex[:24]}", "created": int(time.time()),
                                      "model": model}
+        self.n, self.finished, self.prompt_tokens, self.completion_tokens = n, 0, 0, 0
 
     def first(self) -> ChatCompletionChunk:
-        return ChatCompletionChunk(**self.head, choices=[ChunkChoice(delta=ChoiceDelta(role="assistant", content=""))])
+        return ChatCompletionChunk(**self.head, choices=[ChunkChoice(index=i, delta=ChoiceDelta(role="assistant",
+                                                                                                 content=""))
+                                                         for i in range(self.n)])
 
-    def chunks(self, delta: Delta) -> Iterator[ChatCompletionChunk]:
+    def chunks(self, delta: Delta, index: int) -> Iterator[ChatCompletionChunk]:
         if delta.text:
-            yield ChatCompletionChunk(**self.head, choices=[ChunkChoice(delta=ChoiceDelta(content=delta.text))])
-        if delta.finish_reason is not None:
-            usage = Usage(prompt_tokens=delta.prompt_tokens, completion_tokens=delta.completion_tokens,
-                          total_tokens=delta.prompt_tokens + delta.completion_tokens)
-            yield ChatCompletionChunk(**self.head, choices=[ChunkChoice(finish_reason=delta.finish_reason)],
-                                      usage=usage)
+            yield ChatCompletionChunk(**self.head, choices=[ChunkChoice(index=index,
+                                                                        delta=ChoiceDelta(content=delta.text))])
+        if delta.finish_reason is None:
+            return
+        self.finished += 1
+        self.prompt_tokens = delta.prompt_tokens
+        self.completion_tokens += delta.completion_tokens
+        finish = ChunkChoice(index=index, finish_reason=delta.finish_reason)
+        if self.n == 1:
+            yield ChatCompletionChunk(**self.head, choices=[finish], usage=self._usage())
+            return
+        yield ChatCompletionChunk(**self.head, choices=[finish])
+        if self.finished == self.n:
+            yield ChatCompletionChunk(**self.head, choices=[], usage=self._usage())
+
+    def _usage(self) -> Usage:
+        return Usage(prompt_tokens=self.prompt_tokens, completion_tokens=self.completion_tokens,
+                     total_tokens=self.prompt_tokens + self.completion_tokens)
 
     @staticmethod
-    def fold(chunks: list[ChatCompletionChunk]) -> ChatCompletion:
-        text = [c.choices[0].delta.content or "" for c in chunks]  # never empty: the role chunk comes first
-        last = chunks[-1]
-        message = ChatCompletionMessage(role="assistant", content="".join(text))
-        return ChatCompletion(id=last.id, created=last.created, model=last.model, usage=last.usage,
-                              choices=[Choice(message=message, finish_reason=last.choices[0].finish_reason)])
+    def fold(chunks: Iterable[ChatCompletionChunk]) -> ChatCompletion:
+        merged = ChunkAccumulator()
+        for chunk in chunks:
+            merged.add(chunk)
+        return merged.completion()
 
 
 class LocalCore:
@@ -221,21 +239,40 @@ class LocalCore:
     def close(self) -> None:
         self._engine = None
 
-    def start(self, request: ChatRequest) -> Ticket:
-        """Check the request, load the model on first use, and queue the prompt (blocking work: a thread's)."""
+    def start(self, request: ChatRequest) -> list[Ticket]:
+        """Check the request, load the model on first use, and queue the prompt once per choice (``n``), all
+        in the running batch (blocking work: a thread's). With a ``seed``, choice ``i`` samples with
+        ``seed + i``: the choices differ, and each is what one request with that seed gives."""
         params = _sampling(request)
         engine = self.engine
-        return engine.submit(engine.tokenizer.encode_chat(request.messages), params)  # refuses what does not fit
+        prompt = engine.tokenizer.encode_chat(request.messages)
+        per_choice = [params if params.seed is None else dataclasses.replace(params, seed=params.seed + i)
+                      for i in range(int(request.params.get("n", 1)))]
+        tickets: list[Ticket] = []
+        try:
+            for choice in per_choice:
+                tickets.append(engine.submit(prompt, choice))  # the first refuses a prompt that does not fit
+        except BaseException:
+            for ticket in tickets:
+                ticket.cancel()
+            raise
+        return tickets
 
     def chunks(self, request: ChatRequest) -> Iterator[ChatCompletionChunk]:
-        ticket = self.start(request)
+        tickets = self.start(request)
         try:
-            answer = _Answer(request.model)
+            answer = _Answer(request.model, len(tickets))
             yield answer.first()
-            for delta in ticket:
-                yield from answer.chunks(delta)
+            live = dict(enumerate(tickets))
+            while live:  # every step gives each running choice a token, so taking them in turn never stalls
+                for index, ticket in list(live.items()):
+                    delta = ticket.get()
+                    yield from answer.chunks(delta, index)
+                    if delta.finish_reason is not None:
+                        del live[index]
         finally:
-            ticket.cancel()
+            for ticket in tickets:
+                ticket.cancel()
 
 
 class LocalBackend:
@@ -245,7 +282,7 @@ class LocalBackend:
         self._core = LocalCore(config)
 
     def complete(self, request: ChatRequest) -> ChatCompletion:
-        return _Answer.fold(list(self._core.chunks(request)))
+        return _Answer.fold(self._core.chunks(request))
 
     def stream(self, request: ChatRequest) -> Iterator[ChatCompletionChunk]:
         return self._core.chunks(request)
@@ -295,24 +332,26 @@ class AsyncLocalBackend:
         started: list[Ticket] = []
 
         def start() -> None:
-            started.append(self._core.start(request))
+            started.extend(self._core.start(request))
 
         try:
-            await anyio.to_thread.run_sync(start)  # not abandoned on cancellation: the ticket is cancelled below
-            ticket = started[0]
+            await anyio.to_thread.run_sync(start)  # not abandoned on cancellation: the tickets are cancelled below
             waker = _Waker()
-            ticket.listen(waker.wake)
-            answer = _Answer(request.model)
+            for ticket in started:
+                ticket.listen(waker.wake)
+            answer = _Answer(request.model, len(started))
             yield answer.first()
-            while True:
-                delta = ticket.poll()
-                if delta is None:
+            live = dict(enumerate(started))
+            while live:
+                ready = [(index, delta) for index, ticket in live.items() if (delta := ticket.poll()) is not None]
+                if not ready:
                     await waker.wait()
                     continue
-                for chunk in answer.chunks(delta):
-                    yield chunk
-                if delta.finish_reason is not None:
-                    return
+                for index, delta in ready:
+                    for chunk in answer.chunks(delta, index):
+                        yield chunk
+                    if delta.finish_reason is not None:
+                        del live[index]
         finally:
             for ticket in started:
                 ticket.listen(None)

@@ -86,3 +86,16 @@ def test_tools_are_written_into_the_prompt_that_transformers_is_given_too(
     assert done.usage.prompt_tokens == len(prompt)
     assert done.choices[0].message.content == expected  # random weights: text, not a call
     assert done.choices[0].message.tool_calls is None
+
+
+def test_n_choices_through_the_client_stream_and_whole_agree(tiny_dir: Path) -> None:
+    client = MixtralClient(provider="local", model_path=str(tiny_dir), local_options={"device": "cpu"})
+    args: dict[str, Any] = {"messages": [{"role": "user", "content": "Hi"}], "n": 2, "seed": 1, "max_tokens": 6}
+    with client.chat.completions.create(stream=True, **args) as stream:
+        for _ in stream:
+            pass
+        streamed = stream.get_final_completion()
+    whole = client.chat.completions.create(**args)
+    assert [c.message.content for c in streamed.choices] == [c.message.content for c in whole.choices]
+    assert len(whole.choices) == 2 and whole.choices[0].message.content != whole.choices[1].message.content
+    assert streamed.usage == whole.usage and whole.usage is not None and whole.usage.completion_tokens == 12

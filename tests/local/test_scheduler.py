@@ -26,6 +26,7 @@ from mixtral_local.loader import load_model
 from mixtral_local.tokenizer import MixtralTokenizer
 
 GREEDY = SamplingParams(temperature=0, max_tokens=12)
+HELLO_N = [{"role": "user", "content": "Tell me something."}]
 
 
 @pytest.fixture
@@ -410,3 +411,67 @@ def test_a_process_that_exits_with_a_stream_open_exits_cleanly(tiny_dir: Path, a
                           text=True, timeout=120, check=False)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "leaving with a stream open" in done.stdout and "terminate" not in done.stderr
+
+
+# n > 1: one row per choice, in the running batch
+
+
+def test_n_choices_decode_together_and_choice_i_is_the_request_with_seed_plus_i(
+        tiny_dir: Path, make_request: Any) -> None:
+    clear_engine_cache()
+    config = resolve_config({}, provider="local", model_path=str(tiny_dir),
+                            local_options={"dtype": "float32", "device": "cpu"})
+    backend = LocalBackend(config)
+    sampled = {"temperature": 0.9, "top_p": 0.95, "max_tokens": 10}
+    with batch_sizes(backend._core.engine) as sizes:
+        done = backend.complete(make_request(HELLO_N, n=3, seed=40, **sampled))
+    assert [c.index for c in done.choices] == [0, 1, 2]
+    alone = [backend.complete(make_request(HELLO_N, seed=40 + i, **sampled)).choices[0].message.content
+             for i in range(3)]
+    assert [c.message.content for c in done.choices] == alone
+    assert len(set(alone)) > 1  # different seeds, different samples
+    assert max(sizes) == 3  # the three choices shared their steps
+    assert done.usage is not None
+    singles = [backend.complete(make_request(HELLO_N, seed=40 + i, **sampled)).usage for i in range(3)]
+    assert done.usage.prompt_tokens == singles[0].prompt_tokens  # the prompt counts once
+    assert done.usage.completion_tokens == sum(u.completion_tokens for u in singles)
+
+
+def test_a_stream_of_n_choices_adds_up_to_the_completion_and_ends_with_usage(
+        tiny_dir: Path, make_request: Any) -> None:
+    config = resolve_config({}, provider="local", model_path=str(tiny_dir),
+                            local_options={"dtype": "float32", "device": "cpu"})
+    backend = LocalBackend(config)
+    request = make_request(HELLO_N, stream=True, n=2, temperature=0.8, seed=3,
+                           max_tokens=8)
+    chunks = list(backend.stream(request))
+    texts = {0: "", 1: ""}
+    finishes = {}
+    for chunk in chunks:
+        for choice in chunk.choices:
+            texts[choice.index] += choice.delta.content or ""
+            if choice.finish_reason is not None:
+                finishes[choice.index] = choice.finish_reason
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None  # OpenAI's shape for n > 1
+    assert all(c.usage is None for c in chunks[:-1])
+    assert set(finishes) == {0, 1}
+    done = backend.complete(make_request(HELLO_N, n=2, temperature=0.8, seed=3, max_tokens=8))
+    assert [c.message.content for c in done.choices] == [texts[0], texts[1]]
+
+
+@pytest.mark.anyio
+async def test_async_n_choices_equal_sync(tiny_dir: Path, make_request: Any) -> None:
+    config = resolve_config({}, provider="local", model_path=str(tiny_dir),
+                            local_options={"dtype": "float32", "device": "cpu"})
+    request = make_request(HELLO_N, n=3, temperature=0.7, seed=11, max_tokens=9)
+    async_done = await AsyncLocalBackend(config).complete(request)
+    sync_done = LocalBackend(config).complete(request)
+    assert [c.message for c in async_done.choices] == [c.message for c in sync_done.choices]
+    assert async_done.usage == sync_done.usage
+
+
+def test_n_beyond_the_local_limit_is_refused_before_anything_runs(make_request: Any) -> None:
+    from mixtral_client._exceptions import InvalidRequestError
+
+    with pytest.raises(InvalidRequestError, match="n"):
+        make_request(HELLO_N, n=65)
