@@ -26,6 +26,7 @@ from mixtral_local.loader import load_model
 from mixtral_local.tokenizer import MixtralTokenizer
 
 GREEDY = SamplingParams(temperature=0, max_tokens=12)
+LONG = 400  # tokens: a request that is surely still running a moment later
 HELLO_N = [{"role": "user", "content": "Tell me something."}]
 
 
@@ -95,7 +96,7 @@ def test_concurrent_requests_decode_together_and_give_the_tokens_they_give_alone
 
 
 def test_a_request_joins_a_batch_that_is_already_decoding(engine: Engine, prompts: list[list[int]]) -> None:
-    long = SamplingParams(temperature=0, max_tokens=40)
+    long = SamplingParams(temperature=0, max_tokens=LONG)  # long enough to be running when the second comes
     expected = [alone(engine, prompts[1], long), alone(engine, prompts[0])]
     first = engine.submit(prompts[1], long)
     early = [first.get(timeout=10) for _ in range(5)]  # it is decoding, alone
@@ -124,25 +125,26 @@ def test_a_finished_row_leaves_its_slot_to_the_last_row(engine: Engine, prompts:
 
 
 def test_cancelling_one_request_leaves_the_others_untouched(engine: Engine, prompts: list[list[int]]) -> None:
-    long = SamplingParams(temperature=0, max_tokens=30)
-    expected = [alone(engine, p, long) for p in prompts[:3]]
+    params = [SamplingParams(temperature=0, max_tokens=60), SamplingParams(temperature=0, max_tokens=LONG),
+              SamplingParams(temperature=0, max_tokens=60)]
+    expected = [alone(engine, p, q) for p, q in zip(prompts[:3], params, strict=True)]
     with held(engine):
-        tickets = [engine.submit(p, long) for p in prompts[:3]]
+        tickets = [engine.submit(p, q) for p, q in zip(prompts[:3], params, strict=True)]
     for _ in range(4):
         tickets[1].get(timeout=10)
     tickets[1].cancel()
     assert tokens(tickets[0]) == expected[0] and tokens(tickets[2]) == expected[2]
-    assert len(tickets[1].row.tokens) < 30  # it stopped early
+    assert len(tickets[1].row.tokens) < LONG  # it stopped early
 
 
 def test_breaking_out_of_a_ticket_cancels_it(engine: Engine, prompts: list[list[int]]) -> None:
-    ticket = engine.submit(prompts[0], SamplingParams(temperature=0, max_tokens=200))
+    ticket = engine.submit(prompts[0], SamplingParams(temperature=0, max_tokens=LONG))
     for i, _ in enumerate(ticket):
         if i == 2:
             break
     assert ticket.cancelled
     assert no_batch_thread()
-    assert len(ticket.row.tokens) < 200
+    assert len(ticket.row.tokens) < LONG
 
 
 def test_max_batch_bounds_the_rows_of_a_step_and_the_rest_wait(tiny_dir: Path, tokenizer: MixtralTokenizer,
@@ -186,7 +188,7 @@ def test_a_failed_step_fails_every_request_in_it_and_the_next_ones_are_served(
 def test_if_the_scheduler_itself_breaks_every_request_gets_the_error_and_the_next_one_a_new_thread(
         engine: Engine, prompts: list[list[int]], monkeypatch: pytest.MonkeyPatch,
         caplog: pytest.LogCaptureFixture) -> None:
-    long = SamplingParams(temperature=0, max_tokens=200)
+    long = SamplingParams(temperature=0, max_tokens=LONG)
     with held(engine):
         tickets = [engine.submit(p, long) for p in prompts[:2]]
     tickets[0].get(timeout=10)
@@ -382,7 +384,7 @@ def test_clients_sharing_an_engine_get_the_largest_max_batch(tiny_dir: Path, mak
 
 
 def test_shutdown_fails_running_requests_and_refuses_new_ones(engine: Engine, prompts: list[list[int]]) -> None:
-    ticket = engine.submit(prompts[0], SamplingParams(temperature=0, max_tokens=500))
+    ticket = engine.submit(prompts[0], SamplingParams(temperature=0, max_tokens=LONG))
     ticket.get(timeout=10)
     engine.scheduler.shutdown(timeout=10)
     assert no_batch_thread(timeout=0.5)
