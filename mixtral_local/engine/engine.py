@@ -188,6 +188,7 @@ class Engine:
 
 _MIN_LENGTH = 256  # positions a fresh cache holds at least (when the rows may need that many)
 PREFILL_TOKENS = 4096  # the most (padded) prompt tokens one prefill pass takes, unless one prompt is longer
+PREFILL_CHUNK = 512  # the scheduler prefills a longer prompt this many tokens at a time, between decode steps
 
 
 def prefill_groups(rows: Sequence[_Row], budget: int = PREFILL_TOKENS) -> list[list[_Row]]:
@@ -208,19 +209,31 @@ class _Batch:
     ``slots`` is the most rows the batch will hold: the cache's slots double up to it. Positions double
     too, up to the most any row may reach (its prompt plus its token budget), so a request that may
     generate to the end of the context holds memory only for the positions it has reached.
+
+    One more row may be ``filling``: a long prompt prefilled a chunk at a time (``fill()``), in the slot
+    just after the decoding rows, so the others keep decoding between its chunks. It joins them when its
+    prompt is done.
     """
 
     def __init__(self, engine: Engine, slots: int) -> None:
         self.engine, self.slots = engine, slots
         self.rows: list[_Row] = []
+        self.filling: _Row | None = None  # in slot len(rows)
+        self.filled = 0  # positions of the filling row's prompt already in the cache
         self.cache: KVCache | None = None
+
+    @property
+    def size(self) -> int:
+        """Rows held: decoding, and the one filling."""
+        return len(self.rows) + (self.filling is not None)
 
     def _reserve(self, slots: int, positions: int) -> None:
         cache = self.cache
         if cache is not None and slots <= cache.batch and positions <= cache.length:
             return
         have_b, have_t = (cache.batch, cache.length) if cache is not None else (0, 0)
-        limit = max(len(r.prompt) + r.max_new for r in self.rows)
+        held = [*self.rows, *([self.filling] if self.filling is not None else [])]
+        limit = max(len(r.prompt) + r.max_new for r in held)
         b = have_b if slots <= have_b else min(self.slots, max(slots, 2 * have_b))
         t = have_t if positions <= have_t else min(limit, max(positions, 2 * have_t, _MIN_LENGTH))
         if cache is None:
@@ -235,15 +248,19 @@ class _Batch:
         token is its last leaves at once). Prompts are right-padded to the longest: every row sits at
         positions 0..S-1, so one causal pass serves all, and what a pad leaves in the cache lies beyond its
         row's position, never attended and overwritten as the row moves on."""
-        if len(self.rows) + len(rows) > self.slots:
+        if self.size + len(rows) > self.slots:
             raise RuntimeError(f"the batch is full ({self.slots} rows)")
         b, n = len(self.rows), len(rows)
         lengths = [len(r.prompt) for r in rows]
         s = max(lengths)
         self.rows.extend(rows)
+        moved = False
         try:
-            self._reserve(b + n, s)
+            self._reserve(self.size, max(s, self.filled))
             assert self.cache is not None
+            if self.filling is not None:  # it keeps the slot after the decoding rows
+                self.cache.move(b, b + n, self.filled)
+                moved = True
             cache = self.cache.slots(b, n)
             ids = [r.prompt + [0] * (s - len(r.prompt)) for r in rows]
             logits = self.engine._forward(ids, [list(range(s))] * n, cache, s, last=[t - 1 for t in lengths])
@@ -251,11 +268,47 @@ class _Batch:
                       for i, row in enumerate(rows)]
         except BaseException:
             del self.rows[b:]
+            if moved:
+                assert self.cache is not None
+                self.cache.move(b + n, b, self.filled)
             raise
         for row in rows:
             if row.finish is not None:
                 self.drop(row)
         return deltas
+
+    def start_filling(self, row: _Row) -> None:
+        """Make ``row`` the filling row; ``fill()`` then prefills it a chunk at a time."""
+        if self.filling is not None or self.size + 1 > self.slots:
+            raise RuntimeError("a row is filling already, or the batch is full")
+        self.filling, self.filled = row, 0
+
+    @torch.inference_mode()
+    def fill(self, chunk: int = PREFILL_CHUNK) -> Delta | None:
+        """Prefill the next ``chunk`` positions of the filling row; when its prompt is done, its first
+        token's delta (it then decodes with the others, or leaves if that token was its last)."""
+        row, b, start = self.filling, len(self.rows), self.filled
+        assert row is not None
+        end = min(len(row.prompt), start + chunk)
+        try:
+            self._reserve(b + 1, end)
+            assert self.cache is not None
+            logits = self.engine._forward([row.prompt[start:end]], [list(range(start, end))],
+                                          self.cache.slots(b, 1), end)  # attends over the chunks before it
+        except BaseException:
+            self.filling = None
+            raise
+        self.filled = end
+        if end < len(row.prompt):
+            return None
+        self.filling = None
+        delta = self.engine._accept(row, sample(logits[0], row.params, row.counts, row.generator))
+        if row.finish is None:
+            self.rows.append(row)  # its slot, len(rows), is already the next decoding slot
+        return delta
+
+    def stop_filling(self) -> None:
+        self.filling = None
 
     @torch.inference_mode()
     def step(self) -> list[tuple[_Row, Delta]]:
@@ -284,3 +337,6 @@ class _Batch:
             self.cache.move(len(self.rows) - 1, b, len(last.prompt) + len(last.tokens) - 1)
             self.rows[b] = last
         self.rows.pop()
+        if self.filling is not None and self.filled:  # it follows the decoding rows down one slot
+            assert self.cache is not None
+            self.cache.move(len(self.rows) + 1, len(self.rows), self.filled)

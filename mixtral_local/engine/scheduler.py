@@ -139,16 +139,16 @@ class Scheduler:
                 self._thread.start()
         return ticket
 
-    def _take_waiting(self, room: int, active: dict[int, Ticket]) -> list[Ticket] | None:
+    def _take_waiting(self, room: int, owned: dict[int, Ticket]) -> list[Ticket] | None:
         """Up to ``room`` waiting tickets; None (and the thread is over) when there is nothing to do."""
         with self._cond:
             if self._closing:
                 closed = RuntimeError("the engine's scheduler is shut down (the process is exiting)")
-                for ticket in [*self._waiting, *active.values()]:
+                for ticket in [*self._waiting, *owned.values()]:
                     ticket._put(closed)
                 self._waiting.clear()
-                active.clear()
-            if not self._waiting and not active:
+                owned.clear()
+            if not self._waiting and not owned:
                 self._thread = None
                 return None
             taken: list[Ticket] = []
@@ -157,34 +157,58 @@ class Scheduler:
             return taken
 
     def _serve(self, engine: Engine) -> None:
-        active: dict[int, Ticket] = {}  # id(row) -> ticket
+        owned: dict[int, Ticket] = {}  # id(row) -> ticket, for every request taken and not yet over
         try:
-            self._loop(engine, active)
+            self._loop(engine, owned)
         except BaseException as exc:  # a bug or a broken device: fail everyone rather than leave them waiting
             log.exception("the batch scheduler stopped")
             with self._cond:
                 waiting = list(self._waiting)
                 self._waiting.clear()
                 self._thread = None
-            for ticket in [*active.values(), *waiting]:
+            for ticket in [*owned.values(), *waiting]:
                 ticket._put(exc)
 
-    def _loop(self, engine: Engine, active: dict[int, Ticket]) -> None:
-        from .engine import _Batch, prefill_groups  # the engine module imports this one
+    def _loop(self, engine: Engine, owned: dict[int, Ticket]) -> None:
+        """Each turn: drop cancelled requests, take waiting ones (short prompts prefilled together, long
+        ones queued to be prefilled a chunk at a time), prefill one chunk of the long prompt in progress,
+        and run one decode step."""
+        from .engine import PREFILL_CHUNK, _Batch, prefill_groups  # the engine module imports this one
 
         if engine.device.type == "cuda":
             torch.cuda.set_device(engine.device)
         batch = _Batch(engine, self.max_rows)
+        long: collections.deque[Ticket] = collections.deque()  # taken, waiting to be filled
+
+        def deliver(row: _Row, delta: Delta) -> None:
+            owned[id(row)]._put(delta)
+            if delta.finish_reason is not None:
+                del owned[id(row)]
+
+        def fail(row: _Row, exc: BaseException) -> None:
+            owned.pop(id(row))._put(exc)
+
         while True:
-            for ticket in [t for t in active.values() if t.cancelled]:
-                batch.drop(ticket.row)
-                del active[id(ticket.row)]
+            for row in [r for r in batch.rows if owned[id(r)].cancelled]:
+                batch.drop(row)
+                del owned[id(row)]
+            if batch.filling is not None and owned[id(batch.filling)].cancelled:
+                del owned[id(batch.filling)]
+                batch.stop_filling()
+            for ticket in [t for t in long if t.cancelled]:
+                long.remove(ticket)
+                del owned[id(ticket.row)]
             batch.slots = self.max_rows  # it may have been raised by a client sharing the engine
-            taken = self._take_waiting(self.max_rows - len(batch.rows), active)
+            taken = self._take_waiting(self.max_rows - batch.size - len(long), owned)
             if taken is None:
                 return
-            by_row = {id(t.row): t for t in taken if not t.cancelled}
-            for group in prefill_groups([t.row for t in by_row.values()]):
+            short = []
+            for ticket in taken:
+                if ticket.cancelled:
+                    continue
+                owned[id(ticket.row)] = ticket
+                (long if len(ticket.row.prompt) > PREFILL_CHUNK else short).append(ticket)
+            for group in prefill_groups([t.row for t in short]):
                 try:
                     admitted = list(zip(group, batch.admit(group), strict=True))
                 except Exception:  # prefill them one by one: only a prompt that fails alone fails
@@ -193,29 +217,36 @@ class Scheduler:
                         try:
                             admitted.append((row, batch.admit([row])[0]))
                         except Exception as exc:
-                            by_row[id(row)]._put(exc)
+                            fail(row, exc)
                 for row, delta in admitted:
-                    by_row[id(row)]._put(delta)
-                    if delta.finish_reason is None:
-                        active[id(row)] = by_row[id(row)]
+                    deliver(row, delta)
+            if batch.filling is None and long and batch.size < batch.slots:
+                batch.start_filling(long.popleft().row)
+            if batch.filling is not None:
+                row = batch.filling
+                try:
+                    delta = batch.fill(PREFILL_CHUNK)  # one chunk: the others wait for a chunk, not a prompt
+                except Exception as exc:
+                    fail(row, exc)
+                else:
+                    if delta is not None:
+                        deliver(row, delta)
             if not batch.rows:
                 continue
             try:
                 out = batch.step()
             except Exception as exc:
                 log.error("a decode step of %d rows failed: %r", len(batch.rows), exc)
-                for ticket in active.values():
-                    ticket._put(exc)
-                active.clear()
-                batch = _Batch(engine, self.max_rows)  # the old cache goes
+                for row in batch.rows:
+                    fail(row, exc)
+                filling = batch.filling
+                batch = _Batch(engine, self.max_rows)  # the old cache goes, and the filling row's progress
+                if filling is not None:
+                    long.appendleft(owned[id(filling)])
                 continue
             self.steps += 1
             for row, delta in out:
-                ticket = active[id(row)]
-                ticket._put(delta)
-                if delta.finish_reason is not None:
-                    del active[id(row)]
-
+                deliver(row, delta)
 
 _schedulers: weakref.WeakSet[Scheduler] = weakref.WeakSet()
 

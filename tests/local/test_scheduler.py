@@ -477,3 +477,89 @@ def test_n_beyond_the_local_limit_is_refused_before_anything_runs(make_request: 
 
     with pytest.raises(InvalidRequestError, match="n"):
         make_request(HELLO_N, n=65)
+
+
+# long prompts: prefilled a chunk at a time between decode steps
+
+
+@pytest.fixture
+def small_chunks(monkeypatch: pytest.MonkeyPatch) -> int:
+    from mixtral_local.engine import engine as engine_module
+
+    monkeypatch.setattr(engine_module, "PREFILL_CHUNK", 64)
+    return 64
+
+
+@pytest.fixture(scope="module")
+def long_prompt(tokenizer: MixtralTokenizer) -> list[int]:
+    text = " ".join(f"item {i} is a small stone on a long road;" for i in range(30))
+    prompt = tokenizer.encode_chat([{"role": "user", "content": text}])
+    assert 4 * 64 < len(prompt) < 600
+    return prompt
+
+
+def forwards(engine: Engine) -> Any:
+    """Records (rows, tokens, first position) of every forward pass."""
+    calls: list[tuple[int, int, int]] = []
+
+    def record(_module: Any, args: tuple[torch.Tensor, ...]) -> None:
+        ids, positions = args[0], args[1] if len(args) > 1 else None
+        calls.append((int(ids.shape[0]), int(ids.shape[1]), int(positions[0, 0]) if positions is not None else 0))
+
+    return calls, engine.model.register_forward_pre_hook(record)
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_while_the_others_keep_decoding(
+        engine: Engine, prompts: list[list[int]], long_prompt: list[int], small_chunks: int) -> None:
+    short = SamplingParams(temperature=0, max_tokens=40)
+    expected = [alone(engine, prompts[0], short), alone(engine, long_prompt)]
+    calls, hook = forwards(engine)
+    try:
+        with held(engine):
+            tickets = [engine.submit(prompts[0], short), engine.submit(long_prompt, GREEDY)]
+        got = [tokens(t) for t in tickets]
+    finally:
+        hook.remove()
+    assert got == expected  # a prompt prefilled in chunks gives the tokens of one prefilled whole
+    chunks = [i for i, (_, n, start) in enumerate(calls) if n > 1 and (n == small_chunks or start > 0)]
+    starts = [calls[i][2] for i in chunks]
+    assert starts == list(range(0, len(long_prompt), small_chunks))  # 64 tokens a pass, in order
+    assert sum(calls[i][1] for i in chunks) == len(long_prompt)
+    between = calls[chunks[0]:chunks[-1]]
+    assert sum(1 for rows, n, _ in between if (rows, n) == (1, 1)) >= len(chunks) - 1  # a step after each
+
+
+def test_rows_come_and_go_while_a_long_prompt_is_filling(
+        engine: Engine, prompts: list[list[int]], long_prompt: list[int], small_chunks: int) -> None:
+    """A short request finishing (the filling row moves down a slot) and one arriving (it moves up) while the
+    long prompt is half prefilled: everyone still gets the tokens they get alone."""
+    quick, later = SamplingParams(temperature=0, max_tokens=2), SamplingParams(temperature=0, max_tokens=15)
+    expected = [alone(engine, prompts[0], quick), alone(engine, long_prompt), alone(engine, prompts[2], later)]
+    submitted: list[Ticket] = []
+
+    def submit_during_the_second_chunk(_module: Any, args: tuple[torch.Tensor, ...]) -> None:
+        if not submitted[2:] and args[0].shape[1] > 1 and int(args[1][0, 0]) == small_chunks:
+            submitted.append(engine.submit(prompts[2], later))  # from the scheduler's own thread: queued
+
+    hook = engine.model.register_forward_pre_hook(submit_during_the_second_chunk)
+    try:
+        with held(engine):
+            submitted.extend([engine.submit(prompts[0], quick), engine.submit(long_prompt, GREEDY)])
+        got = [tokens(t) for t in submitted[:2]]
+        while len(submitted) < 3:
+            time.sleep(0.01)
+        got.append(tokens(submitted[2]))
+    finally:
+        hook.remove()
+    assert got == expected
+
+
+def test_cancelling_a_filling_prompt_frees_its_slot(engine: Engine, prompts: list[list[int]],
+                                                   long_prompt: list[int], small_chunks: int) -> None:
+    with held(engine):
+        running = engine.submit(prompts[0], SamplingParams(temperature=0, max_tokens=60))
+        filling = engine.submit(long_prompt, GREEDY)
+    filling.cancel()
+    assert tokens(running) == alone(engine, prompts[0], SamplingParams(temperature=0, max_tokens=60))
+    assert no_batch_thread()
+    assert filling.row.tokens == [] or len(filling.row.tokens) < GREEDY.max_tokens
