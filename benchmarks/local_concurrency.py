@@ -145,6 +145,43 @@ def _worker(kind: str, path: Path, streams: list[int], tokens: int) -> list[dict
     return out
 
 
+def _stall(path: Path, chunk: int, tokens: int) -> dict[str, float]:
+    """4 streams decode; a 3,000-token prompt arrives. The longest gap between two tokens of the running
+    streams after it arrives, and the long request's time to first token, with prefill chunks of ``chunk``."""
+    from mixtral_local.engine import engine as engine_module
+
+    engine_module.PREFILL_CHUNK = chunk
+    options = {"dtype": "float32", "device": "cpu", "progress": False}
+    client = AsyncMixtralClient(provider="local", model_path=str(path), local_options=options)
+    engine = _engine_for(LocalOptions.from_config(client.config))
+    tokenizer = engine.tokenizer
+    prompts = [tokenizer.encode_chat(m) for m in _messages(4)]
+    text = " ".join(f"Line {i}: the keeper counts the ships that pass the light." for i in range(200))
+    long_prompt = tokenizer.encode_chat([{"role": "user", "content": text}])[:3000]
+    engine.generate(prompts[:1], SamplingParams(temperature=0, max_tokens=4))  # warm up
+    stamps: list[list[float]] = [[] for _ in prompts]
+    tickets = [engine.submit(p, SamplingParams(temperature=0, max_tokens=tokens)) for p in prompts]
+
+    def consume(i: int) -> None:
+        for _ in tickets[i]:
+            stamps[i].append(time.perf_counter())
+
+    threads = [threading.Thread(target=consume, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    while len(stamps[0]) < 20:
+        time.sleep(0.001)
+    arrived = time.perf_counter()
+    first = next(iter(engine.submit(long_prompt, SamplingParams(temperature=0, max_tokens=4))))
+    ttft = time.perf_counter() - arrived
+    for t in threads:
+        t.join()
+    gaps = [b - a for s in stamps for a, b in zip(s, s[1:], strict=False) if b > arrived]
+    del first
+    return {"chunk": chunk, "long_prompt_tokens": len(long_prompt), "max_gap_s": max(gaps),
+            "long_ttft_s": ttft}
+
+
 def _run_worker(kind: str, path: Path, args: argparse.Namespace) -> list[dict[str, float]]:
     command = [sys.executable, __file__, "--worker", kind, "--path", str(path), "--tokens", str(args.tokens),
                "--threads", str(args.threads), "--streams", *map(str, args.streams)]
@@ -161,20 +198,31 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "local_concurrency.json")
-    parser.add_argument("--worker", choices=KINDS, help=argparse.SUPPRESS)
+    parser.add_argument("--stall", action="store_true",
+                        help="also measure how long running streams stall when a 3,000-token prompt arrives, "
+                             "with and without chunked prefill")
+    parser.add_argument("--worker", choices=[*KINDS, "stall-whole", "stall-chunked"], help=argparse.SUPPRESS)
     parser.add_argument("--path", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.worker is not None:
-        print(json.dumps(_worker(args.worker, args.path, args.streams, args.tokens)))
+        if args.worker.startswith("stall"):
+            chunk = 512 if args.worker == "stall-chunked" else 10**9
+            print(json.dumps([_stall(args.path, chunk, 400)]))
+        else:
+            print(json.dumps(_worker(args.worker, args.path, args.streams, args.tokens)))
         return
 
     runs: dict[str, list[list[dict[str, float]]]] = {kind: [] for kind in KINDS}
+    stalls: dict[str, list[dict[str, float]]] = {"stall-whole": [], "stall-chunked": []}
     with tempfile.TemporaryDirectory() as tmp:
         path = write_tiny_checkpoint(tmp, seed=0, **SHAPE)
         for _ in range(args.repeats):  # the contenders alternate, each in a fresh process
             for kind in KINDS:
                 runs[kind].append(_run_worker(kind, path, args))
+            if args.stall:
+                for kind in stalls:
+                    stalls[kind].append(_run_worker(kind, path, args)[0])
 
     rows: list[dict[str, Any]] = []
     for i, n in enumerate(args.streams):
@@ -197,6 +245,11 @@ def main() -> None:
         "transformers": transformers.__version__, "model": SHAPE, "dtype": "float32", "new_tokens": args.tokens,
         "rows": rows,
     }
+    if args.stall:
+        result["stall"] = {kind: {"max_gap_s": statistics.median(r["max_gap_s"] for r in runs_),
+                                  "long_ttft_s": statistics.median(r["long_ttft_s"] for r in runs_),
+                                  "runs": runs_} for kind, runs_ in stalls.items()}
+        result["command"] += " --stall"
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"{'streams':>7}{'mixtral_local tok/s':>21}{'TTFT s':>8}{'thread/request':>16}{'transformers CB':>17}"
@@ -207,6 +260,11 @@ def main() -> None:
               f"{row['vs_transformers_cb']:>7.2f}x{row['vs_thread_per_request']:>10.2f}x")
     print(f"({result['cpu']}, {args.threads} threads, fp32, {args.tokens} new tokens per stream, "
           f"transformers {transformers.__version__})")
+    if args.stall:
+        print(f"\n{'a 3,000-token prompt arrives':<30}{'longest gap, 4 running streams':>32}{'its TTFT':>10}")
+        for kind, label in (("stall-whole", "prefilled whole"), ("stall-chunked", "prefilled in 512-token chunks")):
+            row = result["stall"][kind]
+            print(f"{label:<30}{row['max_gap_s'] * 1e3:>29.0f} ms{row['long_ttft_s']:>9.2f}s")
 
 
 if __name__ == "__main__":
