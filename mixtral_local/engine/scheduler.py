@@ -1,9 +1,10 @@
 """Continuous batching: every request submitted to an engine decodes in one running batch, on one thread.
 
-Between two decode steps the scheduler's thread admits waiting requests (prefilled together, up to
-``PREFILL_TOKENS`` padded prompt tokens a pass, and up to ``max_rows`` rows in all) and drops finished or cancelled ones. A request joins the batch without waiting
-for the others to finish, and N concurrent streams cost one decode step per token instead of N: decoding
-is bound by reading the weights, and a step reads them once for every row.
+Between two decode steps the scheduler's thread drops finished or cancelled requests and admits waiting
+ones, up to ``max_rows`` rows in all: short prompts prefilled together (up to ``PREFILL_TOKENS`` padded
+tokens a pass), a prompt longer than ``PREFILL_CHUNK`` one chunk per turn. A request joins the batch without
+waiting for the others to finish, and N concurrent streams cost one decode step per token instead of N:
+decoding is bound by reading the weights, and a step reads them once for every row.
 
 The thread starts with the first request and ends when nothing is left to do, releasing the KV cache
 (and its hold on the engine). Consumers read a ``Ticket``: iterate it (blocking) from any thread, or poll
@@ -247,6 +248,7 @@ class Scheduler:
             self.steps += 1
             for row, delta in out:
                 deliver(row, delta)
+
 
 _schedulers: weakref.WeakSet[Scheduler] = weakref.WeakSet()
 
