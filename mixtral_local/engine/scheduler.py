@@ -114,7 +114,8 @@ class Scheduler:
         self._engine = weakref.ref(engine)  # the engine owns its scheduler; only a serving thread holds it
         self._waiting: collections.deque[Ticket] = collections.deque()
         self._cond = threading.Condition()
-        self._thread: threading.Thread | None = None
+        self._thread: threading.Thread | None = None  # the serving thread, until it has nothing left to do
+        self._last: threading.Thread | None = None  # the latest serving thread, until it has ended
         self.steps = 0  # decode steps run (for tests and benchmarks: rows per step = tokens / steps)
         self._closing = False
         _schedulers.add(self)
@@ -123,7 +124,7 @@ class Scheduler:
         """Fail every waiting and running request, and wait (up to ``timeout``) for the thread to end."""
         with self._cond:
             self._closing = True
-            thread = self._thread
+            thread = self._last  # also a thread that is over but still unwinding (freeing its KV cache)
         if thread is not None:
             thread.join(timeout)
 
@@ -138,6 +139,7 @@ class Scheduler:
                 self._thread = threading.Thread(target=self._serve, args=(engine,), name="mixtral-local-batch",
                                                 daemon=True)
                 self._thread.start()
+                self._last = self._thread
         return ticket
 
     def _take_waiting(self, room: int, owned: dict[int, Ticket]) -> list[Ticket] | None:

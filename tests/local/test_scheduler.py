@@ -394,6 +394,25 @@ def test_shutdown_fails_running_requests_and_refuses_new_ones(engine: Engine, pr
         engine.submit(prompts[1], GREEDY)
 
 
+def test_shutdown_waits_for_a_thread_that_is_over_but_still_unwinding(
+        engine: Engine, prompts: list[list[int]], monkeypatch: pytest.MonkeyPatch) -> None:
+    from mixtral_local.engine import Scheduler
+
+    original = Scheduler._take_waiting
+
+    def slow_to_end(self: Scheduler, room: int, owned: dict[int, Ticket]) -> list[Ticket] | None:
+        taken = original(self, room, owned)
+        if taken is None:
+            time.sleep(0.3)  # over, but its thread has not ended yet (freeing a large KV cache, say)
+        return taken
+
+    monkeypatch.setattr(Scheduler, "_take_waiting", slow_to_end)
+    tokens(engine.submit(prompts[0], GREEDY))
+    time.sleep(0.05)  # the thread has given up its place and is unwinding
+    engine.scheduler.shutdown(timeout=10)
+    assert not any(t.name == "mixtral-local-batch" and t.is_alive() for t in threading.enumerate())
+
+
 EXIT_WITH_A_STREAM_OPEN = """
 import sys
 from mixtral_client import MixtralClient
@@ -405,14 +424,28 @@ print("leaving with a stream open")
 """
 
 
-@pytest.mark.parametrize("attempt", range(3))
-def test_a_process_that_exits_with_a_stream_open_exits_cleanly(tiny_dir: Path, attempt: int) -> None:
-    # the scheduler thread is inside torch when the interpreter ends, unless the atexit hook stopped it first:
-    # without the hook this aborts with "terminate called without an active exception" (exit status 134)
-    done = subprocess.run([sys.executable, "-c", EXIT_WITH_A_STREAM_OPEN, str(tiny_dir)], capture_output=True,
-                          text=True, timeout=120, check=False)
+EXIT_RIGHT_AFTER_THE_ANSWERS = """
+import sys
+from mixtral_client import MixtralClient
+client = MixtralClient(provider="local", model_path=sys.argv[1], local_options={"device": "cpu"})
+text = " ".join(f"item {i} is a small stone on a long road;" for i in range(60))
+for _ in range(3):
+    client.chat.completions.create(messages=[{"role": "user", "content": text}], max_tokens=3)
+print("leaving right after the answers")
+"""
+
+
+@pytest.mark.parametrize(("script", "attempt"), [*((EXIT_WITH_A_STREAM_OPEN, i) for i in range(3)),
+                                                 *((EXIT_RIGHT_AFTER_THE_ANSWERS, i) for i in range(2))])
+def test_a_process_that_exits_while_the_scheduler_thread_runs_exits_cleanly(tiny_dir: Path, script: str,
+                                                                          attempt: int) -> None:
+    # a daemon thread still inside torch when the interpreter ends aborts the process ("terminate called without
+    # an active exception", exit status 134): with a stream open (the thread is mid-step) and right after the
+    # last answer (the thread is unwinding, freeing its KV cache). The atexit hook stops and joins it first.
+    done = subprocess.run([sys.executable, "-c", script, str(tiny_dir)], capture_output=True, text=True,
+                          timeout=120, check=False)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "leaving with a stream open" in done.stdout and "terminate" not in done.stderr
+    assert "leaving" in done.stdout and "terminate" not in done.stderr
 
 
 # n > 1: one row per choice, in the running batch
