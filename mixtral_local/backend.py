@@ -12,8 +12,9 @@ The checkpoint is checked when a backend is built (a bad one raises ``Checkpoint
 ``ConfigurationError``) and loaded on the first request, once per process for each
 (path, dtype, device, moe_backend): clients built alike share the weights and the running batch.
 
-Streams: a first chunk with ``role="assistant"``, one chunk per piece of text, and a last chunk with an
-empty delta, the ``finish_reason`` and the ``usage`` (always there, whatever ``stream_options`` says).
+Streams: a first chunk with ``role="assistant"`` (for every choice), one chunk per piece of text, and a last
+chunk with an empty delta, the ``finish_reason`` and the ``usage`` (always there, whatever ``stream_options``
+says). With ``n > 1`` each choice's finish chunk carries no usage, and a final chunk without choices does.
 """
 
 from __future__ import annotations

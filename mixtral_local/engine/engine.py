@@ -173,6 +173,10 @@ class Engine:
                 row.finish = "stop"
         return Delta(row.index, text, row.finish, len(row.prompt), len(row.tokens))
 
+    def _next_token(self, row: _Row, logits: torch.Tensor) -> Delta:
+        """Sample ``row``'s next token from its logits [V] and take it."""
+        return self._accept(row, sample(logits, row.params, row.counts, row.generator))
+
     def _run(self, rows: list[_Row], should_stop: Callable[[], bool] | None) -> Iterator[Delta]:
         batch = _Batch(self, slots=len(rows))
         for group in prefill_groups(rows):
@@ -264,8 +268,7 @@ class _Batch:
             cache = self.cache.slots(b, n)
             ids = [r.prompt + [0] * (s - len(r.prompt)) for r in rows]
             logits = self.engine._forward(ids, [list(range(s))] * n, cache, s, last=[t - 1 for t in lengths])
-            deltas = [self.engine._accept(row, sample(logits[i], row.params, row.counts, row.generator))
-                      for i, row in enumerate(rows)]
+            deltas = [self.engine._next_token(row, logits[i]) for i, row in enumerate(rows)]
         except BaseException:
             del self.rows[b:]
             if moved:
@@ -302,7 +305,7 @@ class _Batch:
         if end < len(row.prompt):
             return None
         self.filling = None
-        delta = self.engine._accept(row, sample(logits[0], row.params, row.counts, row.generator))
+        delta = self.engine._next_token(row, logits[0])
         if row.finish is None:
             self.rows.append(row)  # its slot, len(rows), is already the next decoding slot
         return delta
@@ -320,8 +323,7 @@ class _Batch:
         assert self.cache is not None
         logits = self.engine._forward([[r.tokens[-1]] for r in rows], [[p] for p in positions],
                                       self.cache.slots(0, len(rows)), kv_len)
-        out = [(row, self.engine._accept(row, sample(logits[b], row.params, row.counts, row.generator)))
-               for b, row in enumerate(rows)]
+        out = [(row, self.engine._next_token(row, logits[b])) for b, row in enumerate(rows)]
         for row, delta in out:
             if delta.finish_reason is not None:
                 self.drop(row)

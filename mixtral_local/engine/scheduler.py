@@ -32,6 +32,17 @@ __all__ = ["Scheduler", "Ticket"]
 log = logging.getLogger("mixtral_local")
 
 
+def _delta(item: Delta | BaseException) -> Delta:
+    """A ticket's item as a delta, or the error that ended the request raised."""
+    if isinstance(item, BaseException):
+        raise item
+    return item
+
+
+def _shut_down() -> RuntimeError:
+    return RuntimeError("the engine's scheduler is shut down (the process is exiting)")
+
+
 class Ticket:
     """One submitted request: its deltas in order, the last with a finish reason, or the error that ended it."""
 
@@ -41,15 +52,12 @@ class Ticket:
         self._cond = threading.Condition()
         self._listener: Callable[[], None] | None = None
         self._cancelled = False
-        self._ended = False  # the scheduler is done with it (finished, failed or cancelled)
 
     # the scheduler's side
 
     def _put(self, item: Delta | BaseException) -> None:
         with self._cond:
             self._items.append(item)
-            if isinstance(item, BaseException) or item.finish_reason is not None:
-                self._ended = True
             self._cond.notify_all()
             listener = self._listener
         if listener is not None:
@@ -74,9 +82,7 @@ class Ticket:
         """The next delta if one is ready, else None; raises the error that ended the request."""
         with self._cond:
             item = self._items.popleft() if self._items else None
-        if isinstance(item, BaseException):
-            raise item
-        return item
+        return None if item is None else _delta(item)
 
     def get(self, timeout: float | None = None) -> Delta:
         """The next delta, waiting for it; ``TimeoutError`` after ``timeout`` seconds."""
@@ -84,9 +90,7 @@ class Ticket:
             if not self._cond.wait_for(lambda: bool(self._items), timeout):
                 raise TimeoutError(f"no token within {timeout} s")
             item = self._items.popleft()
-        if isinstance(item, BaseException):
-            raise item
-        return item
+        return _delta(item)
 
     def __iter__(self) -> Iterator[Delta]:
         """The deltas until the finish reason; leaving the loop early cancels the request."""
@@ -132,7 +136,7 @@ class Scheduler:
         ticket = Ticket(row)
         with self._cond:
             if self._closing:
-                raise RuntimeError("the engine's scheduler is shut down (the process is exiting)")
+                raise _shut_down()
             self._waiting.append(ticket)
             if self._thread is None:
                 engine = self._engine()  # alive: its submit() called this
@@ -146,7 +150,7 @@ class Scheduler:
         """Up to ``room`` waiting tickets; None (and the thread is over) when there is nothing to do."""
         with self._cond:
             if self._closing:
-                closed = RuntimeError("the engine's scheduler is shut down (the process is exiting)")
+                closed = _shut_down()
                 for ticket in [*self._waiting, *owned.values()]:
                     ticket._put(closed)
                 self._waiting.clear()
