@@ -44,6 +44,7 @@ class CompletionParams(TypedDict, total=False):
     top_logprobs: int
     tools: list[ChatCompletionToolParam]
     tool_choice: str | dict[str, Any]
+    parallel_tool_calls: bool
     response_format: dict[str, Any]
     stream_options: dict[str, Any]
     user: str

@@ -124,7 +124,6 @@ PROVIDERS: Mapping[str, ProviderPreset] = {
             api_key_env=None,
             limits=Limits(top_k=(1, None), seed=(0, None), n_max=64),
             tools="prompt",
-            supports_response_format=False,
             kind="local",
         ),
     )

@@ -41,6 +41,18 @@ class RequestOptions:
     extra_body: Mapping[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True, slots=True)
+class RequiredCalls:
+    """What an answer must be when tools travel in the prompt and ``tool_choice`` demands a call: ``marker``
+    and a JSON list of calls (``{"name", "arguments"}``) of ``functions``, exactly one when ``one``. Set by
+    ``ToolPrompt``; a backend that constrains its decoding (local) enforces it, a host only reads the prompt.
+    """
+
+    functions: tuple[Mapping[str, Any], ...]
+    marker: str
+    one: bool
+
+
 @dataclass(slots=True)
 class ChatRequest:
     """A validated chat-completions request for one provider.
@@ -55,6 +67,7 @@ class ChatRequest:
     params: dict[str, Any]
     stream: bool
     options: RequestOptions
+    required_calls: RequiredCalls | None = None
 
     def body(self) -> dict[str, Any]:
         """The OpenAI chat-completions JSON body."""
@@ -242,6 +255,11 @@ def build_request(
         if not given.get("logprobs"):
             raise _fail("needs logprobs=True", "top_logprobs", preset)
     _check_tools(given.get("tools"), given.get("tool_choice"), preset)
+    if "parallel_tool_calls" in given:
+        if not isinstance(given["parallel_tool_calls"], bool):
+            raise _fail(f"must be True or False, got {given['parallel_tool_calls']!r}", "parallel_tool_calls", preset)
+        if "tools" not in given:
+            raise _fail("parallel_tool_calls needs tools", "parallel_tool_calls", preset)
     if "response_format" in given:
         fmt = given["response_format"]
         kind = fmt.get("type") if isinstance(fmt, Mapping) else None

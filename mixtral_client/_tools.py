@@ -33,7 +33,7 @@ import anyio
 
 from ._accumulate import whole_call_deltas
 from ._exceptions import APIError
-from ._request import ChatRequest, join_turns, message_text
+from ._request import ChatRequest, RequiredCalls, join_turns, message_text
 from .types import (
     ChatCompletion,
     ChatCompletionChunk,
@@ -298,7 +298,11 @@ class ToolPrompt:
             shown = [{k: fn[k] for k in ("name", "description", "parameters") if k in fn} for fn in callable_]
             system = _instructions(shown, choice, one_at_a_time)
             _stop_before_made_up_results(plain, request.provider.limits.max_stop)
-        rewritten = replace(request, messages=rewrite_messages(request.messages, system), params=plain)
+        required = None
+        if callable_ and (isinstance(choice, Mapping) or choice in ("required", "any")):
+            required = RequiredCalls(tuple(callable_), CALLS, one_at_a_time)
+        rewritten = replace(request, messages=rewrite_messages(request.messages, system), params=plain,
+                            required_calls=required)
         return cls(rewritten, {fn["name"]: fn for fn in callable_}, one_at_a_time)
 
     def _calls(self, text: str) -> tuple[str | None, list[ToolCall]] | None:

@@ -47,6 +47,7 @@ from mixtral_client.types import (
 )
 
 from .engine import Delta, Engine, SamplingParams, Ticket
+from .engine.grammar import GrammarError, check_grammar, json_grammar, tool_calls_grammar
 from .loader import check_checkpoint, load_model, resolve_device, resolve_dtype
 from .model import MixtralModel
 from .tokenizer import MixtralTokenizer
@@ -145,6 +146,30 @@ def clear_engine_cache() -> None:
         _engines.clear()
 
 
+def _grammar(request: ChatRequest) -> str | None:
+    """The grammar the answer must follow: a required tool call, or ``response_format``'s JSON; checked here,
+    before anything loads, so a bad schema is an ``InvalidRequestError`` naming its parameter."""
+    calls, fmt = request.required_calls, request.params.get("response_format")
+    param = "tools" if calls is not None else "response_format"
+    try:
+        if calls is not None:
+            grammar = tool_calls_grammar(calls.functions, marker=calls.marker, one=calls.one)
+        elif fmt is None or fmt["type"] == "text":
+            return None
+        elif fmt["type"] == "json_object":
+            grammar = json_grammar(None)
+        else:
+            spec = fmt["json_schema"]
+            schema = spec.get("schema", {"type": "object"})
+            if not isinstance(schema, dict):
+                raise GrammarError(f"json_schema.schema must be a JSON schema object, got {schema!r}")
+            grammar = json_grammar(schema, lenient=not spec.get("strict"))
+        check_grammar(grammar)
+    except GrammarError as exc:
+        raise InvalidRequestError(f"{param}: {exc}", param=param, provider="local") from None
+    return grammar
+
+
 def _sampling(request: ChatRequest) -> SamplingParams:
     p = request.params
     for name in ("logprobs", "top_logprobs"):
@@ -157,6 +182,7 @@ def _sampling(request: ChatRequest) -> SamplingParams:
                                   f"(it accepts {', '.join(sorted(_EXTRA_BODY))})", param="extra_body",
                                   provider="local")
     stop = p.get("stop", ())
+    grammar = _grammar(request)
     try:
         return SamplingParams(
             temperature=float(p.get("temperature", 1.0)),
@@ -167,6 +193,7 @@ def _sampling(request: ChatRequest) -> SamplingParams:
             frequency_penalty=float(p.get("frequency_penalty", 0.0)),
             max_tokens=p.get("max_tokens", p.get("max_completion_tokens")),
             stop=(stop,) if isinstance(stop, str) else tuple(stop),
+            grammar=grammar,
         )
     except ValueError as exc:
         raise InvalidRequestError(str(exc), provider="local") from None

@@ -12,7 +12,9 @@ they need; a row that finishes leaves its slot to the last row, so a step only e
 
 from __future__ import annotations
 
+import dataclasses
 import random
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -22,6 +24,7 @@ from mixtral_client._exceptions import InvalidRequestError
 from mixtral_local.model import MixtralModel
 from mixtral_local.tokenizer import IncrementalDetokenizer, MixtralTokenizer
 
+from .grammar import Constraint, GrammarError, token_table
 from .kv_cache import KVCache
 from .sampling import SamplingParams, sample
 from .scheduler import Scheduler, Ticket
@@ -36,7 +39,7 @@ class Delta:
 
     index: int
     text: str
-    finish_reason: str | None  # "stop" (EOS or a stop string) or "length"
+    finish_reason: str | None  # "stop" (EOS, a stop string, a grammar's end) or "length"; "error": see the row
     prompt_tokens: int
     completion_tokens: int
 
@@ -65,8 +68,11 @@ class _Row:
     stops: StopMatcher
     generator: torch.Generator | None
     counts: torch.Tensor | None
+    constraint: Constraint | None = None  # the grammar the answer must follow
     tokens: list[int] = field(default_factory=list)
     finish: str | None = None
+    error: BaseException | None = None  # why the row ended, when its finish is "error"
+    shown: bool = False  # a constrained row has given text
 
 
 class Engine:
@@ -84,6 +90,14 @@ class Engine:
         self.device = model.output.weight.device
         self.dtype = model.output.weight.dtype
         self.scheduler = Scheduler(self, max_batch)
+        self._grammar_table: object | None = None
+        self._grammar_lock = threading.Lock()
+
+    def _constraint(self, grammar: str) -> Constraint:
+        with self._grammar_lock:
+            if self._grammar_table is None:
+                self._grammar_table = token_table(self.tokenizer)
+        return Constraint(self._grammar_table, grammar)  # type: ignore[arg-type]
 
     def budget(self, prompt_len: int, max_tokens: int | None) -> int:
         """How many tokens a request may generate; refuses a prompt that does not fit the context."""
@@ -142,8 +156,10 @@ class Engine:
                 seed = p.seed if p.seed is not None else random.SystemRandom().getrandbits(63)
                 generator = torch.Generator(self.device).manual_seed(seed)
             counts = torch.zeros(self.model.config.vocab_size, device=self.device) if p.penalized else None
-            rows.append(_Row(i, list(prompt), p, self.budget(len(prompt), p.max_tokens),
-                             self.tokenizer.detokenizer(), StopMatcher(p.stop), generator, counts))
+            max_new = self.budget(len(prompt), p.max_tokens)
+            constraint = self._constraint(p.grammar) if p.grammar is not None else None
+            rows.append(_Row(i, list(prompt), p, max_new, self.tokenizer.detokenizer(), StopMatcher(p.stop),
+                             generator, counts, constraint))
         return rows
 
     def _forward(self, ids: list[list[int]], positions: list[list[int]], cache: Sequence[tuple[torch.Tensor, ...]],
@@ -153,8 +169,9 @@ class Engine:
         t_last = None if last is None else torch.tensor(last, device=self.device)
         return self.model(t_ids, t_pos, cache, kv_len, last_only=True, last=t_last)[:, -1]  # [B, V]
 
-    def _accept(self, row: _Row, token: int) -> Delta:
-        """Take one sampled token for ``row``: text, stop strings, EOS and the length limit."""
+    def _accept(self, row: _Row, token: int, last: bool = False) -> Delta:
+        """Take one sampled token for ``row``: text, stop strings, EOS and the length limit; ``last``: the
+        row's grammar can take nothing more, so the token ends the answer (the step for EOS is saved)."""
         row.tokens.append(token)
         if row.counts is not None:
             row.counts[token] += 1
@@ -163,7 +180,7 @@ class Engine:
             row.finish = "stop"
         else:
             text = row.stops.feed(row.detok.push(token))
-            if row.stops.stopped:
+            if row.stops.stopped or last:
                 row.finish = "stop"
             elif len(row.tokens) >= row.max_new:
                 row.finish = "length"
@@ -174,20 +191,44 @@ class Engine:
         return Delta(row.index, text, row.finish, len(row.prompt), len(row.tokens))
 
     def _next_token(self, row: _Row, logits: torch.Tensor) -> Delta:
-        """Sample ``row``'s next token from its logits [V] and take it."""
-        return self._accept(row, sample(logits, row.params, row.counts, row.generator))
+        """Sample ``row``'s next token from its logits [V] (within its grammar, if it has one) and take it.
+
+        A grammar that fails ends its row alone: finish ``"error"``, with the reason in ``row.error``.
+        """
+        if row.constraint is None:
+            return self._accept(row, sample(logits, row.params, row.counts, row.generator))
+        try:
+            token = sample(row.constraint.mask(logits), row.params, row.counts, row.generator)
+            row.constraint.accept(token)
+        except GrammarError as exc:
+            row.finish, row.error = "error", exc
+            return Delta(row.index, "", "error", len(row.prompt), len(row.tokens))
+        delta = self._accept(row, token, last=row.constraint.done and token != self.tokenizer.eos_id)
+        if not row.shown:  # the space a grammar lets an answer open with is not part of it
+            text = delta.text.lstrip(" ")
+            row.shown = bool(text)
+            delta = dataclasses.replace(delta, text=text)
+        return delta
 
     def _run(self, rows: list[_Row], should_stop: Callable[[], bool] | None) -> Iterator[Delta]:
         batch = _Batch(self, slots=len(rows))
         for group in prefill_groups(rows):
             if should_stop is not None and should_stop():
                 return
-            yield from batch.admit(group)
+            for delta in batch.admit(group):
+                yield _checked(rows[delta.index], delta)
         while batch.rows:
             if should_stop is not None and should_stop():
                 return
-            for _, delta in batch.step():
-                yield delta
+            for row, delta in batch.step():
+                yield _checked(row, delta)
+
+
+def _checked(row: _Row, delta: Delta) -> Delta:
+    """``delta``, or the error that ended its row raised."""
+    if row.error is not None:
+        raise row.error
+    return delta
 
 
 _MIN_LENGTH = 256  # positions a fresh cache holds at least (when the rows may need that many)

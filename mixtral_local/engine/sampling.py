@@ -27,6 +27,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     max_tokens: int | None = None
     stop: tuple[str, ...] = ()
+    grammar: str | None = None  # an llguidance grammar the answer must follow (see ``grammar.py``)
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.temperature) and self.temperature >= 0):

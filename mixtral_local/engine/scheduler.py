@@ -188,6 +188,9 @@ class Scheduler:
         long: collections.deque[Ticket] = collections.deque()  # taken, waiting to be filled
 
         def deliver(row: _Row, delta: Delta) -> None:
+            if row.error is not None:  # its grammar failed; the row has left the batch
+                fail(row, row.error)
+                return
             owned[id(row)]._put(delta)
             if delta.finish_reason is not None:
                 del owned[id(row)]

@@ -40,7 +40,7 @@ def test_openai_parameters_and_extras_are_sent(driver: Driver, serve) -> None:
     server = serve(replying(200, completion()))
     params = dict(temperature=0.2, top_p=0.9, max_tokens=64, stop=["\n\n"], seed=7, n=1, presence_penalty=0.5,
                   frequency_penalty=-0.5, logprobs=True, top_logprobs=3, tools=TOOLS, tool_choice="auto",
-                  response_format={"type": "json_object"}, user="u-1")
+                  parallel_tool_calls=False, response_format={"type": "json_object"}, user="u-1")
 
     driver.complete(server, **params, extra_headers={"X-Trace": "abc"}, extra_query={"api-version": "2"},
                     extra_body={"top_k": 40, "temperature": 0.3})
@@ -248,6 +248,8 @@ def test_unsupported_feature_to_nvidia_sends_nothing(driver: Driver, serve) -> N
     ({"tool_choice": "auto"}, "tool_choice"),
     ({"tools": TOOLS, "tool_choice": "sometimes"}, "tool_choice"),
     ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "other"}}}, "tool_choice"),
+    ({"tools": TOOLS, "parallel_tool_calls": "no"}, "parallel_tool_calls"),
+    ({"parallel_tool_calls": False}, "parallel_tool_calls"),
     ({"response_format": {"type": "xml"}}, "response_format"),
     ({"response_format": {"type": "json_schema"}}, "response_format"),
 ])

@@ -18,9 +18,9 @@ import pytest
 from langchain_core.language_models import BaseChatModel
 from langchain_core.runnables import ConfigurableField
 from langchain_tests.integration_tests import ChatModelIntegrationTests
+from pydantic import BaseModel, ConfigDict, Field
 
 from langchain_mixtral import ChatMixtral
-from mixtral_client import UnsupportedFeatureError
 from tests.langchain.scripted_host import ScriptedHost
 
 pytest.importorskip("mixtral_local.backend", reason="the local backend (mixtral_local.backend) is not installed")
@@ -101,8 +101,26 @@ def test_tools_bound_on_the_local_backend_travel_in_the_prompt(local_llm: ChatMi
 
     assert with_tools.usage_metadata["input_tokens"] > plain.usage_metadata["input_tokens"] + 40
     assert with_tools.tool_calls == []  # random weights answer in text
-    with pytest.raises(UnsupportedFeatureError):
-        local_llm.with_structured_output({"title": "T", "type": "object"}, method="json_mode").invoke("Hello")
+
+
+class Reading(BaseModel):
+    """A meter reading."""
+
+    model_config = ConfigDict(extra="forbid")
+    meter: str = Field(max_length=6)
+    kwh: int = Field(ge=0, le=9999)
+
+
+@pytest.mark.parametrize("method", ["json_schema", "function_calling"])
+def test_structured_output_on_the_local_backend_is_enforced(tiny_checkpoint: str, method: str) -> None:
+    """Random weights write no JSON of their own: the parsed objects come from constrained decoding."""
+    llm = ChatMixtral(provider="local", model_path=tiny_checkpoint, max_tokens=400)
+    structured = llm.with_structured_output(Reading, method=method)  # type: ignore[arg-type]
+    readings = [structured.invoke("Read the meter.", config={"configurable": {}}, seed=seed)  # type: ignore[call-arg]
+                for seed in range(3)]
+    llm.close()
+    assert all(isinstance(r, Reading) for r in readings), readings
+    assert len({(r.meter, r.kwh) for r in readings}) > 1  # sampled, not a fixed answer
 
 
 def test_a_chain_switches_between_hosted_and_local_by_config(tiny_checkpoint: str) -> None:

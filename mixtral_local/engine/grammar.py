@@ -1,0 +1,155 @@
+"""Constrained decoding: the tokens a request may sample next come from a grammar (llguidance).
+
+``response_format`` and a required tool call become a grammar (``json_grammar``, ``tool_calls_grammar``).
+Each row that has one holds a ``Constraint``: before sampling, every token the grammar cannot take next
+gets a logit of -inf; after sampling, the token is fed to the matcher. End of sequence is allowed only
+where the grammar may end, and once the grammar can take nothing more it is the only token left, so a
+constrained answer ends where its JSON ends, and what it says parses (unless ``max_tokens`` or a stop
+string cuts it short, as on OpenAI).
+
+The JSON is written with fixed separators (``", "`` and ``": "``, the way Mixtral writes JSON) and no other
+whitespace, so a model cannot loop on blanks. An answer may open with one space: the first token of a
+Mixtral answer carries sentencepiece's "▁", which the text drops.
+
+llguidance (MIT; Microsoft's guidance-ai, the engine behind vLLM's, SGLang's and llama.cpp's structured
+output) is imported on first use: ``import mixtral_local`` does not need it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    import llguidance
+
+    from mixtral_local.tokenizer import MixtralTokenizer
+
+__all__ = ["Constraint", "GrammarError", "check_grammar", "json_grammar", "token_table", "tool_calls_grammar"]
+
+#: how JSON is written under a grammar: fixed separators, no free whitespace
+_JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+_SPACE = 0x2581  # sentencepiece's word-boundary mark, "▁"
+
+
+class GrammarError(ValueError):
+    """A schema or grammar that cannot constrain decoding; the message says why."""
+
+
+def _llguidance() -> Any:
+    try:
+        import llguidance
+    except ImportError:  # pragma: no cover - llguidance is part of the [local] extra
+        raise GrammarError("structured output on the local backend needs llguidance: "
+                           "pip install 'mixtral-sdk[local]' (or llguidance)") from None
+    return llguidance
+
+
+def _json_rule(schema: Mapping[str, Any], lenient: bool) -> str:
+    options = {**_JSON_STYLE, "lenient": lenient}
+    schema = dict(schema)
+    schema["x-guidance"] = {**options, **schema.get("x-guidance", {})}
+    return "%json " + json.dumps(schema, ensure_ascii=False)
+
+
+def json_grammar(schema: Mapping[str, Any] | None, *, lenient: bool = False) -> str:
+    """A grammar for an answer that is one JSON value: any object (``schema=None``: JSON mode) or one that
+    follows ``schema``. ``lenient``: keywords llguidance cannot enforce are ignored instead of refused."""
+    body = _json_rule({"type": "object"} if schema is None else schema, lenient)
+    return _llguidance().LLMatcher.grammar_from_lark(f'start: " "? answer\nanswer: {body}\n')
+
+
+def tool_calls_grammar(functions: Sequence[Mapping[str, Any]], *, marker: str, one: bool) -> str:
+    """A grammar for an answer that is ``marker`` and a JSON list of calls, each ``{"name", "arguments"}``
+    of one of ``functions`` (OpenAI function dicts), its arguments following that function's parameters
+    schema; ``one``: exactly one call. Schemas are read leniently: a tool is never refused for a keyword."""
+    calls = []
+    for fn in functions:
+        parameters = fn.get("parameters") or {"type": "object"}
+        calls.append({"type": "object", "properties": {"name": {"const": fn["name"]}, "arguments": parameters},
+                      "required": ["name", "arguments"], "additionalProperties": False})
+    items: dict[str, Any] = {"type": "array", "items": calls[0] if len(calls) == 1 else {"anyOf": calls},
+                             "minItems": 1}
+    if one:
+        items["maxItems"] = 1
+    body = _json_rule(items, lenient=True)
+    return _llguidance().LLMatcher.grammar_from_lark(f'start: " "? {json.dumps(marker + " ")} calls\n'
+                                                     f"calls: {body}\n")
+
+
+def check_grammar(grammar: str) -> None:
+    """Raise ``GrammarError`` with llguidance's reason when ``grammar`` is not usable."""
+    is_error, messages = _llguidance().LLMatcher.validate_grammar_with_warnings(grammar)
+    if is_error:  # "at 2(9): failed to compile JSON schema: ...", then the grammar: the reason is what counts
+        reason = messages[0].splitlines()[0] if messages else "invalid grammar"
+        raise GrammarError(re.sub(r"^at \d+\(\d+\): ", "", reason))
+
+
+class _TokenizerWrapper:
+    """What ``llguidance.LLTokenizer`` reads: each token's bytes, and exact tokenization of any text."""
+
+    def __init__(self, tokenizer: MixtralTokenizer) -> None:
+        sp = tokenizer.sp
+        self.eos_token_id, self.bos_token_id = tokenizer.eos_id, tokenizer.bos_id
+        self.tokens: list[bytes] = []
+        self.special_token_ids: list[int] = []
+        for i in range(tokenizer.vocab_size):
+            byte = tokenizer.byte_value(i)
+            if sp.IsControl(i) or sp.IsUnknown(i):
+                self.tokens.append(b"\xff" + sp.id_to_piece(i).encode())  # llguidance's mark of a special token
+                self.special_token_ids.append(i)
+            elif byte is not None:
+                self.tokens.append(bytes([byte]))
+            else:
+                self.tokens.append(sp.id_to_piece(i).replace(chr(_SPACE), " ").encode())
+        self._sp = sp
+        self._lead = sp.encode("\n")  # "▁", "\n": what precedes the text when it follows a newline
+
+    def __call__(self, text: str | bytes) -> list[int]:
+        """``text``'s tokens as they continue a sequence (sentencepiece alone would add a leading "▁")."""
+        if isinstance(text, bytes):
+            text = text.decode("utf-8", errors="replace")
+        ids: list[int] = self._sp.encode("\n" + text)
+        return ids[len(self._lead):]
+
+
+def token_table(tokenizer: MixtralTokenizer) -> llguidance.LLTokenizer:
+    """The tokenizer's vocabulary as llguidance reads it (about 60 ms to build: build it once)."""
+    llg = _llguidance()
+    return llg.LLTokenizer(llg.TokenizerWrapper(_TokenizerWrapper(tokenizer)))
+
+
+class Constraint:
+    """One row's grammar state: ``mask()`` the logits before sampling, ``accept()`` the sampled token."""
+
+    def __init__(self, table: llguidance.LLTokenizer, grammar: str) -> None:
+        self._matcher = _llguidance().LLMatcher(table, grammar, log_level=0)
+        self._check()
+
+    def _check(self) -> None:
+        if self._matcher.is_error():  # the reason, then the matcher's state and the grammar
+            raise GrammarError(f"structured output: {self._matcher.get_error().splitlines()[0]}")
+
+    def mask(self, logits: torch.Tensor) -> torch.Tensor:
+        """``logits`` [V] with every token the grammar cannot take next at -inf."""
+        allowed = torch.frombuffer(bytearray(self._matcher.compute_logit_bias()), dtype=torch.uint8)
+        self._check()
+        vocab = allowed.numel()
+        masked = logits.clone()
+        masked[:vocab].masked_fill_(allowed.to(logits.device, non_blocking=True) == 0, float("-inf"))
+        masked[vocab:] = float("-inf")  # rows past the tokenizer's vocabulary (padding in the checkpoint)
+        return masked
+
+    def accept(self, token: int) -> None:
+        if not self._matcher.consume_token(token):
+            self._check()
+            raise GrammarError(f"structured output: token {token} was not allowed")
+
+    @property
+    def done(self) -> bool:
+        """The grammar can take nothing more than the end of the sequence."""
+        return bool(self._matcher.is_stopped())

@@ -1,0 +1,343 @@
+"""Structured output on the local backend: ``response_format`` and required tool calls as a grammar.
+
+The tiny checkpoint's weights are random, so left alone it never writes JSON (the first test shows it):
+every answer below that parses and follows its schema does so because the grammar masked its logits.
+Schemas bound their strings and numbers, so a random model reaches the end within ``max_tokens``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from mixtral_client import AsyncMixtralClient, InvalidRequestError, MixtralClient
+from mixtral_client._request import ChatRequest
+from mixtral_local import backend as backend_module
+from mixtral_local.backend import LocalCore
+from mixtral_local.engine import Engine, SamplingParams
+from mixtral_local.engine import grammar as grammar_module
+from mixtral_local.engine.grammar import (
+    Constraint,
+    GrammarError,
+    check_grammar,
+    json_grammar,
+    tool_calls_grammar,
+)
+from mixtral_local.engine.kv_cache import KVCache
+from mixtral_local.tokenizer import MixtralTokenizer
+
+MESSAGES = [{"role": "user", "content": "Describe a person as JSON."}]
+LOCAL = {"local_options": {"dtype": "float32", "device": "cpu"}}
+PERSON = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 8},
+        "age": {"type": "integer", "minimum": 0, "maximum": 120},
+        "tags": {"type": "array", "items": {"enum": ["red", "blue"]}, "maxItems": 3},
+        "pet": {"anyOf": [{"type": "null"}, {"type": "boolean"}]},
+    },
+    "required": ["name", "age", "tags", "pet"],
+    "additionalProperties": False,
+}
+PERSON_FORMAT = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}}
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string", "maxLength": 12}, "unit": {"enum": ["c", "f"]}},
+    "required": ["city", "unit"], "additionalProperties": False}}}
+TIME = {"type": "function", "function": {"name": "get_time", "parameters": {
+    "type": "object", "properties": {"utc_offset": {"type": "integer", "minimum": -12, "maximum": 14}},
+    "required": ["utc_offset"], "additionalProperties": False}}}
+
+
+def follows_person(value: Any) -> bool:
+    """``PERSON``'s schema, checked by hand (no validator library): the keys, the types and the bounds."""
+    return (isinstance(value, dict) and set(value) == {"name", "age", "tags", "pet"}
+            and isinstance(value["name"], str) and len(value["name"]) <= 8
+            and type(value["age"]) is int and 0 <= value["age"] <= 120
+            and isinstance(value["tags"], list) and len(value["tags"]) <= 3
+            and all(t in ("red", "blue") for t in value["tags"])
+            and (value["pet"] is None or isinstance(value["pet"], bool)))
+
+
+@pytest.fixture
+def client(tiny_dir: Path) -> Iterator[MixtralClient]:
+    with MixtralClient(provider="local", model_path=str(tiny_dir), env={}, **LOCAL) as c:
+        yield c
+
+
+def schema_grammar() -> str:
+    return json_grammar(PERSON)
+
+
+# --------------------------------------------------------------------------- the engine
+
+
+def test_the_random_model_alone_writes_no_json(engine: Engine, tokenizer: MixtralTokenizer) -> None:
+    prompt = tokenizer.encode_chat(MESSAGES)
+    for seed in range(4):
+        text = engine.generate([prompt], SamplingParams(seed=seed, max_tokens=40))[0].text
+        with pytest.raises(ValueError):
+            json.loads(text)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_a_schema_grammar_makes_the_random_model_write_that_schema(engine: Engine, tokenizer: MixtralTokenizer,
+                                                                  seed: int) -> None:
+    prompt = tokenizer.encode_chat(MESSAGES)
+    done = engine.generate([prompt], SamplingParams(seed=seed, max_tokens=200, grammar=schema_grammar()))[0]
+    assert done.finish_reason == "stop"
+    assert follows_person(json.loads(done.text)), done.text
+    # it ends where the JSON ends: the last token closes the object, no step is spent on an end of sequence
+    assert done.token_ids[-1] != tokenizer.eos_id
+    assert tokenizer.decode(done.token_ids).strip() == done.text
+
+
+def test_greedy_under_a_grammar_is_the_best_allowed_token_each_step(engine: Engine,
+                                                                    tokenizer: MixtralTokenizer) -> None:
+    """Greedy decoding with a grammar: each token is the argmax of the model's logits among the tokens the
+    grammar allows there (recomputed here with a fresh matcher and the full forward pass)."""
+    prompt = tokenizer.encode_chat(MESSAGES)
+    done = engine.generate([prompt], SamplingParams(temperature=0, max_tokens=60, grammar=schema_grammar()))[0]
+    check = Constraint(grammar_module.token_table(tokenizer), schema_grammar())
+    ids, overruled = list(prompt), 0
+    with torch.inference_mode():
+        for token in done.token_ids:
+            cache = KVCache(engine.model.config, 1, len(ids), dtype=engine.dtype, device=engine.device)
+            logits = engine._forward([ids], [list(range(len(ids)))], cache.slots(0, 1), len(ids))[0]
+            assert token == int(torch.argmax(check.mask(logits)))
+            overruled += token != int(torch.argmax(logits))
+            check.accept(token)
+            ids.append(token)
+    assert check.done
+    assert overruled > len(done.token_ids) // 2  # the model's own choice was mostly not JSON
+
+
+def test_json_mode_allows_only_an_object_and_ends_with_it(tokenizer: MixtralTokenizer) -> None:
+    check = Constraint(grammar_module.token_table(tokenizer), json_grammar(None))
+    allowed = torch.isfinite(check.mask(torch.zeros(32000)))
+    opening = {tokenizer.sp.id_to_piece(i) for i in torch.nonzero(allowed).flatten().tolist()}
+    assert opening and all(piece.lstrip("▁").startswith("{") or piece in ("▁", "<0x20>", "<0x7B>")
+                           for piece in opening), opening
+    assert not allowed[tokenizer.eos_id]  # nothing is not an object
+    for token in tokenizer.encode('{"a": [1, {"b": null}], "c": "d"}'):
+        assert torch.isfinite(check.mask(torch.zeros(32000)))[token]
+        check.accept(token)
+    assert check.done
+    assert torch.nonzero(torch.isfinite(check.mask(torch.zeros(32000)))).flatten().tolist() == [tokenizer.eos_id]
+
+
+def test_a_token_the_grammar_refuses_raises(tokenizer: MixtralTokenizer) -> None:
+    check = Constraint(grammar_module.token_table(tokenizer), json_grammar(None))
+    with pytest.raises(GrammarError, match="doesn't satisfy the grammar") as caught:
+        check.accept(tokenizer.encode("hello")[0])
+    assert "\n" not in str(caught.value)
+
+
+def test_constrained_and_free_rows_share_a_batch(engine: Engine, tokenizer: MixtralTokenizer) -> None:
+    prompt = tokenizer.encode_chat(MESSAGES)
+    constrained = SamplingParams(temperature=0, max_tokens=200, grammar=schema_grammar())
+    free = SamplingParams(temperature=0, max_tokens=12)
+    alone = [engine.generate([prompt], p)[0].token_ids for p in (constrained, free)]
+    tickets = [engine.submit(prompt, p) for p in (constrained, free, constrained)]
+    texts = ["".join(d.text for d in ticket) for ticket in tickets]
+    assert [t.row.tokens for t in tickets] == [alone[0], alone[1], alone[0]]
+    assert follows_person(json.loads(texts[0]))
+
+
+def test_a_failing_grammar_ends_its_own_request_only(engine: Engine, tokenizer: MixtralTokenizer,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    prompt = tokenizer.encode_chat(MESSAGES)
+    real_accept = Constraint.accept
+    calls = {"n": 0}
+
+    def accept(self: Constraint, token: int) -> None:
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise GrammarError("the matcher broke")
+        real_accept(self, token)
+
+    monkeypatch.setattr(Constraint, "accept", accept)
+    tickets = [engine.submit(prompt, SamplingParams(temperature=0, max_tokens=8)),
+               engine.submit(prompt, SamplingParams(temperature=0, max_tokens=50, grammar=schema_grammar()))]
+    free = list(tickets[0])
+    with pytest.raises(GrammarError, match="the matcher broke"):
+        list(tickets[1])
+    assert free[-1].finish_reason == "length" and free[-1].completion_tokens == 8
+    with pytest.raises(GrammarError, match="the matcher broke"):  # generate() raises it too
+        calls["n"] = 0
+        engine.generate([prompt], SamplingParams(temperature=0, max_tokens=50, grammar=schema_grammar()))
+
+
+# --------------------------------------------------------------------------- grammars
+
+
+@pytest.mark.parametrize(("schema", "lenient", "reason"), [
+    ({"type": "objectx"}, True, "Invalid type"),
+    ({"type": "string", "format": "postcode"}, False, "Unknown format"),
+    ({"type": "object", "if": {"type": "object"}}, False, "Unimplemented keys"),
+    ({"properties": {"a": {"$ref": "#/$defs/missing"}}}, True, "does not exist"),
+])
+def test_a_schema_that_cannot_be_enforced_is_refused_with_the_reason(schema: dict[str, Any], lenient: bool,
+                                                                     reason: str) -> None:
+    with pytest.raises(GrammarError, match=reason):
+        check_grammar(json_grammar(schema, lenient=lenient))
+
+
+def test_lenient_schemas_skip_what_cannot_be_enforced() -> None:
+    check_grammar(json_grammar({"type": "string", "format": "postcode"}, lenient=True))
+    check_grammar(tool_calls_grammar([{"name": "f", "parameters": {"type": "object", "if": {}}}],
+                                     marker="[TOOL_CALLS]", one=False))
+
+
+def test_tool_call_grammar_takes_calls_of_the_declared_tools_only(tokenizer: MixtralTokenizer) -> None:
+    grammar = tool_calls_grammar([WEATHER["function"], TIME["function"]], marker="[TOOL_CALLS]", one=False)
+    table = grammar_module.token_table(tokenizer)
+
+    def takes(text: str) -> bool:
+        check = Constraint(table, grammar)
+        for token in tokenizer.encode(text):
+            if not torch.isfinite(check.mask(torch.zeros(32000)))[token]:
+                return False
+            check.accept(token)
+        return check.done
+
+    assert takes('[TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Oslo", "unit": "c"}}]')
+    assert takes('[TOOL_CALLS] [{"name": "get_time", "arguments": {"utc_offset": -3}}, '
+                 '{"name": "get_weather", "arguments": {"city": "Rome", "unit": "f"}}]')
+    assert not takes('[TOOL_CALLS] [{"name": "get_news", "arguments": {}}]')  # not declared
+    assert not takes('[TOOL_CALLS] [{"name": "get_time", "arguments": {"utc_offset": 99}}]')  # out of range
+    assert not takes('[TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Oslo"}}]')  # unit missing
+    assert not takes('[TOOL_CALLS] []')  # no call
+    assert not takes('Sure! [TOOL_CALLS] [{"name": "get_time", "arguments": {"utc_offset": 1}}]')
+
+
+# --------------------------------------------------------------------------- through the client
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_response_format_json_schema_on_the_local_backend(client: MixtralClient, stream: bool) -> None:
+    for seed in range(3):
+        if stream:
+            chunks = list(client.chat.completions.create(messages=MESSAGES, response_format=PERSON_FORMAT,
+                                                         max_tokens=200, seed=seed, stream=True))
+            text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+            finish = [c.choices[0].finish_reason for c in chunks if c.choices][-1]
+        else:
+            done = client.chat.completions.create(messages=MESSAGES, response_format=PERSON_FORMAT, max_tokens=200,
+                                                  seed=seed)
+            text, finish = done.choices[0].message.content or "", done.choices[0].finish_reason
+        assert finish == "stop"
+        assert follows_person(json.loads(text)), text
+
+
+def test_n_choices_each_follow_the_schema(client: MixtralClient) -> None:
+    done = client.chat.completions.create(messages=MESSAGES, response_format=PERSON_FORMAT, max_tokens=200, seed=3,
+                                          n=4)
+    texts = [c.message.content or "" for c in done.choices]
+    assert all(follows_person(json.loads(t)) for t in texts)
+    assert len(set(texts)) > 1  # seed + i per choice: they differ
+
+
+def test_json_mode_gives_an_object_or_a_length_cut(client: MixtralClient) -> None:
+    """JSON mode bounds nothing, so a random model may still be inside a string at max_tokens; what it wrote
+    is then the beginning of an object, and with room enough some answers close it."""
+    closed = 0
+    for seed in range(6):
+        done = client.chat.completions.create(messages=MESSAGES, response_format={"type": "json_object"},
+                                              max_tokens=60, seed=seed)
+        text, finish = done.choices[0].message.content or "", done.choices[0].finish_reason
+        assert text.startswith("{")
+        if finish == "stop":
+            assert isinstance(json.loads(text), dict)
+            closed += 1
+        else:
+            assert finish == "length" and done.usage.completion_tokens == 60
+    assert closed >= 1
+
+
+@pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "get_time"}}])
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_required_tool_call_is_always_a_valid_call(client: MixtralClient, choice: Any, stream: bool) -> None:
+    for seed in range(3):
+        kwargs: dict[str, Any] = {"messages": MESSAGES, "tools": [WEATHER, TIME], "tool_choice": choice,
+                                  "max_tokens": 200, "seed": seed}
+        if stream:
+            with client.chat.completions.create(stream=True, **kwargs) as chunks:
+                done = chunks.get_final_completion()
+        else:
+            done = client.chat.completions.create(**kwargs)
+        message = done.choices[0].message
+        assert done.choices[0].finish_reason == "tool_calls", message.content
+        assert message.tool_calls
+        for call in message.tool_calls:
+            arguments = json.loads(call.function.arguments)
+            if isinstance(choice, dict):
+                assert call.function.name == "get_time"
+            if call.function.name == "get_time":
+                assert set(arguments) == {"utc_offset"} and -12 <= arguments["utc_offset"] <= 14
+            else:
+                assert call.function.name == "get_weather"
+                assert arguments["unit"] in ("c", "f") and len(arguments["city"]) <= 12
+
+
+def test_one_call_at_a_time_means_exactly_one(client: MixtralClient) -> None:
+    for seed in range(4):
+        done = client.chat.completions.create(messages=MESSAGES, tools=[WEATHER, TIME], tool_choice="required",
+                                              parallel_tool_calls=False, max_tokens=200, seed=seed)
+        assert len(done.choices[0].message.tool_calls or []) == 1
+
+
+def test_auto_tool_choice_is_not_constrained(client: MixtralClient) -> None:
+    done = client.chat.completions.create(messages=MESSAGES, tools=[WEATHER], max_tokens=12, temperature=0)
+    assert done.choices[0].finish_reason == "length" and not done.choices[0].message.tool_calls
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio", "trio"])
+async def test_async_structured_output_equals_sync(tiny_dir: Path, client: MixtralClient,
+                                                   anyio_backend: str) -> None:
+    async with AsyncMixtralClient(provider="local", model_path=str(tiny_dir), env={}, **LOCAL) as aclient:
+        done = await aclient.chat.completions.create(messages=MESSAGES, response_format=PERSON_FORMAT,
+                                                     max_tokens=200, seed=11)
+    expected = client.chat.completions.create(messages=MESSAGES, response_format=PERSON_FORMAT, max_tokens=200,
+                                              seed=11)
+    assert done.choices[0].message.content == expected.choices[0].message.content
+
+
+@pytest.mark.parametrize(("fmt", "reason"), [
+    ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "objectx"}}}, "Invalid type"),
+    ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "string", "format": "postcode"},
+                                             "strict": True}}, "Unknown format"),
+    ({"type": "json_schema", "json_schema": {"name": "x", "schema": "an object"}}, "must be a JSON schema object"),
+])
+def test_a_bad_schema_is_refused_before_the_model_loads(tiny_dir: Path, fmt: dict[str, Any], reason: str,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    loads: list[Any] = []
+    monkeypatch.setattr(backend_module, "_engine_for", lambda options: loads.append(options))
+    with MixtralClient(provider="local", model_path=str(tiny_dir), env={}, **LOCAL) as client:
+        with pytest.raises(InvalidRequestError, match=reason) as caught:
+            client.chat.completions.create(messages=MESSAGES, response_format=fmt)
+    assert caught.value.param == "response_format"
+    assert loads == []
+
+
+def test_a_non_strict_schema_with_unknown_keywords_is_taken(client: MixtralClient) -> None:
+    fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": {
+        "type": "object", "properties": {"zip": {"type": "string", "format": "postcode", "maxLength": 5}},
+        "required": ["zip"], "additionalProperties": False}}}
+    done = client.chat.completions.create(messages=MESSAGES, response_format=fmt, max_tokens=40, seed=0)
+    assert set(json.loads(done.choices[0].message.content or "")) == {"zip"}
+
+
+def test_the_grammar_reaches_the_sampling_parameters(make_request: Callable[..., ChatRequest],
+                                                     local_config: Any) -> None:
+    core = LocalCore(local_config)
+    assert backend_module._sampling(make_request(MESSAGES)).grammar is None
+    assert backend_module._sampling(make_request(MESSAGES, response_format={"type": "text"})).grammar is None
+    params = backend_module._sampling(make_request(MESSAGES, response_format=PERSON_FORMAT))
+    assert params.grammar is not None and '"maxLength": 8' in params.grammar
+    core.close()
