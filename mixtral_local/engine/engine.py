@@ -17,6 +17,7 @@ import random
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -90,14 +91,14 @@ class Engine:
         self.device = model.output.weight.device
         self.dtype = model.output.weight.dtype
         self.scheduler = Scheduler(self, max_batch)
-        self._grammar_table: object | None = None
+        self._grammar_table: Any = None  # llguidance's view of the vocabulary, built with the first grammar
         self._grammar_lock = threading.Lock()
 
     def _constraint(self, grammar: str) -> Constraint:
         with self._grammar_lock:
             if self._grammar_table is None:
                 self._grammar_table = token_table(self.tokenizer)
-        return Constraint(self._grammar_table, grammar)  # type: ignore[arg-type]
+        return Constraint(self._grammar_table, grammar)
 
     def budget(self, prompt_len: int, max_tokens: int | None) -> int:
         """How many tokens a request may generate; refuses a prompt that does not fit the context."""
