@@ -129,13 +129,11 @@ class Xgrammar:
             return self.compiler.compile_builtin_json_grammar()
         if kind == "person":
             return self.compiler.compile_json_schema(json.dumps(PERSON), any_whitespace=False, separators=(", ", ": "))
-        return self.compiler.compile_structural_tag  # compiled per start (see below)
+        g = self.xgr.Grammar  # the tool-call answer: the marker, then the calls' JSON
+        calls = g.from_json_schema(json.dumps(_calls_schema()), any_whitespace=False, separators=(", ", ": "))
+        return self.compiler.compile_grammar(g.concat(g.from_ebnf('root ::= "[TOOL_CALLS] "'), calls))
 
     def start(self, grammar: Any) -> Any:
-        if callable(grammar):  # the tool-call answer: the marker, then the calls' JSON
-            g = self.xgr.Grammar
-            calls = g.from_json_schema(json.dumps(_calls_schema()), any_whitespace=False, separators=(", ", ": "))
-            grammar = self.compiler.compile_grammar(g.concat(g.from_ebnf('root ::= "[TOOL_CALLS] "'), calls))
         return self.xgr.GrammarMatcher(grammar)
 
     def step(self, matcher: Any, token: int, logits: torch.Tensor | None) -> None:
