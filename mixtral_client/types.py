@@ -27,6 +27,7 @@ __all__ = [
     "FinishReason",
     "FunctionCall",
     "FunctionDefinition",
+    "PromptTokensDetails",
     "ToolCall",
     "ToolCallParam",
     "Usage",
@@ -117,10 +118,15 @@ class Choice(_Model):
     logprobs: Any = None
 
 
+class PromptTokensDetails(_Model):
+    cached_tokens: int | None = None  # prompt tokens served from a prompt (prefix) cache
+
+
 class Usage(_Model):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
+    prompt_tokens_details: PromptTokensDetails | None = None
 
 
 class ChatCompletion(_Model):

@@ -43,11 +43,13 @@ from mixtral_client.types import (
     ChatCompletionChunk,
     ChoiceDelta,
     ChunkChoice,
+    PromptTokensDetails,
     Usage,
 )
 
 from .engine import Delta, Engine, SamplingParams, Ticket
 from .engine.grammar import GrammarError, check_grammar, json_grammar, tool_calls_grammar
+from .engine.prefix_cache import PREFIX_CACHE_TOKENS
 from .loader import check_checkpoint, load_model, resolve_device, resolve_dtype
 from .model import MixtralModel
 from .tokenizer import MixtralTokenizer
@@ -71,20 +73,25 @@ class LocalOptions:
     moe_backend: str = "auto"
     progress: bool | None = None
     max_batch: int = 16
+    prefix_cache: int = PREFIX_CACHE_TOKENS
 
     @classmethod
     def from_config(cls, config: ClientConfig) -> LocalOptions:
         if config.model_path is None:
             raise ConfigurationError("provider 'local' needs model_path= (or MIXTRAL_MODEL_PATH)")
         opts = dict(config.local_options)
-        unknown = sorted(set(opts) - {"dtype", "device", "moe_backend", "progress", "max_batch"})
+        known = ("dtype", "device", "moe_backend", "progress", "max_batch", "prefix_cache")
+        unknown = sorted(set(opts) - set(known))
         if unknown:
-            raise ConfigurationError(f"local_options: unknown {', '.join(unknown)}; "
-                                     "known: dtype, device, moe_backend, progress, max_batch")
+            raise ConfigurationError(f"local_options: unknown {', '.join(unknown)}; known: {', '.join(known)}")
         max_batch = opts.pop("max_batch", 16)
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
             raise ConfigurationError(f"local_options: max_batch must be an integer >= 1, got {max_batch!r}")
-        options = cls(Path(config.model_path), max_batch=max_batch,
+        prefix_cache = opts.pop("prefix_cache", PREFIX_CACHE_TOKENS)
+        if isinstance(prefix_cache, bool) or not isinstance(prefix_cache, int) or prefix_cache < 0:
+            raise ConfigurationError("local_options: prefix_cache must be an integer >= 0 (tokens of finished "
+                                     f"requests kept for reuse; 0: off), got {prefix_cache!r}")
+        options = cls(Path(config.model_path), max_batch=max_batch, prefix_cache=prefix_cache,
                       **{k: str(v) if k != "progress" else v for k, v in opts.items()})
         try:
             resolve_dtype(options.dtype, resolve_device(options.device))
@@ -125,18 +132,21 @@ def _load_in_own_thread(options: LocalOptions) -> MixtralModel:
 def _engine_for(options: LocalOptions) -> Engine:
     """The process-wide engine for these options, loading the model on first use.
 
-    Clients sharing an engine share its running batch; its row limit is the largest ``max_batch`` asked.
+    Clients sharing an engine share its running batch; its row limit is the largest ``max_batch`` asked, its
+    prefix cache the largest ``prefix_cache``.
     """
     key = options.key()
     with _engines_lock:
         engine = _engines.get(key)
         if engine is None:
             model = _load_in_own_thread(options)
-            engine = Engine(model, MixtralTokenizer.from_pretrained(options.path), max_batch=options.max_batch)
+            engine = Engine(model, MixtralTokenizer.from_pretrained(options.path), max_batch=options.max_batch,
+                            prefix_cache=options.prefix_cache)
             if model.config.random_weights:
                 log.info("%s holds RANDOM weights (a tiny test checkpoint): its text is nonsense", options.path)
             _engines[key] = engine
         engine.scheduler.max_rows = max(engine.scheduler.max_rows, options.max_batch)
+        engine.prefix_cache.max_tokens = max(engine.prefix_cache.max_tokens, options.prefix_cache)
         return engine
 
 
@@ -210,6 +220,7 @@ class _Answer:
         self.head: dict[str, Any] = {"id": f"chatcmpl-local-{uuid.uuid4().hex[:24]}", "created": int(time.time()),
                                      "model": model}
         self.n, self.finished, self.prompt_tokens, self.completion_tokens = n, 0, 0, 0
+        self.cached_tokens = 0
 
     def first(self) -> ChatCompletionChunk:
         return ChatCompletionChunk(**self.head, choices=[ChunkChoice(index=i, delta=ChoiceDelta(role="assistant",
@@ -224,6 +235,7 @@ class _Answer:
             return
         self.finished += 1
         self.prompt_tokens = delta.prompt_tokens
+        self.cached_tokens = max(self.cached_tokens, delta.cached_tokens)
         self.completion_tokens += delta.completion_tokens
         finish = ChunkChoice(index=index, finish_reason=delta.finish_reason)
         if self.n == 1:
@@ -235,7 +247,8 @@ class _Answer:
 
     def _usage(self) -> Usage:
         return Usage(prompt_tokens=self.prompt_tokens, completion_tokens=self.completion_tokens,
-                     total_tokens=self.prompt_tokens + self.completion_tokens)
+                     total_tokens=self.prompt_tokens + self.completion_tokens,
+                     prompt_tokens_details=PromptTokensDetails(cached_tokens=self.cached_tokens))
 
     @staticmethod
     def fold(chunks: Iterable[ChatCompletionChunk]) -> ChatCompletion:

@@ -27,6 +27,7 @@ from mixtral_local.tokenizer import IncrementalDetokenizer, MixtralTokenizer
 
 from .grammar import Constraint, GrammarError, token_table
 from .kv_cache import KVCache
+from .prefix_cache import PREFIX_CACHE_TOKENS, Prefix, PrefixCache
 from .sampling import SamplingParams, sample
 from .scheduler import Scheduler, Ticket
 from .stops import StopMatcher
@@ -43,6 +44,7 @@ class Delta:
     finish_reason: str | None  # "stop" (EOS, a stop string, a grammar's end) or "length"; "error": see the row
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = 0  # prompt positions taken from the prefix cache rather than computed
 
 
 @dataclass(slots=True)
@@ -74,15 +76,26 @@ class _Row:
     finish: str | None = None
     error: BaseException | None = None  # why the row ended, when its finish is "error"
     shown: bool = False  # a constrained row has given text
+    prefix: Prefix | None = None  # a prefix-cache entry sharing the prompt's first ``cached`` tokens
+    cached: int = 0
+
+    @property
+    def computed(self) -> list[int]:
+        """The tokens whose keys and values the row's slot holds: the prompt, and every answer token but the
+        last (which no step has fed to the model yet)."""
+        return self.prompt + self.tokens[:-1]
 
 
 class Engine:
     """Generation over one model: a fixed batch in the caller's thread, or requests joining a running batch.
 
     ``max_batch`` bounds how many submitted requests decode together; more wait for a free row.
+    ``prefix_cache`` is how many positions of finished requests' keys and values are kept for later prompts
+    that start with the same tokens (``prefix_cache.py``); 0 turns reuse off.
     """
 
-    def __init__(self, model: MixtralModel, tokenizer: MixtralTokenizer, *, max_batch: int = 16) -> None:
+    def __init__(self, model: MixtralModel, tokenizer: MixtralTokenizer, *, max_batch: int = 16,
+                 prefix_cache: int = PREFIX_CACHE_TOKENS) -> None:
         if tokenizer.vocab_size > model.config.vocab_size:
             raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens, the model only "
                              f"{model.config.vocab_size}")
@@ -91,6 +104,7 @@ class Engine:
         self.device = model.output.weight.device
         self.dtype = model.output.weight.dtype
         self.scheduler = Scheduler(self, max_batch)
+        self.prefix_cache = PrefixCache(prefix_cache)
         self._grammar_table: Any = None  # llguidance's view of the vocabulary, built with the first grammar
         self._grammar_lock = threading.Lock()
 
@@ -159,8 +173,9 @@ class Engine:
             counts = torch.zeros(self.model.config.vocab_size, device=self.device) if p.penalized else None
             max_new = self.budget(len(prompt), p.max_tokens)
             constraint = self._constraint(p.grammar) if p.grammar is not None else None
+            prefix, cached = self.prefix_cache.match(prompt)
             rows.append(_Row(i, list(prompt), p, max_new, self.tokenizer.detokenizer(), StopMatcher(p.stop),
-                             generator, counts, constraint))
+                             generator, counts, constraint, prefix=prefix, cached=cached))
         return rows
 
     def _forward(self, ids: list[list[int]], positions: list[list[int]], cache: Sequence[tuple[torch.Tensor, ...]],
@@ -189,7 +204,7 @@ class Engine:
             text += row.stops.feed(row.detok.flush()) + row.stops.flush()
             if row.stops.stopped:
                 row.finish = "stop"
-        return Delta(row.index, text, row.finish, len(row.prompt), len(row.tokens))
+        return Delta(row.index, text, row.finish, len(row.prompt), len(row.tokens), row.cached)
 
     def _next_token(self, row: _Row, logits: torch.Tensor) -> Delta:
         """Sample ``row``'s next token from its logits [V] (within its grammar, if it has one) and take it.
@@ -203,7 +218,7 @@ class Engine:
             row.constraint.accept(token)
         except GrammarError as exc:
             row.finish, row.error = "error", exc
-            return Delta(row.index, "", "error", len(row.prompt), len(row.tokens))
+            return Delta(row.index, "", "error", len(row.prompt), len(row.tokens), row.cached)
         delta = self._accept(row, token, last=row.constraint.done and token != self.tokenizer.eos_id)
         if not row.shown:  # the space a grammar lets an answer open with is not part of it
             text = delta.text.lstrip(" ")
@@ -238,11 +253,15 @@ PREFILL_CHUNK = 512  # the scheduler prefills a longer prompt this many tokens a
 
 
 def prefill_groups(rows: Sequence[_Row], budget: int = PREFILL_TOKENS) -> list[list[_Row]]:
-    """``rows`` in order, cut into groups prefilled in one pass each: rows x longest prompt <= ``budget``."""
+    """``rows`` in order, cut into groups prefilled in one pass each: rows x longest prompt <= ``budget``.
+
+    A row that reuses a cached prefix is a group of its own (its prefill starts past the prefix)."""
     groups: list[list[_Row]] = []
     for row in rows:
         group = groups[-1] if groups else None
-        if group is not None and (len(group) + 1) * max(len(row.prompt), *(len(r.prompt) for r in group)) <= budget:
+        if row.cached or (group is not None and group[0].cached):
+            groups.append([row])
+        elif group is not None and (len(group) + 1) * max(len(row.prompt), *(len(r.prompt) for r in group)) <= budget:
             group.append(row)
         else:
             groups.append([row])
@@ -293,10 +312,16 @@ class _Batch:
         """Prefill ``rows`` together into the next free slots; their first tokens' deltas (a row whose first
         token is its last leaves at once). Prompts are right-padded to the longest: every row sits at
         positions 0..S-1, so one causal pass serves all, and what a pad leaves in the cache lies beyond its
-        row's position, never attended and overwritten as the row moves on."""
+        row's position, never attended and overwritten as the row moves on.
+
+        A row alone may reuse a cached prefix (``row.cached`` positions of ``row.prefix``): they are copied
+        into its slot, and the pass computes only the rest of its prompt."""
         if self.size + len(rows) > self.slots:
             raise RuntimeError(f"the batch is full ({self.slots} rows)")
         b, n = len(self.rows), len(rows)
+        start = rows[0].cached
+        if start and n > 1:
+            raise ValueError("a row that reuses a cached prefix is prefilled alone")
         lengths = [len(r.prompt) for r in rows]
         s = max(lengths)
         self.rows.extend(rows)
@@ -308,8 +333,12 @@ class _Batch:
                 self.cache.move(b, b + n, self.filled)
                 moved = True
             cache = self.cache.slots(b, n)
-            ids = [r.prompt + [0] * (s - len(r.prompt)) for r in rows]
-            logits = self.engine._forward(ids, [list(range(s))] * n, cache, s, last=[t - 1 for t in lengths])
+            if start:
+                assert rows[0].prefix is not None
+                rows[0].prefix.copy_into(cache, 0, start)
+            ids = [r.prompt[start:] + [0] * (s - len(r.prompt)) for r in rows]
+            logits = self.engine._forward(ids, [list(range(start, s))] * n, cache, s,
+                                          last=[t - 1 - start for t in lengths])
             deltas = [self.engine._next_token(row, logits[i]) for i, row in enumerate(rows)]
         except BaseException:
             del self.rows[b:]
@@ -322,11 +351,23 @@ class _Batch:
                 self.drop(row)
         return deltas
 
+    @torch.inference_mode()
     def start_filling(self, row: _Row) -> None:
-        """Make ``row`` the filling row; ``fill()`` then prefills it a chunk at a time."""
+        """Make ``row`` the filling row; ``fill()`` then prefills it a chunk at a time (from the end of the
+        cached prefix it reuses, if any: that is copied into its slot here)."""
         if self.filling is not None or self.size + 1 > self.slots:
             raise RuntimeError("a row is filling already, or the batch is full")
         self.filling, self.filled = row, 0
+        if row.cached:
+            assert row.prefix is not None
+            try:
+                self._reserve(self.size, row.cached)
+                assert self.cache is not None
+                row.prefix.copy_into(self.cache.layers, len(self.rows), row.cached)
+            except BaseException:
+                self.filling = None
+                raise
+            self.filled = row.cached
 
     @torch.inference_mode()
     def fill(self, chunk: int = PREFILL_CHUNK) -> Delta | None:
@@ -350,6 +391,8 @@ class _Batch:
         delta = self.engine._next_token(row, logits[0])
         if row.finish is None:
             self.rows.append(row)  # its slot, len(rows), is already the next decoding slot
+        else:
+            self._keep(row, b)
         return delta
 
     def stop_filling(self) -> None:
@@ -373,8 +416,9 @@ class _Batch:
 
     @torch.inference_mode()
     def drop(self, row: _Row) -> None:
-        """Take ``row`` out; the last row moves into its slot (its cached keys and values copied)."""
+        """Take ``row`` out (its keys and values kept in the prefix cache); the last row moves into its slot."""
         b = next(i for i, r in enumerate(self.rows) if r is row)
+        self._keep(row, b)
         last = self.rows[-1]
         if last is not row:
             assert self.cache is not None
@@ -384,3 +428,8 @@ class _Batch:
         if self.filling is not None and self.filled:  # it follows the decoding rows down one slot
             assert self.cache is not None
             self.cache.move(len(self.rows) + 1, len(self.rows), self.filled)
+
+    def _keep(self, row: _Row, slot: int) -> None:
+        """Copy the keys and values of ``row`` (leaving ``slot``) into the engine's prefix cache."""
+        if self.cache is not None and self.engine.prefix_cache.max_tokens:
+            self.engine.prefix_cache.store(row.computed, self.cache.layers, slot)

@@ -217,7 +217,8 @@ class Scheduler:
                 if ticket.cancelled:
                     continue
                 owned[id(ticket.row)] = ticket
-                (long if len(ticket.row.prompt) > PREFILL_CHUNK else short).append(ticket)
+                row = ticket.row
+                (long if len(row.prompt) - row.cached > PREFILL_CHUNK else short).append(ticket)
             for group in prefill_groups([t.row for t in short]):
                 try:
                     admitted = list(zip(group, batch.admit(group), strict=True))

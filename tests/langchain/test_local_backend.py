@@ -93,6 +93,17 @@ def test_usage_appears_once_in_a_local_stream(local_llm: ChatMixtral) -> None:
     assert len([c for c in chunks if c.usage_metadata]) == 1
 
 
+def test_a_follow_up_turn_reports_its_reused_prompt_tokens_as_cache_reads(local_llm: ChatMixtral) -> None:
+    from langchain_core.messages import HumanMessage, SystemMessage
+
+    system = SystemMessage(" ".join(f"Rule {i}: answer briefly and politely." for i in range(12)))
+    first = local_llm.invoke([system, HumanMessage("Hi")])
+    second = local_llm.invoke([system, HumanMessage("Hi"), first, HumanMessage("And then?")])
+    assert first.usage_metadata is not None and second.usage_metadata is not None
+    cached = second.usage_metadata.get("input_token_details", {}).get("cache_read", 0)
+    assert first.usage_metadata["input_tokens"] <= cached < second.usage_metadata["input_tokens"]
+
+
 def test_tools_bound_on_the_local_backend_travel_in_the_prompt(local_llm: ChatMixtral) -> None:
     def ping() -> str:
         """Ping."""

@@ -248,7 +248,7 @@ def test_padded_prompts_prefilled_together_give_each_rows_own_logits(engine: Eng
 
 def test_prefill_groups_keep_the_order_and_the_padded_token_budget() -> None:
     lengths = [100, 300, 50, 2000, 2000, 5000, 10]
-    rows: Any = [SimpleNamespace(prompt=[1] * n) for n in lengths]  # only the prompts matter here
+    rows: Any = [SimpleNamespace(prompt=[1] * n, cached=0) for n in lengths]  # only the prompts (and no cached prefix) matter here
     groups = prefill_groups(rows, budget=4096)
     assert [r for g in groups for r in g] == rows
     assert [[len(r.prompt) for r in g] for g in groups] == [[100, 300, 50], [2000, 2000], [5000], [10]]
@@ -546,6 +546,7 @@ def test_a_long_prompt_is_prefilled_in_chunks_while_the_others_keep_decoding(
         engine: Engine, prompts: list[list[int]], long_prompt: list[int], small_chunks: int) -> None:
     short = SamplingParams(temperature=0, max_tokens=40)
     expected = [alone(engine, prompts[0], short), alone(engine, long_prompt)]
+    engine.prefix_cache.clear()  # else the long prompt's own keys and values are reused, and nothing is chunked
     calls, hook = forwards(engine)
     try:
         with held(engine):
@@ -568,6 +569,7 @@ def test_rows_come_and_go_while_a_long_prompt_is_filling(
     long prompt is half prefilled: everyone still gets the tokens they get alone."""
     quick, later = SamplingParams(temperature=0, max_tokens=2), SamplingParams(temperature=0, max_tokens=15)
     expected = [alone(engine, prompts[0], quick), alone(engine, long_prompt), alone(engine, prompts[2], later)]
+    engine.prefix_cache.clear()
     submitted: list[Ticket] = []
 
     def submit_during_the_second_chunk(_module: Any, args: tuple[torch.Tensor, ...]) -> None:
