@@ -145,7 +145,9 @@ class HF:
         if self.carry:
             if self.cache is not None:
                 reused = min(common_prefix(self.cached_ids, prompt), len(prompt) - 1)
-                self.cache.crop(reused)
+                extra = self.cache.get_seq_length() - reused
+                if extra > 0:  # a negative count removes tokens, in transformers 4.x and 5.x alike
+                    self.cache.crop(-extra)
             kwargs = {
                 "past_key_values": self.cache if self.cache is not None else DynamicCache(),
                 "return_dict_in_generate": True,
