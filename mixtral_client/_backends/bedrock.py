@@ -77,7 +77,10 @@ class BedrockCore:
         if self.region is None and config.base_url is None:
             raise ConfigurationError("provider 'bedrock' needs a region: region=, AWS_REGION / AWS_DEFAULT_REGION, "
                                      "or a region in your AWS profile (~/.aws/config)")
-        self.endpoint = config.base_url or f"https://bedrock-runtime.{self.region}.amazonaws.com"
+        endpoint = httpx.URL(config.base_url or f"https://bedrock-runtime.{self.region}.amazonaws.com")
+        # a query in base_url (a proxy's ?tenant=...) goes on every request, after the path, with extra_query over it
+        self.endpoint = str(endpoint.copy_with(query=None)).rstrip("/")
+        self._base_query = httpx.QueryParams(endpoint.query)
         self.headers = {"Content-Type": "application/json", "User-Agent": f"mixtral-sdk/{__version__}",
                         **config.default_headers}
         self._credentials: Any = None
@@ -109,7 +112,7 @@ class BedrockCore:
         headers.update(opts.extra_headers)
         built = client.build_request(
             "POST", self.endpoint + converse_path(request.model, request.stream), content=content,
-            headers=headers, params=dict(opts.extra_query) if opts.extra_query else None,
+            headers=headers, params=self._base_query.merge(opts.extra_query) or None,
             timeout=HTTPCore.timeout(request, deadline),
         )
         built.headers.update(self._authorization(built, content))

@@ -40,7 +40,7 @@ _AUTH = re.compile(
     r"AWS4-HMAC-SHA256 Credential=(?P<key>[^/]+)/(?P<date>\d{8})/(?P<region>[^/]+)/(?P<service>[^/]+)/aws4_request, "
     r"SignedHeaders=(?P<signed>[a-z0-9;-]+), Signature=(?P<signature>[0-9a-f]{64})"
 )
-_PATH = re.compile(r"/model/(?P<model>[^/?]+)/(?P<op>converse|converse-stream)(?:\?.*)?")
+_PATH = re.compile(r"(?:/[^?]*)?/model/(?P<model>[^/?]+)/(?P<op>converse|converse-stream)(?:\?.*)?")  # behind a proxy's path too
 
 
 # --------------------------------------------------------------------------- event-stream encoding

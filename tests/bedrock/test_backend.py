@@ -126,6 +126,20 @@ def test_converse_request_on_the_wire_with_sigv4(bedrock: BedrockStandIn, aws_ke
     assert "accept-encoding" not in signed and "content-length" not in signed
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_base_url_with_a_path_and_a_query_keeps_both_and_signs_them(bedrock: BedrockStandIn, aws_keys: None,
+                                                                      stream: bool) -> None:
+    with MixtralClient(provider="bedrock", base_url=bedrock.url + "/proxy/?tenant=a%2Fb&trace=off",
+                       region=REGION) as client:
+        answer = client.chat.completions.create(messages=MESSAGES, stream=stream, extra_query={"trace": "on"})
+        text = "".join(c.choices[0].delta.content or "" for c in answer if c.choices) if stream else (
+            answer.choices[0].message.content)  # type: ignore[union-attr]
+    assert text == "Hello from Bedrock"  # the stand-in answered: the signature over path and query held
+    suffix = "converse-stream" if stream else "converse"
+    assert bedrock.calls[0].received.path == (
+        f"/proxy/model/mistral.mixtral-8x7b-instruct-v0%3A1/{suffix}?tenant=a%2Fb&trace=on")
+
+
 def test_converse_stream_request_with_an_api_key(bedrock: BedrockStandIn) -> None:
     with MixtralClient(provider="bedrock", base_url=bedrock.url, api_key=API_KEY) as client:
         sync_call(client, True)
