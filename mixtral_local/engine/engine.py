@@ -255,12 +255,16 @@ PREFILL_CHUNK = 512  # the scheduler prefills a longer prompt this many tokens a
 def prefill_groups(rows: Sequence[_Row], budget: int = PREFILL_TOKENS) -> list[list[_Row]]:
     """``rows`` in order, cut into groups prefilled in one pass each: rows x longest prompt <= ``budget``.
 
-    A row that reuses a cached prefix is a group of its own (its prefill starts past the prefix)."""
+    A row that reuses a cached prefix is a group of its own (its prefill starts past the prefix), with the
+    rows that follow it with the same prompt (the other choices of its request)."""
     groups: list[list[_Row]] = []
     for row in rows:
         group = groups[-1] if groups else None
         if row.cached or (group is not None and group[0].cached):
-            groups.append([row])
+            if group is not None and group[0].cached == row.cached and group[0].prompt == row.prompt:
+                group.append(row)
+            else:
+                groups.append([row])
         elif group is not None and (len(group) + 1) * max(len(row.prompt), *(len(r.prompt) for r in group)) <= budget:
             group.append(row)
         else:
@@ -314,17 +318,26 @@ class _Batch:
         positions 0..S-1, so one causal pass serves all, and what a pad leaves in the cache lies beyond its
         row's position, never attended and overwritten as the row moves on.
 
-        A row alone may reuse a cached prefix (``row.cached`` positions of ``row.prefix``): they are copied
-        into its slot, and the pass computes only the rest of its prompt."""
+        Rows with the same prompt (the ``n`` choices of one request) are computed once: the first one's keys and
+        values are copied into the others' slots, and all sample their first token from its logits.
+
+        Rows that reuse a cached prefix (``row.cached`` positions of ``row.prefix``) come alone, or with copies
+        of the same prompt: the prefix is copied into the slot, and the pass computes only the rest."""
         if self.size + len(rows) > self.slots:
             raise RuntimeError(f"the batch is full ({self.slots} rows)")
         b, n = len(self.rows), len(rows)
         start = rows[0].cached
-        if start and n > 1:
-            raise ValueError("a row that reuses a cached prefix is prefilled alone")
-        lengths = [len(r.prompt) for r in rows]
+        if start and any(r.cached != start or r.prompt != rows[0].prompt for r in rows):
+            raise ValueError("a row that reuses a cached prefix is prefilled alone (or with its own copies)")
+        source: dict[tuple[int, ...], int] = {}  # prompt -> its computed row's place in the pass
+        for row in rows:
+            source.setdefault(tuple(row.prompt), len(source))
+        computed = [next(r for r in rows if tuple(r.prompt) == key) for key in source]
+        copies = [r for r in rows if all(r is not c for c in computed)]
+        u = len(computed)
+        lengths = [len(r.prompt) for r in computed]
         s = max(lengths)
-        self.rows.extend(rows)
+        self.rows.extend([*computed, *copies])  # computed rows first: the pass writes slots b .. b + u - 1
         moved = False
         try:
             self._reserve(self.size, max(s, self.filled))
@@ -332,14 +345,16 @@ class _Batch:
             if self.filling is not None:  # it keeps the slot after the decoding rows
                 self.cache.move(b, b + n, self.filled)
                 moved = True
-            cache = self.cache.slots(b, n)
+            cache = self.cache.slots(b, u)
             if start:
                 assert rows[0].prefix is not None
                 rows[0].prefix.copy_into(cache, 0, start)
-            ids = [r.prompt[start:] + [0] * (s - len(r.prompt)) for r in rows]
-            logits = self.engine._forward(ids, [list(range(start, s))] * n, cache, s,
+            ids = [r.prompt[start:] + [0] * (s - len(r.prompt)) for r in computed]
+            logits = self.engine._forward(ids, [list(range(start, s))] * u, cache, s,
                                           last=[t - 1 - start for t in lengths])
-            deltas = [self.engine._next_token(row, logits[i]) for i, row in enumerate(rows)]
+            for j, row in enumerate(copies):
+                self.cache.move(b + source[tuple(row.prompt)], b + u + j, len(row.prompt))
+            deltas = [self.engine._next_token(row, logits[source[tuple(row.prompt)]]) for row in rows]
         except BaseException:
             del self.rows[b:]
             if moved:

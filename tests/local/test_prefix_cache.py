@@ -254,6 +254,23 @@ def test_a_long_new_part_is_prefilled_in_chunks_from_the_end_of_the_reused_prefi
     assert "".join(d.text for d in deltas) == cold.generate([prompt], GREEDY)[0].text
 
 
+def test_rows_with_one_prompt_are_computed_once_and_sample_apart(
+    engine: Engine, cold: Engine, tokenizer: MixtralTokenizer, passes: list[tuple[int, int, int]]
+) -> None:
+    a, b = chat(tokenizer, "Name three tools."), chat(tokenizer, "Name a glue.")
+    params = [SamplingParams(temperature=0.8, seed=seed, max_tokens=8) for seed in (1, 2, 3, 4)]
+    prompts = [a, b, a, a]  # the n choices of one request, and another request in the same pass
+    got = engine.generate(prompts, params)
+    assert passes[0] == (2, max(len(a), len(b)), 0)  # one row per distinct prompt
+    expected = [cold.generate([p], q)[0].token_ids for p, q in zip(prompts, params, strict=True)]
+    assert [c.token_ids for c in got] == expected
+    assert len({tuple(c.token_ids) for c in got if c.prompt_tokens == len(a)}) > 1  # the choices differ
+    passes.clear()
+    again = engine.generate([a, a, a], [params[0], *params[2:]])  # all reuse a's cached prefix: one pass
+    assert passes[0] == (1, 1, len(a) - 1)
+    assert [c.token_ids for c in again] == expected[0:1] + expected[2:4]
+
+
 def test_the_engine_keeps_no_more_than_its_budget(model: Any, tokenizer: MixtralTokenizer) -> None:
     engine = Engine(model, tokenizer, prefix_cache=150)
     for i in range(6):
