@@ -22,9 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
-import subprocess
 import tempfile
 import time
 from collections.abc import Callable
@@ -33,8 +31,9 @@ from typing import Any
 
 import torch
 import transformers
+from local_cpu import SHAPE as LOCAL_CPU_SHAPE
+from local_cpu import _Clock, _cpu_name
 from transformers import DynamicCache
-from transformers.generation.streamers import BaseStreamer
 
 from mixtral_local.engine import Engine, SamplingParams
 from mixtral_local.engine.prefix_cache import common_prefix
@@ -42,18 +41,7 @@ from mixtral_local.loader import load_model
 from mixtral_local.tiny import write_tiny_checkpoint
 from mixtral_local.tokenizer import MixtralTokenizer
 
-SHAPE = {
-    "hidden_size": 256,
-    "intermediate_size": 896,
-    "num_hidden_layers": 4,
-    "num_attention_heads": 8,
-    "num_key_value_heads": 2,
-    "head_dim": 32,
-    "num_local_experts": 8,
-    "num_experts_per_tok": 2,
-    "vocab_size": 32000,
-    "max_position_embeddings": 8192,
-}
+SHAPE = {**LOCAL_CPU_SHAPE, "max_position_embeddings": 8192}  # the model of local_cpu.py, longer context
 TOOLS = [
     {
         "name": f"tool_{i}",
@@ -89,20 +77,6 @@ QUESTIONS = [
     "When do you open on Sunday?",
     "Thanks, that is all.",
 ]
-
-
-class _Clock(BaseStreamer):
-    """transformers' streamer: the first put() is the prompt, the second the first new token."""
-
-    def __init__(self) -> None:
-        self.times: list[float] = []
-
-    def put(self, value: Any) -> None:
-        del value
-        self.times.append(time.perf_counter())
-
-    def end(self) -> None:
-        pass
 
 
 def conversation(tokenizer: MixtralTokenizer, engine: Engine, turns: int, answer: int) -> list[list[int]]:
@@ -168,16 +142,6 @@ class HF:
             self.cache = out.past_key_values
             self.cached_ids = out.sequences[0].tolist()[: self.cache.get_seq_length()]
         return ttft, reused
-
-
-def _cpu_name() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        return next(
-            line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")
-        )
-    except (OSError, subprocess.CalledProcessError, StopIteration):
-        return platform.processor() or "unknown"
 
 
 def main() -> None:

@@ -327,3 +327,16 @@ def test_prefix_cache_zero_turns_reuse_off_and_bad_values_are_configuration_erro
                     local_options={"device": "cpu", "prefix_cache": bad},
                 )
             )
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_reuse_on_cuda_gives_the_tokens_of_a_cold_engine(tiny_dir: Path, tokenizer: MixtralTokenizer) -> None:
+    model = load_model(tiny_dir, dtype="float32", device="cuda")  # fp32: no near-tie flips between the two
+    warm, cold = Engine(model, tokenizer), Engine(model, tokenizer, prefix_cache=0)
+    first = chat(tokenizer, "Where are the hammers?")
+    done = warm.generate([first], GREEDY)[0]
+    second = chat(tokenizer, "Where are the hammers?", tokenizer.decode(done.token_ids).strip(), "And nails?")
+    deltas = list(warm.stream([second], GREEDY))
+    assert deltas[-1].cached_tokens >= len(first)
+    assert "".join(d.text for d in deltas) == cold.generate([second], GREEDY)[0].text
