@@ -84,13 +84,9 @@ class LocalOptions:
         unknown = sorted(set(opts) - set(known))
         if unknown:
             raise ConfigurationError(f"local_options: unknown {', '.join(unknown)}; known: {', '.join(known)}")
-        max_batch = opts.pop("max_batch", 16)
-        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
-            raise ConfigurationError(f"local_options: max_batch must be an integer >= 1, got {max_batch!r}")
-        prefix_cache = opts.pop("prefix_cache", PREFIX_CACHE_TOKENS)
-        if isinstance(prefix_cache, bool) or not isinstance(prefix_cache, int) or prefix_cache < 0:
-            raise ConfigurationError("local_options: prefix_cache must be an integer >= 0 (tokens of finished "
-                                     f"requests kept for reuse; 0: off), got {prefix_cache!r}")
+        max_batch = _int_option(opts, "max_batch", 16, 1)
+        prefix_cache = _int_option(opts, "prefix_cache", PREFIX_CACHE_TOKENS, 0,
+                                   " (tokens of finished requests kept for reuse; 0: off)")
         options = cls(Path(config.model_path), max_batch=max_batch, prefix_cache=prefix_cache,
                       **{k: str(v) if k != "progress" else v for k, v in opts.items()})
         try:
@@ -102,6 +98,14 @@ class LocalOptions:
     def key(self) -> tuple[str, str, str, str]:
         device = resolve_device(self.device)
         return (str(self.path.resolve()), str(resolve_dtype(self.dtype, device)), str(device), self.moe_backend)
+
+
+def _int_option(opts: dict[str, Any], name: str, default: int, minimum: int, meaning: str = "") -> int:
+    """Take ``name`` out of ``opts``: an integer (not a bool) >= ``minimum``, else a ``ConfigurationError``."""
+    value = opts.pop(name, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigurationError(f"local_options: {name} must be an integer >= {minimum}{meaning}, got {value!r}")
+    return value
 
 
 def _load_in_own_thread(options: LocalOptions) -> MixtralModel:

@@ -330,14 +330,21 @@ class _Batch:
         if start and any(r.cached != start or r.prompt != rows[0].prompt for r in rows):
             raise ValueError("a row that reuses a cached prefix is prefilled alone (or with its own copies)")
         source: dict[tuple[int, ...], int] = {}  # prompt -> its computed row's place in the pass
+        place: list[int] = []  # each row's computed row
+        computed: list[_Row] = []
+        copies: list[tuple[_Row, int]] = []  # (row, its computed row's place)
         for row in rows:
-            source.setdefault(tuple(row.prompt), len(source))
-        computed = [next(r for r in rows if tuple(r.prompt) == key) for key in source]
-        copies = [r for r in rows if all(r is not c for c in computed)]
+            key = tuple(row.prompt)
+            if key not in source:
+                source[key] = len(computed)
+                computed.append(row)
+            else:
+                copies.append((row, source[key]))
+            place.append(source[key])
         u = len(computed)
         lengths = [len(r.prompt) for r in computed]
         s = max(lengths)
-        self.rows.extend([*computed, *copies])  # computed rows first: the pass writes slots b .. b + u - 1
+        self.rows.extend([*computed, *(row for row, _ in copies)])  # the pass writes slots b .. b + u - 1
         moved = False
         try:
             self._reserve(self.size, max(s, self.filled))
@@ -352,9 +359,9 @@ class _Batch:
             ids = [r.prompt[start:] + [0] * (s - len(r.prompt)) for r in computed]
             logits = self.engine._forward(ids, [list(range(start, s))] * u, cache, s,
                                           last=[t - 1 - start for t in lengths])
-            for j, row in enumerate(copies):
-                self.cache.move(b + source[tuple(row.prompt)], b + u + j, len(row.prompt))
-            deltas = [self.engine._next_token(row, logits[source[tuple(row.prompt)]]) for row in rows]
+            for j, (row, src) in enumerate(copies):
+                self.cache.move(b + src, b + u + j, len(row.prompt))
+            deltas = [self.engine._next_token(row, logits[place[i]]) for i, row in enumerate(rows)]
         except BaseException:
             del self.rows[b:]
             if moved:

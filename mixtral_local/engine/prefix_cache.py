@@ -73,8 +73,7 @@ class PrefixCache:
         self.max_tokens = max_tokens
         self._entries: list[Prefix] = []  # least recently used first
         self._lock = threading.Lock()
-        self.hits = 0  # prompts that reused an entry, and the positions they took from it
-        self.reused_tokens = 0
+        self.hits = 0  # prompts that reused an entry (each request reports its own count in its deltas)
 
     @property
     def tokens(self) -> int:
@@ -99,7 +98,7 @@ class PrefixCache:
         with self._lock:
             best, best_len = None, 0
             for entry in self._entries:
-                n = common_prefix(entry.tokens[:limit], prompt[:limit])
+                n = min(common_prefix(entry.tokens, prompt), limit)
                 if n > best_len:
                     best, best_len = entry, n
             if best is None or best_len < MIN_REUSE:
@@ -107,7 +106,6 @@ class PrefixCache:
             self._entries.remove(best)  # now the most recently used
             self._entries.append(best)
             self.hits += 1
-            self.reused_tokens += best_len
             return best, best_len
 
     def store(self, tokens: Sequence[int], layers: Sequence[KVPair], slot: int) -> None:
