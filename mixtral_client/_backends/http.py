@@ -13,6 +13,9 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import select
+import socket
+import threading
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Generator, Iterator, Mapping
 from typing import Any, Protocol
@@ -520,9 +523,11 @@ class HTTPBackend:
               deadline: Deadline) -> Generator[ChatCompletionChunk, None, None]:
         reader = _StreamReader(self.core, request, deadline, response)
         with transport_errors(self.core.provider):
-            for raw in response.iter_bytes():
+            body = response.iter_bytes()
+            for raw in body:
                 yield from reader.feed(raw)
                 if reader.done:
+                    _drain_sync(body, response)
                     return
             yield from reader.end()
 
@@ -569,6 +574,63 @@ async def _drain(body: AsyncIterator[bytes], response: httpx.Response) -> None:
     with anyio.move_on_after(DRAIN_S), contextlib.suppress(httpx.HTTPError, httpx.StreamError):
         async for _ in body:
             pass
+
+
+def _drain_sync(body: Iterator[bytes], response: httpx.Response) -> None:
+    """``_drain`` for the sync client. A blocking read cannot be cut short by a timer, so the body's end is read
+    on a helper thread for at most ``DRAIN_S``; past that the socket is shut down under it, which ends the read
+    at once and drops the connection, as before. A transport without a socket (a mock, say) is not drained."""
+    if response.http_version != "HTTP/1.1":
+        return
+    network = response.extensions.get("network_stream")
+    sock = network.get_extra_info("socket") if network is not None else None
+    if not isinstance(sock, socket.socket):
+        return
+
+    try:
+        while _end_buffered(response) or _ready(sock):  # what is there already (the usual case) is read here
+            if next(body, None) is None:
+                return
+    except (httpx.HTTPError, httpx.StreamError, OSError):
+        return  # the close drops the connection
+
+    def read_to_end() -> None:
+        with contextlib.suppress(httpx.HTTPError, httpx.StreamError, OSError):
+            for _ in body:
+                pass
+
+    reader = threading.Thread(target=read_to_end, name="mixtral-drain", daemon=True)
+    reader.start()
+    reader.join(DRAIN_S)
+    if reader.is_alive():
+        # ``socket.socket.shutdown``, not ``SSLSocket.shutdown``, which would also drop the TLS state the reading
+        # thread is using; a connection that ended in the pool just now is readable after this, so the pool
+        # discards it instead of reusing it
+        with contextlib.suppress(OSError):
+            socket.socket.shutdown(sock, socket.SHUT_RDWR)
+        reader.join(1.0)
+
+
+def _end_buffered(response: httpx.Response) -> bool:
+    """Whether the chunked body's end was read off the socket with ``[DONE]`` and waits in h11's buffer, so that
+    reading on cannot block. httpx has no public way to ask; this looks through its and httpcore's stream
+    wrappers and answers False where their layout differs (the drain then falls back to its thread)."""
+    state: Any = response.stream
+    for name in ("_stream", "_httpcore_stream", "_stream", "_connection", "_h11_state"):
+        state = getattr(state, name, None)
+    buffered = getattr(state, "trailing_data", None)
+    return isinstance(buffered, tuple) and isinstance(buffered[0], bytes) and buffered[0].endswith(b"0\r\n\r\n")
+
+
+def _ready(sock: socket.socket) -> bool:
+    """Whether a read on ``sock`` returns without waiting: bytes on the socket, or decrypted TLS bytes pending."""
+    pending = getattr(sock, "pending", None)  # ssl.SSLSocket
+    if pending is not None and pending() > 0:
+        return True
+    try:
+        return bool(select.select([sock], [], [], 0)[0])
+    except (OSError, ValueError):  # closed under us
+        return False
 
 
 async def _discard(body: AsyncIterator[bytes], response: httpx.Response) -> None:
