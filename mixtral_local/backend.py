@@ -10,7 +10,7 @@ step in flight.
 
 The checkpoint is checked when a backend is built (a bad one raises ``CheckpointError``, a
 ``ConfigurationError``) and loaded on the first request, once per process for each
-(path, dtype, device, moe_backend): clients built alike share the weights and the running batch.
+(path, dtype, device, moe_backend, quantize): clients built alike share the weights and the running batch.
 
 Streams: a first chunk with ``role="assistant"`` (for every choice), one chunk per piece of text, and a last
 chunk with an empty delta, the ``finish_reason`` and the ``usage`` (always there, whatever ``stream_options``
@@ -50,7 +50,7 @@ from mixtral_client.types import (
 from .engine import Delta, Engine, SamplingParams, Ticket
 from .engine.grammar import GrammarError, check_grammar, json_grammar, tool_calls_grammar
 from .engine.prefix_cache import PREFIX_CACHE_TOKENS
-from .loader import check_checkpoint, load_model, resolve_device, resolve_dtype
+from .loader import check_checkpoint, load_model, resolve_device, resolve_dtype, resolve_quantize
 from .model import MixtralModel
 from .tokenizer import MixtralTokenizer
 
@@ -59,7 +59,7 @@ __all__ = ["AsyncLocalBackend", "LocalBackend", "LocalCore", "LocalOptions", "cl
 log = logging.getLogger("mixtral_local")
 
 _EXTRA_BODY = frozenset({"top_k"})
-_engines: weakref.WeakValueDictionary[tuple[str, str, str, str], Engine] = weakref.WeakValueDictionary()
+_engines: weakref.WeakValueDictionary[tuple[str, str, str, str, str], Engine] = weakref.WeakValueDictionary()
 _engines_lock = threading.Lock()
 
 
@@ -71,6 +71,7 @@ class LocalOptions:
     dtype: str = "auto"
     device: str = "auto"
     moe_backend: str = "auto"
+    quantize: str | None = None
     progress: bool | None = None
     max_batch: int = 16
     prefix_cache: int = PREFIX_CACHE_TOKENS
@@ -80,7 +81,7 @@ class LocalOptions:
         if config.model_path is None:
             raise ConfigurationError("provider 'local' needs model_path= (or MIXTRAL_MODEL_PATH)")
         opts = dict(config.local_options)
-        known = ("dtype", "device", "moe_backend", "progress", "max_batch", "prefix_cache")
+        known = ("dtype", "device", "moe_backend", "quantize", "progress", "max_batch", "prefix_cache")
         unknown = sorted(set(opts) - set(known))
         if unknown:
             raise ConfigurationError(f"local_options: unknown {', '.join(unknown)}; known: {', '.join(known)}")
@@ -88,16 +89,18 @@ class LocalOptions:
         prefix_cache = _int_option(opts, "prefix_cache", PREFIX_CACHE_TOKENS, 0,
                                    " (tokens of finished requests kept for reuse; 0: off)")
         options = cls(Path(config.model_path), max_batch=max_batch, prefix_cache=prefix_cache,
-                      **{k: str(v) if k != "progress" else v for k, v in opts.items()})
+                      **{k: v if k in ("progress", "quantize") else str(v) for k, v in opts.items()})
         try:
             resolve_dtype(options.dtype, resolve_device(options.device))
+            resolve_quantize(options.quantize)
         except (ValueError, RuntimeError) as exc:
             raise ConfigurationError(f"local_options: {exc}") from None
         return options
 
-    def key(self) -> tuple[str, str, str, str]:
+    def key(self) -> tuple[str, str, str, str, str]:
         device = resolve_device(self.device)
-        return (str(self.path.resolve()), str(resolve_dtype(self.dtype, device)), str(device), self.moe_backend)
+        return (str(self.path.resolve()), str(resolve_dtype(self.dtype, device)), str(device), self.moe_backend,
+                str(self.quantize))
 
 
 def _int_option(opts: dict[str, Any], name: str, default: int, minimum: int, meaning: str = "") -> int:
@@ -121,7 +124,8 @@ def _load_in_own_thread(options: LocalOptions) -> MixtralModel:
     def load() -> None:
         try:
             out.append(load_model(options.path, dtype=options.dtype, device=options.device,
-                                  moe_backend=options.moe_backend, progress=options.progress))
+                                  moe_backend=options.moe_backend, quantize=options.quantize,
+                                  progress=options.progress))
         except BaseException as exc:
             errors.append(exc)
 
@@ -269,7 +273,7 @@ class LocalCore:
         self.options = LocalOptions.from_config(config)
         try:
             check_checkpoint(self.options.path, dtype=self.options.dtype, device=self.options.device,
-                             moe_backend=self.options.moe_backend)
+                             moe_backend=self.options.moe_backend, quantize=self.options.quantize)
         except ValueError as exc:  # an unusable moe_backend for the device
             raise ConfigurationError(f"local_options: {exc}") from None
         MixtralTokenizer.from_pretrained(self.options.path)

@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import MixtralConfig
-from .kernels import MoEFn, moe_reference, route
+from .kernels import MoEFn, Quantize, moe_reference, route
+from .kernels.reference import expert_linear
 
 __all__ = ["KVPair", "MixtralModel", "moe_one_token"]
 
@@ -77,41 +78,52 @@ class Attention(nn.Module):
         return self.wo(y.transpose(1, 2).reshape(b, s, self.q_size))
 
 
-def moe_one_token(x: Tensor, w13: Tensor, w2: Tensor, router_logits: Tensor, top_k: int) -> Tensor:
+def moe_one_token(x: Tensor, w13: Tensor, w2: Tensor, router_logits: Tensor, top_k: int, *,
+                  w13_scale: Tensor | None = None, w2_scale: Tensor | None = None) -> Tensor:
     """``moe_reference`` for a single token [1, H]: the k chosen experts indexed directly, no bookkeeping."""
     weights, ids = route(router_logits, top_k)  # [1, k], [1, k]
     out = None
     for weight, e in zip(weights[0].tolist(), ids[0].tolist(), strict=True):
-        gate, up = F.linear(x, w13[e]).chunk(2, dim=-1)  # [1, I] each
-        y = F.linear(F.silu(gate) * up, w2[e]) * weight  # [1, H]
+        gate, up = expert_linear(x, w13, w13_scale, e).chunk(2, dim=-1)  # [1, I] each
+        y = expert_linear(F.silu(gate) * up, w2, w2_scale, e) * weight  # [1, H]
         out = y if out is None else out + y
     return out if out is not None else torch.zeros_like(x)
 
 
 class SparseMoE(nn.Module):
-    def __init__(self, config: MixtralConfig, moe_fn: MoEFn) -> None:
+    """The router and the stacked experts. With ``quantize="int8"`` the experts are int8 with one scale per
+    output row (``w13_scale`` [E, 2I], ``w2_scale`` [E, H], in the model's dtype); else both scales are None."""
+
+    w13_scale: nn.Parameter | None
+    w2_scale: nn.Parameter | None
+
+    def __init__(self, config: MixtralConfig, moe_fn: MoEFn, quantize: Quantize | None = None) -> None:
         super().__init__()
         e, h, i = config.num_local_experts, config.hidden_size, config.intermediate_size
         self.top_k = config.num_experts_per_tok
         self.gate = nn.Linear(h, e, bias=False)  # router
-        self.w13 = nn.Parameter(torch.empty(e, 2 * i, h))  # gate rows (w1), then up rows (w3)
-        self.w2 = nn.Parameter(torch.empty(e, h, i))  # down
+        int8 = {"dtype": torch.int8} if quantize == "int8" else {}
+        self.w13 = nn.Parameter(torch.empty(e, 2 * i, h, **int8), requires_grad=not int8)  # gate rows, up rows
+        self.w2 = nn.Parameter(torch.empty(e, h, i, **int8), requires_grad=not int8)  # down
+        self.register_parameter("w13_scale", nn.Parameter(torch.empty(e, 2 * i)) if int8 else None)
+        self.register_parameter("w2_scale", nn.Parameter(torch.empty(e, h)) if int8 else None)
         self.moe_fn = moe_fn
 
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # [M, H]
         moe = moe_one_token if x.shape[0] == 1 and self.moe_fn is moe_reference else self.moe_fn
-        return moe(x, self.w13, self.w2, self.gate(x), self.top_k).view(shape)
+        return moe(x, self.w13, self.w2, self.gate(x), self.top_k,
+                   w13_scale=self.w13_scale, w2_scale=self.w2_scale).view(shape)
 
 
 class Block(nn.Module):
-    def __init__(self, config: MixtralConfig, moe_fn: MoEFn) -> None:
+    def __init__(self, config: MixtralConfig, moe_fn: MoEFn, quantize: Quantize | None = None) -> None:
         super().__init__()
         self.attention_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.attention = Attention(config)
         self.ffn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.moe = SparseMoE(config, moe_fn)
+        self.moe = SparseMoE(config, moe_fn, quantize)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor, cache: KVPair | None,
                 kv_len: int) -> Tensor:
@@ -120,11 +132,12 @@ class Block(nn.Module):
 
 
 class MixtralModel(nn.Module):
-    def __init__(self, config: MixtralConfig, moe_fn: MoEFn = moe_reference) -> None:
+    def __init__(self, config: MixtralConfig, moe_fn: MoEFn = moe_reference, quantize: Quantize | None = None) -> None:
         super().__init__()
         self.config = config
         self.tok_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(Block(config, moe_fn) for _ in range(config.num_hidden_layers))
+        self.quantize = quantize
+        self.layers = nn.ModuleList(Block(config, moe_fn, quantize) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.output = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.register_buffer("inv_freq", self.rope_inv_freq(), persistent=False)

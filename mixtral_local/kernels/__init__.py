@@ -2,7 +2,10 @@
 
 Both share one signature::
 
-    moe(hidden [M, H], w13 [E, 2I, H], w2 [E, H, I], router_logits [M, E], top_k) -> [M, H]
+    moe(hidden [M, H], w13 [E, 2I, H], w2 [E, H, I], router_logits [M, E], top_k,
+        *, w13_scale=None, w2_scale=None) -> [M, H]
+
+With the two scales ([E, 2I] and [E, H]) the experts are int8, one scale per output row (``quantize_rows``).
 
 Importing this package needs torch alone; triton is imported only when the fused kernel is asked for.
 """
@@ -10,17 +13,41 @@ Importing this package needs torch alone; triton is imported only when the fused
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Callable
-from typing import Literal
+from typing import Literal, Protocol
 
 import torch
 
-from .reference import moe_reference, route
+from .reference import dequantize_rows, moe_reference, quantize_rows, route
 
-__all__ = ["MoEBackend", "MoEFn", "moe_reference", "resolve_moe_backend", "route"]
+__all__ = [
+    "MoEBackend",
+    "MoEFn",
+    "Quantize",
+    "dequantize_rows",
+    "moe_reference",
+    "quantize_rows",
+    "resolve_moe_backend",
+    "route",
+]
 
-MoEFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
 MoEBackend = Literal["auto", "torch", "triton"]
+Quantize = Literal["int8"]  # how expert weights may be stored: int8, one scale per output row
+
+
+class MoEFn(Protocol):
+    """What ``moe_reference`` and ``fused_moe`` both are."""
+
+    def __call__(
+        self,
+        hidden: torch.Tensor,
+        w13: torch.Tensor,
+        w2: torch.Tensor,
+        router_logits: torch.Tensor,
+        top_k: int = 2,
+        *,
+        w13_scale: torch.Tensor | None = None,
+        w2_scale: torch.Tensor | None = None,
+    ) -> torch.Tensor: ...
 
 
 def _triton_available() -> bool:

@@ -18,6 +18,10 @@ w13 is stacked [E, 2I, H]: gate rows (w1) are ``0..I-1``, up rows (w3) ``I..2I-1
 in registers and only [slots, I] ever reaches memory; ``BLOCK_N`` counts the w13 rows a program reads, which
 keeps the register footprint of a tile the same as in the unfused w13 GEMM of vLLM's tuned configs.
 
+With ``W_INT8`` the weights are int8 with one scale per row (``reference.quantize_rows``): each weight tile is
+widened to the activations' dtype before its dot, and the accumulator's columns are multiplied by their rows'
+scales in the epilogue, as vLLM's int8 weight-only path does; the weights then stream at one byte each.
+
 Pointer offsets that scale with an expert, token or slot index are computed in int64: ``expert * stride_e``
 passes 2**31 elements for large experts.
 
@@ -84,11 +88,15 @@ def w13_silu_kernel(
     stride_wk,
     stride_am,
     stride_an,
+    w_scale_ptr,  # with W_INT8: [E, 2I] scale of each w13 row; else None
+    stride_se,
+    stride_sn,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,  # w13 rows per program: BLOCK_N // 2 gate rows + as many up rows
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
     USE_TMA: tl.constexpr,  # operand tiles by the tensor-memory accelerator (Hopper) instead of pointer loads
+    W_INT8: tl.constexpr = False,  # int8 weights, one scale per row: widened per tile, scaled in the epilogue
 ):
     HALF_N: tl.constexpr = BLOCK_N // 2
     pid_m, pid_n = _block_coords(num_m_blocks, N, HALF_N, GROUP_M)
@@ -121,12 +129,19 @@ def w13_silu_kernel(
             x = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
             gate = tl.load(gate_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
             up = tl.load(up_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        if W_INT8:
+            gate = gate.to(x.dtype)
+            up = up.to(x.dtype)
         acc_gate = tl.dot(x, gate, acc_gate)
         acc_up = tl.dot(x, up, acc_up)
         x_ptrs += BLOCK_K * stride_xk
         gate_ptrs += BLOCK_K * stride_wk
         up_ptrs += BLOCK_K * stride_wk
 
+    if W_INT8:  # a row's scale factors out of its dot product
+        scale_ptrs = w_scale_ptr + expert * stride_se + offs_n * stride_sn
+        acc_gate *= tl.load(scale_ptrs, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        acc_up *= tl.load(scale_ptrs + N * stride_sn, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     act = acc_gate * tl.sigmoid(acc_gate) * acc_up  # SiLU(gate) * up, in fp32
     # (two whole stores rather than one with chosen rows and mask: ptxas then keeps the pointer path's prefill
     # build at 240 registers instead of 255)
@@ -162,11 +177,15 @@ def w2_weighted_kernel(
     stride_wk,
     stride_om,
     stride_on,
+    w_scale_ptr,  # with W_INT8: [E, H] scale of each w2 row; else None
+    stride_se,
+    stride_sn,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
     USE_TMA: tl.constexpr,
+    W_INT8: tl.constexpr = False,
 ):
     pid_m, pid_n = _block_coords(num_m_blocks, N, BLOCK_N, GROUP_M)
     if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
@@ -188,12 +207,17 @@ def w2_weighted_kernel(
         else:
             a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
             w = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        if W_INT8:
+            w = w.to(a.dtype)
         acc = tl.dot(a, w, acc)
         a_ptrs += BLOCK_K * stride_ak
         w_ptrs += BLOCK_K * stride_wk
 
     weight = tl.load(slot_weight_ptr + slots, mask=row_ok, other=0.0)
     acc = acc * weight[:, None]
+    if W_INT8:
+        scale = tl.load(w_scale_ptr + expert * stride_se + offs_n * stride_sn, mask=col_ok, other=0.0)
+        acc = acc * scale.to(tl.float32)[None, :]
     out_ptrs = out_ptr + slots[:, None] * stride_om + offs_n[None, :] * stride_on
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 

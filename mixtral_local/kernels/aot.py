@@ -247,10 +247,12 @@ def moe_call_launches(
     n_experts: int = MIXTRAL["n_experts"],
     top_k: int = MIXTRAL["top_k"],
     dtype: torch.dtype = torch.bfloat16,
+    int8: bool = False,
 ) -> tuple[KernelLaunch, ...]:
     """The launches of one ``fused_moe`` call of M tokens, over meta tensors of these shapes (fp32 logits).
 
     The routing program first when M * top_k <= FUSED_ROUTE_MAX_SLOTS (as the launcher runs it), then w13, w2.
+    ``int8``: int8 expert weights with row scales in ``dtype`` (the ``W_INT8`` build).
     """
     if interpreted():
         raise RuntimeError(
@@ -265,10 +267,12 @@ def moe_call_launches(
     align = empty_alignment(num_slots, n_experts, block_m, "meta")
     slot_weights = meta(num_slots, kind=torch.float32)
     hidden = meta(m, hidden_size)
-    w13 = meta(n_experts, 2 * intermediate_size, hidden_size)
-    w2 = meta(n_experts, hidden_size, intermediate_size)
+    weights = torch.int8 if int8 else dtype
+    w13 = meta(n_experts, 2 * intermediate_size, hidden_size, kind=weights)
+    w2 = meta(n_experts, hidden_size, intermediate_size, kind=weights)
+    scales = (meta(n_experts, 2 * intermediate_size), meta(n_experts, hidden_size)) if int8 else None
     sorted_hidden, act, per_slot = chunk_scratch(hidden, w13, w2, align, config, top_k)  # as fused_moe
-    launches = moe_launches(hidden, w13, w2, slot_weights, align, config, act, per_slot, sorted_hidden)
+    launches = moe_launches(hidden, w13, w2, slot_weights, align, config, act, per_slot, sorted_hidden, scales)
     if num_slots <= FUSED_ROUTE_MAX_SLOTS:
         logits = meta(m, n_experts, kind=torch.float32)
         launches = (route_align_launch(logits, top_k, block_m, slot_weights, align), *launches)
@@ -341,6 +345,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--distinct", action="store_true", help="build each distinct config once, at its largest M"
     )
+    parser.add_argument("--int8", action="store_true", help="the int8-weight build (W_INT8) of each config")
     parser.add_argument("--json", type=Path, help="write the builds here as JSON")
     args = parser.parse_args(argv)
 
@@ -360,11 +365,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows = []
     print(_HEADER)
     for m, config in plan:
-        for build in compile_moe(m, config):
+        for build in compile_moe(m, config, int8=args.int8):
             print(_row(build))
             rows.append(build.to_dict())
     if args.json:
-        meta = {"triton": triton.__version__, "shape": MIXTRAL, "dtype": "bfloat16"}
+        meta = {"triton": triton.__version__, "shape": MIXTRAL, "dtype": "bfloat16", "int8_weights": args.int8}
         args.json.write_text(json.dumps({"meta": meta, "builds": rows}, indent=2) + "\n")
     return 1 if any(row["problems"] for row in rows) else 0
 

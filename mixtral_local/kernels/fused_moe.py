@@ -1,6 +1,11 @@
 """Fused MoE on Triton: the launcher of the kernels in ``_triton_moe.py``; same signature as ``moe_reference``.
 
-    fused_moe(hidden [M, H], w13 [E, 2I, H], w2 [E, H, I], router_logits [M, E], top_k) -> [M, H]
+    fused_moe(hidden [M, H], w13 [E, 2I, H], w2 [E, H, I], router_logits [M, E], top_k,
+              *, w13_scale=None, w2_scale=None) -> [M, H]
+
+With ``w13_scale`` [E, 2I] and ``w2_scale`` [E, H] the weights are int8, one scale per row
+(``reference.quantize_rows``); the kernels widen each weight tile and scale in their epilogues. Int8 weights
+take the pointer-load path (no ``USE_TMA``).
 
 1. route: softmax in fp32, top-k, renormalise (as ``reference.route``, so both paths pick the same experts);
 2. align: sort the M * top_k slots by expert, pad each expert's run to BLOCK_M (no host sync). Up to
@@ -101,7 +106,13 @@ def moe_align(expert_ids: torch.Tensor, n_experts: int, block_m: int) -> MoEAlig
 
 
 def _check_inputs(
-    hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, router_logits: torch.Tensor, top_k: int
+    hidden: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    router_logits: torch.Tensor,
+    top_k: int,
+    w13_scale: torch.Tensor | None = None,
+    w2_scale: torch.Tensor | None = None,
 ) -> None:
     """Raise ValueError with the reason when the inputs cannot go to the kernels as they are."""
     if hidden.dim() != 2:
@@ -123,10 +134,22 @@ def _check_inputs(
         raise ValueError(f"top_k must be an int in 1..{n_experts}, got {top_k!r}")
     if hidden.dtype not in _SUPPORTED_DTYPES:
         raise ValueError(f"hidden dtype must be float16, bfloat16 or float32, got {hidden.dtype}")
-    if w13.dtype != hidden.dtype or w2.dtype != hidden.dtype:
+    if (w13_scale is None) != (w2_scale is None):
+        raise ValueError("int8 experts need both w13_scale and w2_scale (or neither, for float weights)")
+    if w13_scale is None and (w13.dtype != hidden.dtype or w2.dtype != hidden.dtype):
         raise ValueError(
             f"hidden, w13 and w2 must share a dtype, got {hidden.dtype}, {w13.dtype}, {w2.dtype}"
         )
+    if w13_scale is not None and w2_scale is not None:
+        if w13.dtype != torch.int8 or w2.dtype != torch.int8:
+            raise ValueError(f"with scales, w13 and w2 must be int8, got {w13.dtype} and {w2.dtype}")
+        for name, scale, rows in (("w13_scale", w13_scale, w13.shape[:2]), ("w2_scale", w2_scale, w2.shape[:2])):
+            if tuple(scale.shape) != tuple(rows):
+                raise ValueError(f"{name} must be [E, rows] = {tuple(rows)}, got {tuple(scale.shape)}")
+            if not scale.dtype.is_floating_point:
+                raise ValueError(f"{name} must be floating point, got {scale.dtype}")
+            if scale.device != hidden.device:
+                raise ValueError(f"{name} is on {scale.device}, hidden on {hidden.device}")
     if not router_logits.dtype.is_floating_point:
         raise ValueError(f"router_logits must be floating point, got {router_logits.dtype}")
     devices = {t.device for t in (hidden, w13, w2, router_logits)}
@@ -149,17 +172,21 @@ def fused_moe(
     router_logits: torch.Tensor,
     top_k: int = 2,
     *,
+    w13_scale: torch.Tensor | None = None,
+    w2_scale: torch.Tensor | None = None,
     config: MoEConfig | Mapping[str, int] | None = None,
     max_chunk_slots: int = CHUNK_SLOTS,
 ) -> torch.Tensor:
     """The MoE layer of ``moe_reference`` as two fused grouped GEMMs; returns [M, H] in hidden's dtype.
 
+    ``w13_scale`` / ``w2_scale``: the row scales of int8 weights (both, or neither for float weights).
     ``config`` fixes the tiles (a ``MoEConfig`` or its dict); by default they come from the tuned table
     for this shape and GPU, chosen by M. ``max_chunk_slots`` bounds the slots (M * top_k) of one launch.
     """
     if isinstance(config, Mapping):
         config = MoEConfig.from_dict(config)
-    _check_inputs(hidden, w13, w2, router_logits, top_k)
+    _check_inputs(hidden, w13, w2, router_logits, top_k, w13_scale, w2_scale)
+    scales = None if w13_scale is None or w2_scale is None else (w13_scale, w2_scale)
     if max_chunk_slots < top_k:
         raise ValueError(f"max_chunk_slots must hold one token's {top_k} slots, got {max_chunk_slots}")
     m = hidden.shape[0]
@@ -176,8 +203,9 @@ def fused_moe(
         )  # fmt: skip
         with _on_device(hidden.device):
             _moe_chunk(
-                hidden[start:stop], w13, w2, router_logits[start:stop], top_k, chunk_config, out[start:stop]
-            )
+                hidden[start:stop], w13, w2, router_logits[start:stop], top_k, chunk_config, out[start:stop],
+                scales,
+            )  # fmt: skip
     return out
 
 
@@ -223,12 +251,14 @@ def moe_launches(
     act: torch.Tensor,
     per_slot: torch.Tensor,
     sorted_hidden: torch.Tensor | None = None,
+    scales: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[KernelLaunch, KernelLaunch]:
     """The w13 and w2 launches of one chunk, arguments and all (also what ``aot.py`` compiles ahead of time).
 
     hidden [m, H]; slot_weights [slots] fp32; act [slots, I] and per_slot [slots, H] are the scratch outputs.
     With ``sorted_hidden`` ([positions, H], from ``sorted_rows``) every operand goes through a tensor
     descriptor (``USE_TMA``) and act is [positions, I], by sorted position; ``tma_eligible`` says when.
+    ``scales`` (w13_scale, w2_scale) make it the int8-weight build (``W_INT8``).
     """
     h = hidden.shape[1]
     num_slots, inter = per_slot.shape[0], act.shape[1]
@@ -248,7 +278,11 @@ def moe_launches(
         "BLOCK_K": block_k,
         "GROUP_M": config.GROUP_SIZE_M,
         "USE_TMA": sorted_hidden is not None,
+        "W_INT8": scales is not None,
     }
+    w13_scale, w2_scale = scales if scales is not None else (None, None)
+    w13_s = (w13_scale, *(w13_scale.stride() if w13_scale is not None else (0, 0)))
+    w2_s = (w2_scale, *(w2_scale.stride() if w2_scale is not None else (0, 0)))
     options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
     sorting = (align.sorted_slots, align.block_expert, align.num_padded)
     w13_args = (
@@ -257,6 +291,7 @@ def moe_launches(
         hidden.stride(0), hidden.stride(1),
         w13.stride(0), w13.stride(1), w13.stride(2),
         act.stride(0), act.stride(1),
+        *w13_s,
     )  # fmt: skip
     w2_args = (
         act, a_desc, w2, w2_desc, per_slot, slot_weights, *sorting,
@@ -264,6 +299,7 @@ def moe_launches(
         act.stride(0), act.stride(1),
         w2.stride(0), w2.stride(1), w2.stride(2),
         per_slot.stride(0), per_slot.stride(1),
+        *w2_s,
     )  # fmt: skip
     return (
         KernelLaunch(
@@ -282,7 +318,9 @@ def moe_launches(
 def tma_eligible(config: MoEConfig, hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> bool:
     """Whether a call with this config takes the descriptor path: the config asks (``USE_TMA``) and every
     operand meets the tensor-memory accelerator's rules (the weights as they are; the sorted hidden rows
-    and act, which the launcher allocates, need rows of a multiple of 16 bytes)."""
+    and act, which the launcher allocates, need rows of a multiple of 16 bytes). Int8 weights never do."""
+    if w13.dtype == torch.int8:
+        return False
     elem = hidden.element_size()
     rows_ok = hidden.shape[1] * elem % 16 == 0 and w2.shape[2] * elem % 16 == 0
     return bool(config.USE_TMA) and rows_ok and tma_ready(w13) and tma_ready(w2)
@@ -369,13 +407,14 @@ def _moe_chunk(
     top_k: int,
     config: MoEConfig,
     out: torch.Tensor,
+    scales: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> None:
     """One chunk of tokens through routing and both kernels; writes ``out`` [m, H]."""
     m, h = hidden.shape
     slot_weights, align = _route_and_align(router_logits, top_k, config.BLOCK_SIZE_M)
     sorted_hidden, act, per_slot = chunk_scratch(hidden, w13, w2, align, config, top_k)
     w13_launch, w2_launch = moe_launches(
-        hidden, w13, w2, slot_weights, align, config, act, per_slot, sorted_hidden
+        hidden, w13, w2, slot_weights, align, config, act, per_slot, sorted_hidden, scales
     )
     w13_launch()
     w2_launch()

@@ -206,3 +206,25 @@ def test_use_tma_builds_load_every_tile_through_the_tma_unit_stages_ahead(aot):
         assert b["opcodes"]["UTMALDG"] == loads_per_step[b["kernel"]] and not b["pipelined"], b
     for b in without:
         assert not b["tma"] and b["opcodes"]["UTMALDG"] == 0 and b["opcodes"]["LDGSTS"] > 0, b
+
+
+@pytest.mark.parametrize(
+    ("m", "config", "mma"),
+    [
+        (16, {"BLOCK_SIZE_M": 16, "BLOCK_SIZE_N": 128, "BLOCK_SIZE_K": 128, "num_warps": 4, "num_stages": 4}, "HMMA"),
+        (4096, {"BLOCK_SIZE_M": 128, "BLOCK_SIZE_N": 256, "BLOCK_SIZE_K": 64, "num_warps": 8, "num_stages": 4},
+         "HGMMA"),
+    ],
+    ids=["decode", "prefill"],
+)
+def test_int8_weight_builds_widen_in_registers_and_keep_the_tensor_cores(aot, m, config, mma):
+    rc, builds, table = aot("--int8", "--config", json.dumps(config), "--m", str(m))
+
+    assert rc == 0, table
+    gemms = [b for b in builds if b["gemm"]]
+    assert [b["kernel"] for b in gemms] == ["w13_silu_kernel", "w2_weighted_kernel"]
+    for b in gemms:
+        assert not b["tma"]  # int8 weights take the pointer loads
+        assert b["stack_bytes"] == 0 and b["pipelined"], b
+        assert b["opcodes"][mma] > 0, b
+        assert b["problems"] == [], b

@@ -10,6 +10,7 @@ from typing import Any
 
 import anyio
 import pytest
+import torch
 
 from mixtral_client._backends.base import AsyncBackend, SyncBackend
 from mixtral_client._config import ClientConfig, resolve_config
@@ -202,3 +203,25 @@ def test_usage_counts_match_the_tokenizer(backend: LocalBackend, make_request: M
     done = backend.complete(make_request(messages, max_tokens=3))
     assert done.usage is not None and done.usage.prompt_tokens == len(tokenizer.encode_chat(messages))
     assert json.loads(done.model_dump_json())["object"] == "chat.completion"
+
+
+def test_int8_experts_are_a_local_option(tiny_dir: Path, make_request: MakeRequest) -> None:
+    config = resolve_config({}, provider="local", model_path=str(tiny_dir),
+                            local_options={"device": "cpu", "quantize": "int8"})
+    backend = LocalBackend(config)
+    done = backend.complete(make_request(HELLO, temperature=0, max_tokens=3))
+    assert done.usage is not None and done.usage.completion_tokens == 3
+    moe = backend._core.engine.model.layers[0].moe
+    assert moe.w13.dtype == torch.int8 and moe.w13_scale is not None
+    # a float client of the same checkpoint gets its own weights and batch, not the int8 ones
+    plain = LocalBackend(resolve_config({}, provider="local", model_path=str(tiny_dir),
+                                        local_options={"device": "cpu"}))
+    plain.complete(make_request(HELLO, temperature=0, max_tokens=1))
+    assert plain._core.engine is not backend._core.engine
+    assert plain._core.engine.model.layers[0].moe.w13.dtype == torch.float32
+
+
+def test_unknown_quantize_is_a_configuration_error(tiny_dir: Path) -> None:
+    config = resolve_config({}, provider="local", model_path=str(tiny_dir), local_options={"quantize": "int4"})
+    with pytest.raises(ConfigurationError, match="quantize must be None or 'int8'"):
+        LocalBackend(config)

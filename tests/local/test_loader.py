@@ -160,3 +160,66 @@ def test_checkpoint_larger_than_free_memory_is_refused_before_allocating(tmp_pat
         pytest.skip("this machine has more free memory than the fake checkpoint needs")
     with pytest.raises(CheckpointError, match=r"the model needs 89\.4\d GiB in float32, cpu has .* GiB free"):
         check_checkpoint(tmp_path / "huge", device="cpu")
+
+
+# --------------------------------------------------------------------------- int8 experts
+
+def test_int8_experts_load_as_int8_rows_with_scales(small: Path) -> None:
+    model = load_model(small, dtype="float32", device="cpu", quantize="int8")
+    full = load_model(small, dtype="float32", device="cpu")
+    moe, full_moe = model.layers[0].moe, full.layers[0].moe
+    assert moe.w13.dtype == moe.w2.dtype == torch.int8 and not moe.w13.requires_grad
+    assert moe.w13_scale is not None and moe.w2_scale is not None
+    assert moe.w13_scale.shape == (3, 96) and moe.w2_scale.shape == (3, 32)
+    assert moe.w13_scale.dtype == torch.float32
+    assert full_moe.w13_scale is None
+    # each stored row is the float row to within half a step of its scale
+    err = (moe.w13.float() * moe.w13_scale[..., None] - full_moe.w13).abs()
+    assert bool((err <= 0.51 * moe.w13_scale[..., None]).all())
+    # everything else is exactly the float model's
+    assert torch.equal(model.layers[0].attention.wqkv.weight, full.layers[0].attention.wqkv.weight)
+    assert torch.equal(model.output.weight, full.output.weight)
+
+
+def test_int8_experts_from_stacked_and_sharded_checkpoints_are_the_same(small: Path, tmp_path: Path) -> None:
+    stacked = write_tiny_checkpoint(tmp_path / "stacked", seed=3, layout="stacked", shards=2, **SMALL)
+    a = _state(load_model(small, device="cpu", quantize="int8"))
+    b = _state(load_model(stacked, device="cpu", quantize="int8"))
+    assert a.keys() == b.keys() and any(k.endswith("w13_scale") for k in a)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_int8_experts_change_the_logits_little(small: Path) -> None:
+    ids = torch.tensor([[1, 5, 9, 200, 33, 7, 450, 12]])
+    exact = load_model(small, dtype="float32", device="cpu")(ids)
+    int8 = load_model(small, dtype="float32", device="cpu", quantize="int8")(ids)
+    bf16 = load_model(small, dtype="bfloat16", device="cpu")(ids).float()
+    rel = lambda x: float((x - exact).norm() / exact.norm())  # noqa: E731
+    assert 0 < rel(int8) < 1e-2
+    assert rel(int8) < 2 * rel(bf16) + 1e-3  # int8 experts cost about what bf16 does
+
+
+def test_int8_experts_in_bfloat16_keep_bfloat16_scales(small: Path) -> None:
+    model = load_model(small, dtype="bfloat16", device="cpu", quantize="int8")
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16, torch.int8}
+    assert model.layers[1].moe.w2_scale.dtype == torch.bfloat16
+    assert model(torch.tensor([[1, 2, 3]])).isfinite().all()
+
+
+def test_unknown_quantize_is_refused_before_loading(small: Path) -> None:
+    with pytest.raises(ValueError, match="quantize must be None or 'int8', got 'int4'"):
+        check_checkpoint(small, device="cpu", quantize="int4")
+
+
+def test_the_memory_check_counts_int8_experts_at_a_byte_each(tmp_path: Path) -> None:
+    config = MixtralConfig(hidden_size=8, intermediate_size=8, num_hidden_layers=1, num_attention_heads=1,
+                           num_key_value_heads=1, head_dim=8, num_local_experts=2, num_experts_per_tok=1,
+                           vocab_size=16)
+    _header_only_checkpoint(tmp_path / "ckpt", config)
+    full = check_checkpoint(tmp_path / "ckpt", device="cpu")
+    int8 = check_checkpoint(tmp_path / "ckpt", device="cpu", quantize="int8")
+    expert_targets = [t for t in int8.targets.values() if int8.quantized(t)]
+    assert len(expert_targets) == 2 * 3  # w1, w2 and w3 of both experts
+    for t in expert_targets:
+        n = math.prod(t.shape)
+        assert full.stored_bytes(t) == 4 * n and int8.stored_bytes(t) == n + t.shape[0] * 4
