@@ -224,10 +224,9 @@ def load_model(
                         q, scale = quantize_rows(f.get_tensor(name).to(dev), dt)
                         dest.copy_(q)
                         params[target.param + "_scale"][target.index].copy_(scale)
-                        bar.update(q.numel() + scale.numel() * dt.itemsize)
                     else:
                         dest.copy_(f.get_tensor(name))
-                        bar.update(dest.numel() * dt.itemsize)
+                    bar.update(plan.stored_bytes(target))
         if "lm_head.weight" not in plan.targets:
             params["output.weight"].copy_(params["tok_embeddings.weight"])
             bar.update(params["output.weight"].numel() * dt.itemsize)

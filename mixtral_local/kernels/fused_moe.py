@@ -32,7 +32,7 @@ import triton
 
 from ._triton_moe import interpreted, route_align_kernel, w2_weighted_kernel, w13_silu_kernel
 from .configs import MoEConfig, device_name, get_config
-from .reference import route
+from .reference import route, scale_pair
 
 __all__ = [
     "CHUNK_SLOTS",
@@ -111,8 +111,7 @@ def _check_inputs(
     w2: torch.Tensor,
     router_logits: torch.Tensor,
     top_k: int,
-    w13_scale: torch.Tensor | None = None,
-    w2_scale: torch.Tensor | None = None,
+    scales: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> None:
     """Raise ValueError with the reason when the inputs cannot go to the kernels as they are."""
     if hidden.dim() != 2:
@@ -134,16 +133,14 @@ def _check_inputs(
         raise ValueError(f"top_k must be an int in 1..{n_experts}, got {top_k!r}")
     if hidden.dtype not in _SUPPORTED_DTYPES:
         raise ValueError(f"hidden dtype must be float16, bfloat16 or float32, got {hidden.dtype}")
-    if (w13_scale is None) != (w2_scale is None):
-        raise ValueError("int8 experts need both w13_scale and w2_scale (or neither, for float weights)")
-    if w13_scale is None and (w13.dtype != hidden.dtype or w2.dtype != hidden.dtype):
+    if scales is None and (w13.dtype != hidden.dtype or w2.dtype != hidden.dtype):
         raise ValueError(
             f"hidden, w13 and w2 must share a dtype, got {hidden.dtype}, {w13.dtype}, {w2.dtype}"
         )
-    if w13_scale is not None and w2_scale is not None:
+    if scales is not None:
         if w13.dtype != torch.int8 or w2.dtype != torch.int8:
             raise ValueError(f"with scales, w13 and w2 must be int8, got {w13.dtype} and {w2.dtype}")
-        for name, scale, rows in (("w13_scale", w13_scale, w13.shape[:2]), ("w2_scale", w2_scale, w2.shape[:2])):
+        for name, scale, rows in zip(("w13_scale", "w2_scale"), scales, (w13.shape[:2], w2.shape[:2]), strict=True):
             if tuple(scale.shape) != tuple(rows):
                 raise ValueError(f"{name} must be [E, rows] = {tuple(rows)}, got {tuple(scale.shape)}")
             if not scale.dtype.is_floating_point:
@@ -185,8 +182,8 @@ def fused_moe(
     """
     if isinstance(config, Mapping):
         config = MoEConfig.from_dict(config)
-    _check_inputs(hidden, w13, w2, router_logits, top_k, w13_scale, w2_scale)
-    scales = None if w13_scale is None or w2_scale is None else (w13_scale, w2_scale)
+    scales = scale_pair(w13_scale, w2_scale)
+    _check_inputs(hidden, w13, w2, router_logits, top_k, scales)
     if max_chunk_slots < top_k:
         raise ValueError(f"max_chunk_slots must hold one token's {top_k} slots, got {max_chunk_slots}")
     m = hidden.shape[0]
@@ -280,9 +277,8 @@ def moe_launches(
         "USE_TMA": sorted_hidden is not None,
         "W_INT8": scales is not None,
     }
-    w13_scale, w2_scale = scales if scales is not None else (None, None)
-    w13_s = (w13_scale, *(w13_scale.stride() if w13_scale is not None else (0, 0)))
-    w2_s = (w2_scale, *(w2_scale.stride() if w2_scale is not None else (0, 0)))
+    no_scale = (None, 0, 0)  # the float build never reads these
+    w13_s, w2_s = [(s, *s.stride()) for s in scales] if scales is not None else [no_scale, no_scale]
     options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
     sorting = (align.sorted_slots, align.block_expert, align.num_padded)
     w13_args = (

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["dequantize_rows", "moe_reference", "quantize_rows", "route"]
+__all__ = ["dequantize_rows", "moe_reference", "quantize_rows", "route", "scale_pair"]
 
 #: largest magnitude of a quantized weight (symmetric: -127..127, so negating a row never overflows)
 INT8_MAX = 127
@@ -35,6 +35,17 @@ def quantize_rows(weights: torch.Tensor, scale_dtype: torch.dtype) -> tuple[torc
     scale = torch.where(absmax > 0, absmax / INT8_MAX, 1.0).to(scale_dtype)
     q = torch.round(w / scale.float().unsqueeze(-1)).clamp_(-INT8_MAX, INT8_MAX)
     return q.to(torch.int8), scale
+
+
+def scale_pair(
+    w13_scale: torch.Tensor | None, w2_scale: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The row scales of int8 experts as a pair, or None for float weights; one without the other is refused."""
+    if w13_scale is None and w2_scale is None:
+        return None
+    if w13_scale is None or w2_scale is None:
+        raise ValueError("int8 experts need both w13_scale and w2_scale (or neither, for float weights)")
+    return w13_scale, w2_scale
 
 
 def dequantize_rows(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -65,8 +76,7 @@ def moe_reference(
     With ``w13_scale`` and ``w2_scale`` the weights are int8 (``quantize_rows``): each touched expert's rows
     are widened to hidden's dtype for its product, which is then scaled row by row.
     """
-    if (w13_scale is None) != (w2_scale is None):
-        raise ValueError("int8 experts need both w13_scale and w2_scale (or neither, for float weights)")
+    scale_pair(w13_scale, w2_scale)
     m, h = hidden.shape
     n_experts, two_i, _ = w13.shape
     inter = two_i // 2
