@@ -104,28 +104,35 @@ def _serve_connection(conn: socket.socket, completion: bytes, cache: dict[int, l
         _serve_requests(conn, completion, cache)
 
 
+def read_request(conn: socket.socket, buf: bytes) -> tuple[str, bytes, bytes] | None:
+    """The next HTTP/1.1 request on a keep-alive ``conn``: (path, body, bytes read past it), or None at EOF.
+    ``buf`` holds what the previous call read past its request."""
+    while b"\r\n\r\n" not in buf:
+        data = conn.recv(65536)
+        if not data:
+            return None
+        buf += data
+    head, _, buf = buf.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    path = lines[0].split(" ")[1]
+    length = 0
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        if name.strip().lower() == "content-length":
+            length = int(value)
+    while len(buf) < length:
+        data = conn.recv(65536)
+        if not data:
+            return None
+        buf += data
+    return path, buf[:length], buf[length:]
+
+
 def _serve_requests(conn: socket.socket, completion: bytes, cache: dict[int, list[bytes]]) -> None:
     buf = b""
-    while True:
-        while b"\r\n\r\n" not in buf:
-            data = conn.recv(65536)
-            if not data:
-                return
-            buf += data
-        head, _, buf = buf.partition(b"\r\n\r\n")
-        lines = head.decode("latin-1").split("\r\n")
-        path = lines[0].split(" ")[1]
-        length = 0
-        for line in lines[1:]:
-            name, _, value = line.partition(":")
-            if name.strip().lower() == "content-length":
-                length = int(value)
-        while len(buf) < length:
-            data = conn.recv(65536)
-            if not data:
-                return
-            buf += data
-        body, buf = json.loads(buf[:length]), buf[length:]
+    while (request := read_request(conn, buf)) is not None:
+        path, raw, buf = request
+        body = json.loads(raw)
         base = (b"HTTP/1.1 200 OK\r\nx-request-id: req_0123456789abcdef\r\n"
                 b"openai-processing-ms: 12\r\n")
         if not body.get("stream"):

@@ -36,6 +36,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from client_overhead import read_request
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "stream_reuse.json"
 MESSAGES = [{"role": "user", "content": "Hi"}]
@@ -59,20 +61,8 @@ def _events() -> bytes:
 def _serve_requests(conn: ssl.SSLSocket, hold_s: float) -> None:
     buf = b""
     events = _events()
-    while True:
-        while b"\r\n\r\n" not in buf:
-            data = conn.recv(65536)
-            if not data:
-                return
-            buf += data
-        head, _, buf = buf.partition(b"\r\n\r\n")
-        lines = head.decode("latin-1").split("\r\n")
-        path = lines[0].split(" ")[1]
-        length = next((int(v) for n, _, v in (ln.partition(":") for ln in lines[1:])
-                       if n.strip().lower() == "content-length"), 0)
-        while len(buf) < length:
-            buf += conn.recv(65536)
-        buf = buf[length:]
+    while (request := read_request(conn, buf)) is not None:
+        path, _, buf = request
         conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
                      + events)
         if path.startswith("/held/"):
