@@ -224,7 +224,7 @@ class MixtralClient(_Shell):
     ``MixtralClient(base_url=..., api_key=...)`` talks to any OpenAI-compatible host;
     ``MixtralClient(provider="local", model_path=DIR)`` runs the weights in-process;
     ``MixtralClient()`` / ``from_env()`` read ``MIXTRAL_PROVIDER``, ``MIXTRAL_BASE_URL``, ``MIXTRAL_API_KEY``,
-    ``MIXTRAL_MODEL`` and ``MIXTRAL_MODEL_PATH``.
+    ``MIXTRAL_MODEL``, ``MIXTRAL_MODEL_PATH`` and, for local weights, ``MIXTRAL_LOCAL_<KEY>`` (``local_options``).
     """
 
     def __init__(self, provider: str | None = None, *, http_client: httpx.Client | None = None,

@@ -9,6 +9,9 @@ Environment variables:
     MIXTRAL_MODEL        the model id (default: the provider's Mixtral id)
     MIXTRAL_MODEL_PATH   a local checkpoint directory (implies provider "local" when no provider is set)
     MIXTRAL_TOOL_CALLING auto | native | prompt: how tools reach the model (default: what the provider does)
+    MIXTRAL_LOCAL_<KEY>  one ``local_options`` key for provider "local": MIXTRAL_LOCAL_QUANTIZE=int8,
+                         MIXTRAL_LOCAL_DTYPE, _DEVICE, _MOE_BACKEND, _MAX_BATCH, _PREFIX_CACHE, _PROGRESS
+                         (a ``local_options=`` argument wins key by key)
 """
 
 from __future__ import annotations
@@ -23,10 +26,18 @@ from ._exceptions import ConfigurationError, InvalidRequestError
 from ._providers import ProviderPreset, get_preset
 from ._timeouts import Timeout, coerce_timeout
 
-__all__ = ["TOOL_CALLING", "ClientConfig", "resolve_config"]
+__all__ = ["LOCAL_OPTION_VARS", "TOOL_CALLING", "ClientConfig", "resolve_config"]
 
 #: ``tool_calling=`` values: the provider's own way, the host's ``tools`` field, or tools in the prompt
 TOOL_CALLING = ("auto", "native", "prompt")
+
+#: every ``local_options`` key and the environment variable that supplies it when the argument does not
+LOCAL_OPTION_VARS: Mapping[str, str] = {
+    name: f"MIXTRAL_LOCAL_{name.upper()}"
+    for name in ("dtype", "device", "moe_backend", "quantize", "progress", "max_batch", "prefix_cache")
+}
+_INT_OPTIONS = ("max_batch", "prefix_cache")
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +57,8 @@ class ClientConfig:
     #: local backend: checkpoint directory and load options (dtype, device, moe_backend, ...)
     model_path: str | None = None
     local_options: Mapping[str, Any] = field(default_factory=dict)
+    #: the ``local_options`` keys read from the environment, and from which variable (for error messages)
+    local_option_vars: Mapping[str, str] = field(default_factory=dict)
     #: user-supplied httpx clients (connection pools, proxies, transports)
     http_client: httpx.Client | None = None
     async_http_client: httpx.AsyncClient | None = None
@@ -68,6 +81,32 @@ def _with_tool_calling(preset: ProviderPreset, mode: str) -> ProviderPreset:
         raise ConfigurationError(f"tool_calling='native' needs an OpenAI-compatible host; {preset.name!r} "
                                  "serves Mixtral without a tools field, so tools go in the prompt")
     return replace(preset, tools="native")
+
+
+def _local_option(name: str, variable: str, raw: str) -> Any:
+    """The value of ``local_options[name]`` that the variable's text stands for (typed as the argument is)."""
+    if name in _INT_OPTIONS:
+        try:
+            return int(raw)
+        except ValueError:
+            raise ConfigurationError(f"{variable} must be an integer, got {raw!r}") from None
+    if name == "progress":
+        if raw.lower() in _TRUE + _FALSE:
+            return raw.lower() in _TRUE
+        raise ConfigurationError(f"{variable} must be one of {', '.join(_TRUE + _FALSE)}, got {raw!r}")
+    if name == "quantize" and raw.lower() == "none":
+        return None
+    return raw
+
+
+def _local_options_from_env(env: Mapping[str, str], given: Mapping[str, Any]) -> dict[str, tuple[Any, str]]:
+    """``MIXTRAL_LOCAL_*`` for the keys ``local_options=`` does not set: name -> (value, variable)."""
+    found = {}
+    for name, variable in LOCAL_OPTION_VARS.items():
+        raw = (env.get(variable) or "").strip()
+        if raw and name not in given:
+            found[name] = (_local_option(name, variable, raw), variable)
+    return found
 
 
 def resolve_config(
@@ -139,6 +178,12 @@ def resolve_config(
             "directory; `mixtral local init-tiny DIR` writes a tiny random one"
         )
     preset = _with_tool_calling(preset, tool_calling or env.get("MIXTRAL_TOOL_CALLING") or "auto")
+    local = dict(local_options or {})
+    unknown = sorted(set(local) - set(LOCAL_OPTION_VARS)) if preset.kind == "local" else []
+    if unknown:
+        raise ConfigurationError(f"local_options: unknown {', '.join(unknown)}; known: {', '.join(LOCAL_OPTION_VARS)}")
+    from_env = _local_options_from_env(env, local) if preset.kind == "local" else {}
+    local.update({name: value for name, (value, _) in from_env.items()})
     if preset.kind == "bedrock":
         # without one, the Bedrock backend asks botocore (the AWS profile) before refusing
         region = region or env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or None
@@ -155,7 +200,8 @@ def resolve_config(
         app_name=app_name,
         region=region,
         model_path=model_path,
-        local_options=dict(local_options or {}),
+        local_options=local,
+        local_option_vars={name: variable for name, (_, variable) in from_env.items()},
         http_client=http_client,
         async_http_client=async_http_client,
     )

@@ -80,21 +80,23 @@ class LocalOptions:
     def from_config(cls, config: ClientConfig) -> LocalOptions:
         if config.model_path is None:
             raise ConfigurationError("provider 'local' needs model_path= (or MIXTRAL_MODEL_PATH)")
-        opts = dict(config.local_options)
-        known = ("dtype", "device", "moe_backend", "quantize", "progress", "max_batch", "prefix_cache")
-        unknown = sorted(set(opts) - set(known))
-        if unknown:
-            raise ConfigurationError(f"local_options: unknown {', '.join(unknown)}; known: {', '.join(known)}")
-        max_batch = _int_option(opts, "max_batch", 16, 1)
-        prefix_cache = _int_option(opts, "prefix_cache", PREFIX_CACHE_TOKENS, 0,
+        opts = dict(config.local_options)  # keys checked by resolve_config
+
+        def source(name: str) -> str:
+            return config.local_option_vars.get(name, "local_options")
+
+        max_batch = _int_option(opts, "max_batch", 16, 1, source("max_batch"))
+        prefix_cache = _int_option(opts, "prefix_cache", PREFIX_CACHE_TOKENS, 0, source("prefix_cache"),
                                    " (tokens of finished requests kept for reuse; 0: off)")
         options = cls(Path(config.model_path), max_batch=max_batch, prefix_cache=prefix_cache,
                       **{k: v if k in ("progress", "quantize") else str(v) for k, v in opts.items()})
-        try:
-            resolve_dtype(options.dtype, resolve_device(options.device))
-            resolve_quantize(options.quantize)
-        except (ValueError, RuntimeError) as exc:
-            raise ConfigurationError(f"local_options: {exc}") from None
+        for name, check in (("device", lambda: resolve_device(options.device)),
+                            ("dtype", lambda: resolve_dtype(options.dtype, resolve_device(options.device))),
+                            ("quantize", lambda: resolve_quantize(options.quantize))):
+            try:
+                check()
+            except (ValueError, RuntimeError) as exc:
+                raise ConfigurationError(f"{source(name)}: {exc}") from None
         return options
 
     def key(self) -> tuple[str, str, str, str, str]:
@@ -103,11 +105,11 @@ class LocalOptions:
                 str(self.quantize))
 
 
-def _int_option(opts: dict[str, Any], name: str, default: int, minimum: int, meaning: str = "") -> int:
+def _int_option(opts: dict[str, Any], name: str, default: int, minimum: int, source: str, meaning: str = "") -> int:
     """Take ``name`` out of ``opts``: an integer (not a bool) >= ``minimum``, else a ``ConfigurationError``."""
     value = opts.pop(name, default)
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigurationError(f"local_options: {name} must be an integer >= {minimum}{meaning}, got {value!r}")
+        raise ConfigurationError(f"{source}: {name} must be an integer >= {minimum}{meaning}, got {value!r}")
     return value
 
 
@@ -275,7 +277,8 @@ class LocalCore:
             check_checkpoint(self.options.path, dtype=self.options.dtype, device=self.options.device,
                              moe_backend=self.options.moe_backend, quantize=self.options.quantize)
         except ValueError as exc:  # an unusable moe_backend for the device
-            raise ConfigurationError(f"local_options: {exc}") from None
+            where = config.local_option_vars.get("moe_backend", "local_options")
+            raise ConfigurationError(f"{where}: {exc}") from None
         MixtralTokenizer.from_pretrained(self.options.path)
         self._engine: Engine | None = None
 

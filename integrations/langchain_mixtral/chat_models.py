@@ -107,6 +107,11 @@ class ChatMixtral(BaseChatModel):
     api_key: SecretStr | None = None
     model_path: str | None = None
     """Checkpoint directory for ``provider="local"``."""
+    local_options: dict[str, Any] | None = None
+    """How ``provider="local"`` loads the checkpoint (``{"quantize": "int8"}``, ``dtype``, ``device``, ...);
+    keys not given come from ``MIXTRAL_LOCAL_<KEY>``. See docs/local.md."""
+    region: str | None = None
+    """AWS region for ``provider="bedrock"`` (default: ``AWS_REGION``, then the AWS profile)."""
     temperature: float | None = None
     top_p: float | None = None
     max_tokens: int | None = None
@@ -142,6 +147,7 @@ class ChatMixtral(BaseChatModel):
             raise ValueError(f"model_kwargs must not set {sorted(bad)}: pass them as ChatMixtral arguments")
         config = resolve_config(
             os.environ, provider=self.provider, base_url=self.base_url, model_path=self.model_path,
+            local_options=self.local_options, region=self.region,
             api_key=self.api_key.get_secret_value() if self.api_key else None, model=self.model,
             timeout=self.timeout, max_retries=self.max_retries, tool_calling=self.tool_calling,
         )
@@ -216,6 +222,7 @@ class ChatMixtral(BaseChatModel):
 
     def _client_args(self) -> dict[str, Any]:
         args = {"base_url": self.base_url, "model": self.model, "model_path": self.model_path,
+                "local_options": self.local_options, "region": self.region,
                 "timeout": self.timeout, "max_retries": self.max_retries, "tool_calling": self.tool_calling,
                 "api_key": self.api_key.get_secret_value() if self.api_key else None}
         return {k: v for k, v in args.items() if v is not None}

@@ -58,11 +58,39 @@ def test_model_path_alone_means_local() -> None:
     ({"NVIDIA_API_KEY": "k"}, {"provider": "nvidia", "timeout": 0}, "timeout"),
     ({"NVIDIA_API_KEY": "k"}, {"provider": "nvidia", "timeout": "30"}, "timeout"),
     ({}, {"provider": "local"}, "model_path"),
+    ({}, {"model_path": "/ckpt", "local_options": {"dtipe": "float32"}}, "local_options: unknown dtipe; known: dtype"),
+    ({"MIXTRAL_MODEL_PATH": "/ckpt", "MIXTRAL_LOCAL_MAX_BATCH": "eight"}, {},
+     "MIXTRAL_LOCAL_MAX_BATCH must be an integer, got 'eight'"),
+    ({"MIXTRAL_MODEL_PATH": "/ckpt", "MIXTRAL_LOCAL_PROGRESS": "maybe"}, {}, "MIXTRAL_LOCAL_PROGRESS must be one of"),
 ])
 def test_unusable_configuration_is_refused_at_construction(env: dict[str, str], kwargs: dict[str, object],
                                                            message: str) -> None:
     with pytest.raises(ConfigurationError, match=message):
         resolve_config(env, **kwargs)  # type: ignore[arg-type]
+
+
+def test_local_options_come_from_mixtral_local_variables_typed_as_arguments() -> None:
+    env = {"MIXTRAL_MODEL_PATH": "/ckpt", "MIXTRAL_LOCAL_QUANTIZE": "int8", "MIXTRAL_LOCAL_DTYPE": " bf16 ",
+           "MIXTRAL_LOCAL_MAX_BATCH": "32", "MIXTRAL_LOCAL_PREFIX_CACHE": "0", "MIXTRAL_LOCAL_PROGRESS": "Off",
+           "MIXTRAL_LOCAL_DEVICE": ""}
+    config = resolve_config(env)
+    assert config.local_options == {"quantize": "int8", "dtype": "bf16", "max_batch": 32, "prefix_cache": 0,
+                                    "progress": False}
+    assert config.local_option_vars["max_batch"] == "MIXTRAL_LOCAL_MAX_BATCH"
+    assert resolve_config({**env, "MIXTRAL_LOCAL_QUANTIZE": "none"}).local_options["quantize"] is None
+
+
+def test_local_options_argument_beats_the_environment_key_by_key() -> None:
+    env = {"MIXTRAL_LOCAL_QUANTIZE": "int8", "MIXTRAL_LOCAL_MAX_BATCH": "bad"}
+    config = resolve_config(env, model_path="/ckpt", local_options={"max_batch": 4, "quantize": None})
+    assert config.local_options == {"max_batch": 4, "quantize": None}  # the bad variable is never read
+    assert config.local_option_vars == {}
+
+
+def test_local_variables_do_not_touch_hosted_providers() -> None:
+    config = resolve_config({"NVIDIA_API_KEY": "k", "MIXTRAL_LOCAL_MAX_BATCH": "bad"}, provider="nvidia",
+                            local_options={"anything": 1})
+    assert config.local_options == {"anything": 1} and config.local_option_vars == {}
 
 
 def test_unknown_client_argument_is_a_type_error() -> None:

@@ -88,6 +88,25 @@ async def test_concurrent_chains_on_the_local_backend_decode_in_one_batch(local_
     assert max(sizes) > 1  # the chains shared decode steps
 
 
+def test_local_options_reach_the_engine(tiny_checkpoint: str) -> None:
+    import torch
+
+    from mixtral_client import ConfigurationError
+    from mixtral_local.backend import LocalOptions, _engine_for
+
+    with pytest.raises(ConfigurationError, match="unknown dtipe"):  # refused when the model is built
+        ChatMixtral(provider="local", model_path=tiny_checkpoint, local_options={"dtipe": "float32"})
+    llm = ChatMixtral(provider="local", model_path=tiny_checkpoint, max_tokens=2,
+                      local_options={"quantize": "int8", "device": "cpu", "max_batch": 2})
+    try:
+        assert llm.invoke("Hello").usage_metadata is not None
+        engine = _engine_for(LocalOptions.from_config(llm._client().config))
+        assert engine.model.layers[0].moe.w13.dtype == torch.int8
+        assert engine.scheduler.max_rows == 2
+    finally:
+        llm.close()
+
+
 def test_usage_appears_once_in_a_local_stream(local_llm: ChatMixtral) -> None:
     chunks = list(local_llm.stream("Hello"))
     assert len([c for c in chunks if c.usage_metadata]) == 1

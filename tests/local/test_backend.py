@@ -93,8 +93,21 @@ def test_too_long_a_prompt_is_refused_before_the_first_chunk(backend: LocalBacke
 
 
 def test_unknown_local_option_is_a_configuration_error(tiny_dir: Path) -> None:
-    config = resolve_config({}, provider="local", model_path=str(tiny_dir), local_options={"dtipe": "float32"})
     with pytest.raises(ConfigurationError, match="dtipe"):
+        resolve_config({}, provider="local", model_path=str(tiny_dir), local_options={"dtipe": "float32"})
+
+
+@pytest.mark.parametrize(("variable", "value", "message"), [
+    ("MIXTRAL_LOCAL_QUANTIZE", "int4", "MIXTRAL_LOCAL_QUANTIZE: quantize must be None or 'int8', got 'int4'"),
+    ("MIXTRAL_LOCAL_MAX_BATCH", "0", "MIXTRAL_LOCAL_MAX_BATCH: max_batch must be an integer >= 1, got 0"),
+    ("MIXTRAL_LOCAL_DTYPE", "float8", "MIXTRAL_LOCAL_DTYPE: .*float8"),
+    ("MIXTRAL_LOCAL_DEVICE", "tpu", "MIXTRAL_LOCAL_DEVICE: .*tpu"),
+    ("MIXTRAL_LOCAL_MOE_BACKEND", "cutlass", "MIXTRAL_LOCAL_MOE_BACKEND: .*cutlass"),
+])
+def test_a_bad_local_variable_is_named_in_the_error(tiny_dir: Path, variable: str, value: str,
+                                                    message: str) -> None:
+    config = resolve_config({"MIXTRAL_MODEL_PATH": str(tiny_dir), variable: value})
+    with pytest.raises(ConfigurationError, match=message):
         LocalBackend(config)
 
 
@@ -219,6 +232,17 @@ def test_int8_experts_are_a_local_option(tiny_dir: Path, make_request: MakeReque
     plain.complete(make_request(HELLO, temperature=0, max_tokens=1))
     assert plain._core.engine is not backend._core.engine
     assert plain._core.engine.model.layers[0].moe.w13.dtype == torch.float32
+
+
+def test_int8_experts_from_the_environment_alone(tiny_dir: Path, make_request: MakeRequest) -> None:
+    env = {"MIXTRAL_MODEL_PATH": str(tiny_dir), "MIXTRAL_LOCAL_QUANTIZE": "int8", "MIXTRAL_LOCAL_DEVICE": "cpu",
+           "MIXTRAL_LOCAL_MAX_BATCH": "3"}
+    backend = LocalBackend(resolve_config(env))
+    done = backend.complete(make_request(HELLO, temperature=0, max_tokens=2))
+    assert done.usage is not None and done.usage.completion_tokens >= 1
+    engine = backend._core.engine
+    assert engine.model.layers[0].moe.w13.dtype == torch.int8
+    assert engine.scheduler.max_rows == 3
 
 
 def test_unknown_quantize_is_a_configuration_error(tiny_dir: Path) -> None:
