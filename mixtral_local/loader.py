@@ -103,6 +103,25 @@ def _targets(config: MixtralConfig, names: set[str]) -> dict[str, _Target]:
     return t
 
 
+#: elements quantized at once: the rows of an expert tensor go to the device and through float32 in slabs of
+#: about this size, so the loader's workspace is bounded whatever the tensor (a stacked [8, 28672, 4096]
+#: tensor would otherwise take 3.8 GB per float32 temporary)
+QUANT_SLAB = 1 << 24
+#: bytes per slab element on the device: the slab as read (float32 at most), its float32 copy, its int8 rows
+_QUANT_SLAB_BYTES = 4 + 4 + 1
+
+
+def _quantize_into(q: torch.Tensor, scale: torch.Tensor, source: torch.Tensor, device: torch.device) -> None:
+    """Quantize ``source`` (rows last, on the CPU) into int8 ``q`` and its row ``scale`` on ``device``."""
+    cols = source.shape[-1]
+    rows, q_rows, scales = source.reshape(-1, cols), q.view(-1, cols), scale.view(-1)
+    step = max(1, QUANT_SLAB // cols)
+    for start in range(0, rows.shape[0], step):
+        part_q, part_scale = quantize_rows(rows[start:start + step].to(device), scale.dtype)
+        q_rows[start:start + step].copy_(part_q)
+        scales[start:start + step].copy_(part_scale)
+
+
 def _gib(n: int) -> str:
     return f"{n / 2**30:.2f} GiB"
 
@@ -130,6 +149,20 @@ class CheckpointPlan:
         if self.quantized(target):
             return n + n // target.shape[-1] * self.dtype.itemsize
         return n * self.dtype.itemsize
+
+    def needed_bytes(self) -> int:
+        """Device memory the load takes at its peak: the weights as stored, and the loader's workspace."""
+        needed = sum(self.stored_bytes(t) for t in self.targets.values()) + self.workspace_bytes()
+        if "lm_head.weight" not in self.targets:  # tied embeddings still get their own output matrix
+            needed += self.config.vocab_size * self.config.hidden_size * self.dtype.itemsize
+        return needed
+
+    def workspace_bytes(self) -> int:
+        """Device memory the load needs beyond the weights: one quantization slab at a time."""
+        if self.quantize is None:
+            return 0
+        widest = max(t.shape[-1] for t in self.targets.values() if self.quantized(t))
+        return max(QUANT_SLAB, widest) * _QUANT_SLAB_BYTES
 
 
 def check_checkpoint(
@@ -171,9 +204,7 @@ def check_checkpoint(
         raise CheckpointError(f"{root}: checkpoint has no tensor {missing[0]!r}{more}")
 
     plan = CheckpointPlan(root, config, dev, dt, moe_fn, tensors, targets, quant)
-    needed = sum(plan.stored_bytes(t) for t in targets.values())
-    if "lm_head.weight" not in targets:  # tied embeddings still get their own output matrix
-        needed += config.vocab_size * config.hidden_size * dt.itemsize
+    needed = plan.needed_bytes()
     free = free_memory(dev)
     if free is not None and needed > free:
         how = str(dt).removeprefix("torch.") + (", experts in int8" if quant else "")
@@ -221,9 +252,8 @@ def load_model(
                     target = plan.targets[name]
                     dest = params[target.param][target.index]
                     if plan.quantized(target):  # on the device: far faster there than on the CPU
-                        q, scale = quantize_rows(f.get_tensor(name).to(dev), dt)
-                        dest.copy_(q)
-                        params[target.param + "_scale"][target.index].copy_(scale)
+                        _quantize_into(dest, params[target.param + "_scale"][target.index], f.get_tensor(name),
+                                       dev)
                     else:
                         dest.copy_(f.get_tensor(name))
                     bar.update(plan.stored_bytes(target))

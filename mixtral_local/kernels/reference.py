@@ -30,10 +30,11 @@ def quantize_rows(weights: torch.Tensor, scale_dtype: torch.dtype) -> tuple[torc
     ``q * scale`` is the row to within half a step however coarse ``scale_dtype`` is; a row of zeros gets a
     scale of 1.
     """
-    w = weights.float()
-    absmax = w.abs().amax(dim=-1)
+    w = weights.to(torch.float32, copy=True)  # the one float32 temporary: the rest works in place
+    low, high = torch.aminmax(w, dim=-1)
+    absmax = torch.maximum(high, low.neg_())
     scale = torch.where(absmax > 0, absmax / INT8_MAX, 1.0).to(scale_dtype)
-    q = torch.round(w / scale.float().unsqueeze(-1)).clamp_(-INT8_MAX, INT8_MAX)
+    q = w.div_(scale.float().unsqueeze(-1)).round_().clamp_(-INT8_MAX, INT8_MAX)
     return q.to(torch.int8), scale
 
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from mixtral_local import loader
 from mixtral_local.checkpoint import free_memory
 from mixtral_local.config import CheckpointError, MixtralConfig
 from mixtral_local.loader import check_checkpoint, load_model
@@ -223,3 +224,48 @@ def test_the_memory_check_counts_int8_experts_at_a_byte_each(tmp_path: Path) -> 
     for t in expert_targets:
         n = math.prod(t.shape)
         assert full.stored_bytes(t) == 4 * n and int8.stored_bytes(t) == n + t.shape[0] * 4
+
+
+@pytest.mark.parametrize("slab", [1, 100, 48 * 32])  # a row at a time, 3 rows with a remainder, one expert
+def test_int8_experts_quantized_in_slabs_are_the_same(small: Path, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch, slab: int) -> None:
+    stacked = write_tiny_checkpoint(tmp_path / "stacked", seed=3, layout="stacked", **SMALL)
+    whole = [_state(load_model(p, device="cpu", quantize="int8")) for p in (small, stacked)]
+    monkeypatch.setattr(loader, "QUANT_SLAB", slab)
+    for expected, path in zip(whole, (small, stacked), strict=True):
+        sliced = _state(load_model(path, device="cpu", quantize="int8"))
+        assert all(torch.equal(expected[k], sliced[k]) for k in expected)
+
+
+def test_the_memory_check_counts_the_quantization_slab(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = MixtralConfig(hidden_size=8, intermediate_size=8, num_hidden_layers=1, num_attention_heads=1,
+                           num_key_value_heads=1, head_dim=8, num_local_experts=2, num_experts_per_tok=1,
+                           vocab_size=16)
+    _header_only_checkpoint(tmp_path / "ckpt", config)
+    plan = check_checkpoint(tmp_path / "ckpt", device="cpu", quantize="int8")
+    assert check_checkpoint(tmp_path / "ckpt", device="cpu").workspace_bytes() == 0
+    assert plan.workspace_bytes() == loader.QUANT_SLAB * 9  # read slab, its float32 copy, its int8 rows
+    needed = plan.needed_bytes()
+    assert needed == sum(plan.stored_bytes(t) for t in plan.targets.values()) + plan.workspace_bytes()
+    monkeypatch.setattr(loader, "free_memory", lambda device: needed)
+    check_checkpoint(tmp_path / "ckpt", device="cpu", quantize="int8")
+    monkeypatch.setattr(loader, "free_memory", lambda device: needed - 1)
+    with pytest.raises(CheckpointError, match="experts in int8"):
+        check_checkpoint(tmp_path / "ckpt", device="cpu", quantize="int8")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_int8_loading_on_cuda_peaks_within_what_the_memory_check_counted(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    path = write_tiny_checkpoint(tmp_path / "wide", seed=0, layout="stacked", vocab_size=1000, hidden_size=1024,
+                                 intermediate_size=3584, head_dim=128, num_hidden_layers=2)
+    monkeypatch.setattr(loader, "QUANT_SLAB", 1 << 20)  # 9 MiB of workspace against 235 MB stacked tensors
+    plan = check_checkpoint(path, device="cuda", dtype="bfloat16", quantize="int8")
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    model = load_model(path, device="cuda", dtype="bfloat16", quantize="int8")
+    peak = torch.cuda.max_memory_allocated() - base
+    assert model.layers[0].moe.w13.dtype == torch.int8
+    assert peak <= plan.needed_bytes() + (1 << 20), (peak, plan.needed_bytes())
