@@ -300,15 +300,7 @@ class LocalCore:
         prompt = engine.tokenizer.encode_chat(request.messages)
         per_choice = [params if params.seed is None else dataclasses.replace(params, seed=params.seed + i)
                       for i in range(int(request.params.get("n", 1)))]
-        tickets: list[Ticket] = []
-        try:
-            for choice in per_choice:
-                tickets.append(engine.submit(prompt, choice))  # the first refuses a prompt that does not fit
-        except BaseException:
-            for ticket in tickets:
-                ticket.cancel()
-            raise
-        return tickets
+        return engine.submit_all([prompt] * len(per_choice), per_choice)  # refuses a prompt that does not fit
 
     def chunks(self, request: ChatRequest) -> Iterator[ChatCompletionChunk]:
         tickets = self.start(request)

@@ -22,12 +22,12 @@ from typing import Any
 import torch
 
 from mixtral_client._exceptions import InvalidRequestError
-from mixtral_local.model import MixtralModel
+from mixtral_local.model import KVPair, MixtralModel
 from mixtral_local.tokenizer import IncrementalDetokenizer, MixtralTokenizer
 
 from .grammar import Constraint, GrammarError, token_table
 from .kv_cache import KVCache
-from .prefix_cache import PREFIX_CACHE_TOKENS, Prefix, PrefixCache
+from .prefix_cache import MIN_REUSE, PREFIX_CACHE_TOKENS, Prefix, PrefixCache, common_prefix
 from .sampling import SamplingParams, sample
 from .scheduler import Scheduler, Ticket
 from .stops import StopMatcher
@@ -76,7 +76,7 @@ class _Row:
     finish: str | None = None
     error: BaseException | None = None  # why the row ended, when its finish is "error"
     shown: bool = False  # a constrained row has given text
-    prefix: Prefix | None = None  # a prefix-cache entry sharing the prompt's first ``cached`` tokens
+    prefix: Prefix | _LiveRow | None = None  # a prefix-cache entry or a decoding row sharing ``cached`` tokens
     cached: int = 0
 
     @property
@@ -84,6 +84,24 @@ class _Row:
         """The tokens whose keys and values the row's slot holds: the prompt, and every answer token but the
         last (which no step has fed to the model yet)."""
         return self.prompt + self.tokens[:-1]
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class _LiveRow:
+    """A row decoding in ``batch`` whose prompt starts as another row's does: its slot's keys and values serve
+    the other's first positions, as a prefix-cache entry would."""
+
+    batch: _Batch
+    row: _Row
+
+    def copy_into(self, layers: Sequence[KVPair], slot: int, length: int) -> None:
+        """Write the live row's first ``length`` positions into ``slot`` of ``layers`` (views of the batch's cache)."""
+        src = next((i for i, r in enumerate(self.batch.rows) if r is self.row), None)
+        if src is None or self.batch.cache is None:
+            raise RuntimeError("the row whose keys and values were to be shared has left the batch")
+        for (k, v), (sk, sv) in zip(layers, self.batch.cache.layers, strict=True):
+            k[slot, :, :length] = sk[src, :, :length]
+            v[slot, :, :length] = sv[src, :, :length]
 
 
 class Engine:
@@ -155,7 +173,13 @@ class Engine:
 
         A prompt that does not fit, or bad token ids, raise here, in the caller's thread.
         """
-        return self.scheduler.submit(self._rows([prompt], params)[0])
+        return self.scheduler.submit(self._rows([prompt], params))[0]
+
+    def submit_all(self, prompts: Sequence[Sequence[int]],
+                   params: SamplingParams | Sequence[SamplingParams]) -> list[Ticket]:
+        """Queue several prompts at once (the ``n`` choices of one request): every one is checked before any
+        is queued, and they join the running batch together, so copies of one prompt are prefilled once."""
+        return self.scheduler.submit(self._rows(prompts, params))
 
     def _rows(self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams],
               ) -> list[_Row]:
@@ -252,8 +276,14 @@ PREFILL_TOKENS = 4096  # the most (padded) prompt tokens one prefill pass takes,
 PREFILL_CHUNK = 512  # the scheduler prefills a longer prompt this many tokens at a time, between decode steps
 
 
+def _pass_tokens(rows: Sequence[_Row]) -> int:
+    """The (padded) tokens one prefill pass of ``rows`` computes: copies of a prompt are computed once."""
+    distinct = {tuple(r.prompt) for r in rows}
+    return len(distinct) * max(len(p) for p in distinct)
+
+
 def prefill_groups(rows: Sequence[_Row], budget: int = PREFILL_TOKENS) -> list[list[_Row]]:
-    """``rows`` in order, cut into groups prefilled in one pass each: rows x longest prompt <= ``budget``.
+    """``rows`` in order, cut into groups prefilled in one pass each: distinct prompts x longest <= ``budget``.
 
     A row that reuses a cached prefix is a group of its own (its prefill starts past the prefix), with the
     rows that follow it with the same prompt (the other choices of its request)."""
@@ -265,7 +295,7 @@ def prefill_groups(rows: Sequence[_Row], budget: int = PREFILL_TOKENS) -> list[l
                 group.append(row)
             else:
                 groups.append([row])
-        elif group is not None and (len(group) + 1) * max(len(row.prompt), *(len(r.prompt) for r in group)) <= budget:
+        elif group is not None and _pass_tokens([*group, row]) <= budget:
             group.append(row)
         else:
             groups.append([row])
@@ -373,12 +403,35 @@ class _Batch:
                 self.drop(row)
         return deltas
 
+    def share(self, row: _Row) -> None:
+        """Let ``row``, about to be prefilled, start from the keys and values of a decoding row when that row
+        has computed more of ``row``'s prompt than the prefix-cache entry found at submission (if any), or from
+        an entry that has reached the prefix cache since: the ``n`` choices of a long prompt, or requests that
+        share a system prompt while the first of them is still answering, then compute only what differs.
+
+        Call it just before ``admit`` or ``start_filling``: the decoding row must still be there then (only
+        ``step()`` and a finished row's ``drop()`` take rows out)."""
+        limit = len(row.prompt) - 1  # the last prompt token is computed: its logits pick the first new token
+        best: _LiveRow | Prefix | None = None
+        best_len = max(row.cached, MIN_REUSE - 1)
+        if not row.cached:
+            entry, n = self.engine.prefix_cache.match(row.prompt)
+            if n > best_len:
+                best, best_len = entry, n
+        for other in self.rows:
+            n = min(common_prefix(other.computed, row.prompt), limit)
+            if n > best_len:
+                best, best_len = _LiveRow(self, other), n
+        if best is not None:
+            row.prefix, row.cached = best, best_len
+
     @torch.inference_mode()
     def start_filling(self, row: _Row) -> None:
         """Make ``row`` the filling row; ``fill()`` then prefills it a chunk at a time (from the end of the
         cached prefix it reuses, if any: that is copied into its slot here)."""
         if self.filling is not None or self.size + 1 > self.slots:
             raise RuntimeError("a row is filling already, or the batch is full")
+        self.share(row)
         self.filling, self.filled = row, 0
         if row.cached:
             assert row.prefix is not None

@@ -19,7 +19,7 @@ import collections
 import logging
 import threading
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -132,19 +132,20 @@ class Scheduler:
         if thread is not None:
             thread.join(timeout)
 
-    def submit(self, row: _Row) -> Ticket:
-        ticket = Ticket(row)
+    def submit(self, rows: Sequence[_Row]) -> list[Ticket]:
+        """Queue ``rows`` together: the serving thread takes them in one turn when the batch has room."""
+        tickets = [Ticket(row) for row in rows]
         with self._cond:
             if self._closing:
                 raise _shut_down()
-            self._waiting.append(ticket)
+            self._waiting.extend(tickets)
             if self._thread is None:
                 engine = self._engine()  # alive: its submit() called this
                 self._thread = threading.Thread(target=self._serve, args=(engine,), name="mixtral-local-batch",
                                                 daemon=True)
                 self._thread.start()
                 self._last = self._thread
-        return ticket
+        return tickets
 
     def _take_waiting(self, room: int, owned: dict[int, Ticket]) -> list[Ticket] | None:
         """Up to ``room`` waiting tickets; None (and the thread is over) when there is nothing to do."""
@@ -218,6 +219,7 @@ class Scheduler:
                     continue
                 owned[id(ticket.row)] = ticket
                 row = ticket.row
+                batch.share(row)  # a long one looks again when its turn to fill comes
                 (long if len(row.prompt) - row.cached > PREFILL_CHUNK else short).append(ticket)
             for group in prefill_groups([t.row for t in short]):
                 try:

@@ -271,6 +271,55 @@ def test_rows_with_one_prompt_are_computed_once_and_sample_apart(
     assert [c.token_ids for c in again] == expected[0:1] + expected[2:4]
 
 
+# sharing within the running batch (no store needed: the cold engine keeps nothing)
+
+
+def test_the_choices_of_a_long_prompt_are_prefilled_once(
+    cold: Engine, tokenizer: MixtralTokenizer, passes: list[tuple[int, int, int]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mixtral_local.engine import engine as engine_module
+
+    monkeypatch.setattr(engine_module, "PREFILL_CHUNK", 64)
+    prompt = chat(tokenizer, " ".join(f"bin {i} holds nails of size {i};" for i in range(12)))
+    assert len(prompt) > 2 * 64
+    params = [SamplingParams(temperature=0.8, seed=seed, max_tokens=6) for seed in (1, 2, 3)]
+    expected = [cold.generate([prompt], q)[0].token_ids for q in params]
+    passes.clear()
+    tickets = cold.submit_all([prompt] * 3, params)
+    got = [list(t) for t in tickets]
+    prefills = [start for rows, n, start in passes if n > 1]
+    assert prefills == list(range(0, len(prompt), 64))  # the first choice's chunks, and nothing more
+    assert (1, 1, len(prompt) - 1) in passes  # each other choice computes its last prompt token only
+    assert [d[-1].cached_tokens for d in got] == [0, len(prompt) - 1, len(prompt) - 1]
+    assert [list(t.row.tokens) for t in tickets] == expected
+    assert len({tuple(e) for e in expected}) > 1  # the choices still sample apart
+
+
+def test_a_request_starts_from_the_system_prompt_of_one_still_answering(
+    cold: Engine, tokenizer: MixtralTokenizer, passes: list[tuple[int, int, int]]
+) -> None:
+    first, second = chat(tokenizer, "List every aisle, please."), chat(tokenizer, "Do you sell rope?")
+    shared = common_prefix(first, second)
+    assert shared >= MIN_REUSE
+    expected = cold.generate([second], GREEDY)[0].text
+    running = cold.submit(first, SamplingParams(temperature=0, max_tokens=60))
+    deltas = iter(running)
+    next(deltas)  # it is decoding now
+    passes.clear()
+    answer = list(cold.submit(second, GREEDY))
+    assert (1, len(second) - shared, shared) in passes  # its prefill starts where the prompts part
+    assert answer[-1].cached_tokens == shared
+    assert "".join(d.text for d in answer) == expected
+    assert [d for d in deltas][-1].finish_reason == "length"  # the first was still answering throughout
+
+
+def test_choices_are_checked_before_any_is_queued(cold: Engine, tokenizer: MixtralTokenizer) -> None:
+    good = chat(tokenizer, "Hi.")
+    with pytest.raises(ValueError, match="prompt 1 has token ids outside the vocabulary"):
+        cold.submit_all([good, [1, 10**9]], GREEDY)
+    assert not cold.scheduler._waiting and cold.scheduler._thread is None
+
+
 def test_the_engine_keeps_no_more_than_its_budget(model: Any, tokenizer: MixtralTokenizer) -> None:
     engine = Engine(model, tokenizer, prefix_cache=150)
     for i in range(6):
