@@ -411,6 +411,8 @@ class _Batch:
 
         Call it just before ``admit`` or ``start_filling``: the decoding row must still be there then (only
         ``step()`` and a finished row's ``drop()`` take rows out)."""
+        if isinstance(row.prefix, _LiveRow):  # found on an earlier look: that row may have left since
+            row.prefix, row.cached = None, 0
         limit = len(row.prompt) - 1  # the last prompt token is computed: its logits pick the first new token
         best: _LiveRow | Prefix | None = None
         best_len = max(row.cached, MIN_REUSE - 1)

@@ -313,6 +313,29 @@ def test_a_request_starts_from_the_system_prompt_of_one_still_answering(
     assert [d for d in deltas][-1].finish_reason == "length"  # the first was still answering throughout
 
 
+def test_a_long_prompt_that_waited_looks_again_when_its_turn_comes(
+    engine: Engine, tokenizer: MixtralTokenizer, cold: Engine
+) -> None:
+    from mixtral_local.engine.engine import _Batch, _LiveRow
+
+    first = chat(tokenizer, "Hello.")
+    waiting = chat(tokenizer, " ".join(f"bin {i} holds nails of size {i};" for i in range(12)))
+    batch = _Batch(engine, slots=4)
+    a, b = engine._rows([first, waiting], SamplingParams(temperature=0, max_tokens=4))
+    batch.admit([a])
+    batch.share(b)  # taken while the first is decoding: it would copy from that row
+    assert isinstance(b.prefix, _LiveRow) and b.cached == common_prefix(first, waiting)
+    batch.drop(a)  # the first ends before the long prompt's turn to fill: its positions go to the store
+    batch.start_filling(b)
+    assert b.prefix is engine.prefix_cache.match(waiting)[0] and b.cached == common_prefix(first, waiting)
+    delta = None
+    while delta is None:
+        delta = batch.fill()
+    while b.finish is None:
+        batch.step()
+    assert b.tokens == cold.generate([waiting], SamplingParams(temperature=0, max_tokens=4))[0].token_ids
+
+
 def test_choices_are_checked_before_any_is_queued(cold: Engine, tokenizer: MixtralTokenizer) -> None:
     good = chat(tokenizer, "Hi.")
     with pytest.raises(ValueError, match="prompt 1 has token ids outside the vocabulary"):
