@@ -10,6 +10,10 @@ set against a device copy and a bf16 matmul measured in the same run. fused_moe 
 from router logits (routing included); transformers' experts modules are timed given the routing, since
 their MoE block routes outside them. An implementation that fails or would not fit in memory is reported,
 not fatal. Writes ``moe-<gpu>.json`` and ``moe-<gpu>.md`` under ``--out`` and prints the table.
+
+``--int8`` adds int8 weight-only experts (``quantize_rows``: int8 weights, a bf16 scale per output row): the
+fused kernel's ``W_INT8`` build timed at every M beside its bf16 build, its bandwidth over the int8 bytes it
+touches, and its error against an fp32 reference on the dequantized weights. A second table, not judged.
 """
 
 from __future__ import annotations
@@ -56,6 +60,7 @@ class Row:
     on_gpu: bool
     times_ms: dict[str, float] = field(default_factory=dict)
     notes: dict[str, str] = field(default_factory=dict)
+    int8: dict[str, float] = field(default_factory=dict)  # with --int8: ms, bytes, err, err_reference
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -69,6 +74,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--time-budget-s", type=float, default=1.0, help="timing budget per implementation and M"
     )
+    parser.add_argument("--int8", action="store_true", help="also time int8 weight-only experts (a second table)")
     return parser.parse_args(argv)
 
 
@@ -241,7 +247,53 @@ def _bench_m(m: int, shapes: Shapes, weights: dict[str, object], args: argparse.
             )
             if shapes.device == "cuda":
                 torch.cuda.empty_cache()
+    if "w13_q" in weights:
+        _bench_int8(row, hidden, logits, shapes, weights, args)
     return row
+
+
+def _bench_int8(row: Row, hidden: object, logits: object, shapes: Shapes, weights: dict[str, object],
+                args: argparse.Namespace) -> None:
+    """Time the fused kernel's int8 build, and measure its error against fp32 on the dequantized weights."""
+    import torch
+
+    from mixtral_local.kernels.fused_moe import fused_moe
+    from mixtral_local.kernels.reference import moe_reference
+
+    q13, s13, q2, s2 = (weights[k] for k in ("w13_q", "w13_s", "w2_q", "w2_s"))
+    k = shapes.top_k
+    exact = moe_reference(hidden.float(), weights["w13_dq"], weights["w2_dq"], logits, k)  # type: ignore[attr-defined]
+    out = fused_moe(hidden, q13, q2, logits, k, w13_scale=s13, w2_scale=s2)
+    ref = moe_reference(hidden, q13, q2, logits, k, w13_scale=s13, w2_scale=s2)
+    row.int8["err"] = (out.float() - exact).abs().max().item()
+    row.int8["err_reference"] = (ref.float() - exact).abs().max().item()
+    del out, ref, exact
+    per_expert = 3 * shapes.inter * shapes.h + 3 * shapes.inter * 2  # int8 weights and bf16 row scales
+    elem = hidden.element_size()  # type: ignore[attr-defined]
+    row.int8["bytes"] = row.experts_touched * per_expert + 2 * row.m * shapes.h * elem
+    try:
+        with torch.inference_mode():
+            row.int8["ms"] = time_ms(lambda: fused_moe(hidden, q13, q2, logits, k, w13_scale=s13, w2_scale=s2),
+                                     shapes.device, args.time_budget_s)
+    except Exception as err:  # reported, not fatal
+        row.notes["fused_int8"] = f"failed: {type(err).__name__}: {str(err).splitlines()[0][:100] if str(err) else ''}"
+
+
+def _int8_table(rows: list[Row], copy_gbps: float) -> list[str]:
+    head = ["M", "fused int8 ms", "fused bf16 ms", "bf16 / int8", "int8 GB/s (% copy)", "max err int8 / ref int8"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        ms, bf16 = row.int8.get("ms"), row.times_ms.get("fused_moe")
+        cells = [str(row.m), f"{ms:.3f}" if ms else row.notes.get("fused_int8", "-"),
+                 f"{bf16:.3f}" if bf16 else "-", f"{bf16 / ms:.2f}x" if ms and bf16 else "-"]
+        if ms:
+            gbps = row.int8["bytes"] / ms / 1e6
+            cells.append(f"{gbps:.0f} ({gbps / copy_gbps:.0%})")
+        else:
+            cells.append("-")
+        cells.append(f"{row.int8['err']:.2e} / {row.int8['err_reference']:.2e}" if "err" in row.int8 else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
 # ---------------------------------------------------------------- report
@@ -344,6 +396,13 @@ def main(argv: list[str] | None = None) -> int:
         "w13_f32": w13_f32,
         "w2_f32": w2_f32,
     }
+    if args.int8:
+        from mixtral_local.kernels.reference import dequantize_rows, quantize_rows
+
+        for name in ("w13", "w2"):
+            q, scale = quantize_rows(weights[name], dtype)  # type: ignore[arg-type]
+            weights[f"{name}_q"], weights[f"{name}_s"] = q, scale
+            weights[f"{name}_dq"] = dequantize_rows(q, scale, torch.float32)
     try:
         weights["hf_experts"] = _hf_experts(weights["w13"], weights["w2"], shapes)
     except Exception as err:  # reported in the table
@@ -374,6 +433,20 @@ def main(argv: list[str] | None = None) -> int:
         "overall": overall,
         "rows": [r.__dict__ | {"verdict": _verdict(r, copy_gbps, mm_tflops)} for r in rows],
     }
+    int8_md: list[str] = []
+    if args.int8:
+        int8_md = [
+            "",
+            "## Int8 weight-only experts (not judged)",
+            "",
+            "The fused kernel's `W_INT8` build on the same inputs: int8 weights with a"
+            f" {shapes.dtype_name} scale per output row"
+            f" (`quantize_rows` of the {shapes.dtype_name} weights). Bytes are the int8 weights and scales of the experts touched"
+            " plus hidden in and out; errors are against fp32 on the dequantized weights.",
+            "",
+            *_int8_table(rows, copy_gbps),
+        ]
+        print("\n".join(int8_md), flush=True)
     md = [
         f"# Fused MoE kernel benchmark: {gpu}",
         "",
@@ -395,11 +468,13 @@ def main(argv: list[str] | None = None) -> int:
         "Bytes are the weights of the experts touched plus hidden in and out; FLOPs are 6 * slots * H * I."
         " fused_moe and moe_reference include routing; transformers' experts are given the routing.",
     ]
+    summary = md[-3:]
+    md += int8_md
     args.out.mkdir(parents=True, exist_ok=True)
     stem = f"moe-{_gpu_slug(gpu)}"
     (args.out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
     (args.out / f"{stem}.md").write_text("\n".join(md) + "\n")
-    print("\n".join(md[-3:]))
+    print("\n".join(summary))
     print(f"wrote {args.out / stem}.json and .md")
     return 0
 

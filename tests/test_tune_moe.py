@@ -67,3 +67,20 @@ def test_the_smoke_sweep_writes_a_table_keeping_other_entries(tmp_path):
     smoke_tiles = {(16, 32, 16), (16, 64, 32), (32, 32, 16)}
     for m in ("1", "9"):
         assert (table[m]["BLOCK_SIZE_M"], table[m]["BLOCK_SIZE_N"], table[m]["BLOCK_SIZE_K"]) in smoke_tiles
+
+
+def test_the_kernel_benchmark_smoke_run_reports_the_int8_build_and_feeds_the_tuner(tmp_path: Path) -> None:
+    """benchmarks/moe_kernel.py --smoke --int8 (interpreter, tiny shapes): the report a GPU run writes, int8 too."""
+    done = subprocess.run(
+        [sys.executable, "-W", "ignore", "benchmarks/moe_kernel.py", "--smoke", "--int8", "--m", "1", "17",
+         "--impls", "--time-budget-s", "0.05", "--out", str(tmp_path)],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads((tmp_path / "moe-cpu-smoke.json").read_text())
+    assert [r["m"] for r in report["rows"]] == [1, 17] and report["overall"].startswith("correct")
+    for row in report["rows"]:
+        assert row["int8"]["ms"] > 0 and row["int8"]["err"] <= 2 * row["int8"]["err_reference"] + 1e-5
+        assert row["int8"]["bytes"] < row["bytes_touched"]  # a byte per weight against four in fp32
+    assert "## Int8 weight-only experts" in (tmp_path / "moe-cpu-smoke.md").read_text()
+    assert failing_ms(report) == []

@@ -7,7 +7,7 @@
 #
 # Phases:
 #   tests    pytest tests/kernels tests/local -m gpu (4 processes when pytest-xdist is there)
-#   bench    benchmarks/moe_kernel.py, all 12 M: $OUT/moe-<gpu>.json and .md
+#   bench    benchmarks/moe_kernel.py --int8, all 12 M (and the int8 build beside bf16): $OUT/moe-<gpu>.json, .md
 #   tune     benchmarks/tune_moe.py on the M values that bench judged FAIL, in the time left over (it keeps
 #            back as long as bench took, for rebench); the table lands in $OUT/tuned.json
 #   rebench  bench again with the tuned table ($MIXTRAL_MOE_CONFIG_DIR): $OUT/after-tune/moe-<gpu>.json, .md
@@ -40,7 +40,7 @@ for step in ${@:-tests bench tune rebench}; do
   echo "== $step: start at ${started} s" | tee -a "$LOG"
   case "$step" in
     tests) python3 -m pytest tests/kernels tests/local -m gpu -q -p no:cacheprovider -rs "${workers[@]}" 2>&1 | tee -a "$LOG" ;;
-    bench) python3 benchmarks/moe_kernel.py --out "$OUT" 2>&1 | tee -a "$LOG" ;;
+    bench) python3 benchmarks/moe_kernel.py --int8 --out "$OUT" 2>&1 | tee -a "$LOG" ;;
     tune)
       report=$(compgen -G "$OUT/moe-*.json" | head -1)
       left=$((LIMIT_S - SECONDS - bench_s - 20))
