@@ -57,8 +57,8 @@ class ClientConfig:
     #: local backend: checkpoint directory and load options (dtype, device, moe_backend, ...)
     model_path: str | None = None
     local_options: Mapping[str, Any] = field(default_factory=dict)
-    #: the ``local_options`` keys read from the environment, and from which variable (for error messages)
-    local_option_vars: Mapping[str, str] = field(default_factory=dict)
+    #: the ``local_options`` keys read from ``MIXTRAL_LOCAL_<KEY>`` rather than passed
+    local_from_env: frozenset[str] = frozenset()
     #: user-supplied httpx clients (connection pools, proxies, transports)
     http_client: httpx.Client | None = None
     async_http_client: httpx.AsyncClient | None = None
@@ -66,6 +66,10 @@ class ClientConfig:
     @property
     def provider(self) -> str:
         return self.preset.name
+
+    def local_option_source(self, name: str) -> str:
+        """Where ``local_options[name]`` came from, for error messages: its variable, or ``local_options``."""
+        return LOCAL_OPTION_VARS[name] if name in self.local_from_env else "local_options"
 
 
 def _with_tool_calling(preset: ProviderPreset, mode: str) -> ProviderPreset:
@@ -99,13 +103,13 @@ def _local_option(name: str, variable: str, raw: str) -> Any:
     return raw
 
 
-def _local_options_from_env(env: Mapping[str, str], given: Mapping[str, Any]) -> dict[str, tuple[Any, str]]:
-    """``MIXTRAL_LOCAL_*`` for the keys ``local_options=`` does not set: name -> (value, variable)."""
+def _local_options_from_env(env: Mapping[str, str], given: Mapping[str, Any]) -> dict[str, Any]:
+    """``MIXTRAL_LOCAL_*`` for the keys ``local_options=`` does not set."""
     found = {}
     for name, variable in LOCAL_OPTION_VARS.items():
         raw = (env.get(variable) or "").strip()
         if raw and name not in given:
-            found[name] = (_local_option(name, variable, raw), variable)
+            found[name] = _local_option(name, variable, raw)
     return found
 
 
@@ -183,7 +187,7 @@ def resolve_config(
     if unknown:
         raise ConfigurationError(f"local_options: unknown {', '.join(unknown)}; known: {', '.join(LOCAL_OPTION_VARS)}")
     from_env = _local_options_from_env(env, local) if preset.kind == "local" else {}
-    local.update({name: value for name, (value, _) in from_env.items()})
+    local.update(from_env)
     if preset.kind == "bedrock":
         # without one, the Bedrock backend asks botocore (the AWS profile) before refusing
         region = region or env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or None
@@ -201,7 +205,7 @@ def resolve_config(
         region=region,
         model_path=model_path,
         local_options=local,
-        local_option_vars={name: variable for name, (_, variable) in from_env.items()},
+        local_from_env=frozenset(from_env),
         http_client=http_client,
         async_http_client=async_http_client,
     )

@@ -81,10 +81,7 @@ class LocalOptions:
         if config.model_path is None:
             raise ConfigurationError("provider 'local' needs model_path= (or MIXTRAL_MODEL_PATH)")
         opts = dict(config.local_options)  # keys checked by resolve_config
-
-        def source(name: str) -> str:
-            return config.local_option_vars.get(name, "local_options")
-
+        source = config.local_option_source
         max_batch = _int_option(opts, "max_batch", 16, 1, source("max_batch"))
         prefix_cache = _int_option(opts, "prefix_cache", PREFIX_CACHE_TOKENS, 0, source("prefix_cache"),
                                    " (tokens of finished requests kept for reuse; 0: off)")
@@ -277,8 +274,7 @@ class LocalCore:
             check_checkpoint(self.options.path, dtype=self.options.dtype, device=self.options.device,
                              moe_backend=self.options.moe_backend, quantize=self.options.quantize)
         except ValueError as exc:  # an unusable moe_backend for the device
-            where = config.local_option_vars.get("moe_backend", "local_options")
-            raise ConfigurationError(f"{where}: {exc}") from None
+            raise ConfigurationError(f"{config.local_option_source('moe_backend')}: {exc}") from None
         MixtralTokenizer.from_pretrained(self.options.path)
         self._engine: Engine | None = None
 

@@ -173,7 +173,7 @@ class Engine:
 
         A prompt that does not fit, or bad token ids, raise here, in the caller's thread.
         """
-        return self.scheduler.submit(self._rows([prompt], params))[0]
+        return self.submit_all([prompt], params)[0]
 
     def submit_all(self, prompts: Sequence[Sequence[int]],
                    params: SamplingParams | Sequence[SamplingParams]) -> list[Ticket]:

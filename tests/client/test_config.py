@@ -76,7 +76,7 @@ def test_local_options_come_from_mixtral_local_variables_typed_as_arguments() ->
     config = resolve_config(env)
     assert config.local_options == {"quantize": "int8", "dtype": "bf16", "max_batch": 32, "prefix_cache": 0,
                                     "progress": False}
-    assert config.local_option_vars["max_batch"] == "MIXTRAL_LOCAL_MAX_BATCH"
+    assert config.local_option_source("max_batch") == "MIXTRAL_LOCAL_MAX_BATCH"
     assert resolve_config({**env, "MIXTRAL_LOCAL_QUANTIZE": "none"}).local_options["quantize"] is None
 
 
@@ -84,13 +84,13 @@ def test_local_options_argument_beats_the_environment_key_by_key() -> None:
     env = {"MIXTRAL_LOCAL_QUANTIZE": "int8", "MIXTRAL_LOCAL_MAX_BATCH": "bad"}
     config = resolve_config(env, model_path="/ckpt", local_options={"max_batch": 4, "quantize": None})
     assert config.local_options == {"max_batch": 4, "quantize": None}  # the bad variable is never read
-    assert config.local_option_vars == {}
+    assert config.local_from_env == frozenset()
 
 
 def test_local_variables_do_not_touch_hosted_providers() -> None:
     config = resolve_config({"NVIDIA_API_KEY": "k", "MIXTRAL_LOCAL_MAX_BATCH": "bad"}, provider="nvidia",
                             local_options={"anything": 1})
-    assert config.local_options == {"anything": 1} and config.local_option_vars == {}
+    assert config.local_options == {"anything": 1} and config.local_from_env == frozenset()
 
 
 def test_unknown_client_argument_is_a_type_error() -> None:
