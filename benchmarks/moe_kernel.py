@@ -181,6 +181,11 @@ def _free_bytes(device: str) -> int:
 # ---------------------------------------------------------------- one M
 
 
+def _failure(err: Exception) -> str:
+    """A failed implementation's note in the table: the exception's type and first line."""
+    return f"failed: {type(err).__name__}: {str(err).splitlines()[0][:100] if str(err) else ''}"
+
+
 def _bench_m(m: int, shapes: Shapes, weights: dict[str, object], args: argparse.Namespace) -> Row:
     import torch
 
@@ -242,9 +247,7 @@ def _bench_m(m: int, shapes: Shapes, weights: dict[str, object], args: argparse.
                         continue
                 row.times_ms[name] = time_ms(fn, shapes.device, args.time_budget_s)
         except Exception as err:  # a peer that fails is reported, not fatal
-            row.notes[name] = (
-                f"failed: {type(err).__name__}: {str(err).splitlines()[0][:100] if str(err) else ''}"
-            )
+            row.notes[name] = _failure(err)
             if shapes.device == "cuda":
                 torch.cuda.empty_cache()
     if "w13_q" in weights:
@@ -276,7 +279,7 @@ def _bench_int8(row: Row, hidden: object, logits: object, shapes: Shapes, weight
             row.int8["ms"] = time_ms(lambda: fused_moe(hidden, q13, q2, logits, k, w13_scale=s13, w2_scale=s2),
                                      shapes.device, args.time_budget_s)
     except Exception as err:  # reported, not fatal
-        row.notes["fused_int8"] = f"failed: {type(err).__name__}: {str(err).splitlines()[0][:100] if str(err) else ''}"
+        row.notes["fused_int8"] = _failure(err)
 
 
 def _int8_table(rows: list[Row], copy_gbps: float) -> list[str]:

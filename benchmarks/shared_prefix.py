@@ -26,6 +26,7 @@ times, and each figure is the median. Prints a table and writes benchmarks/resul
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import contextlib
 import json
 import statistics
@@ -57,11 +58,8 @@ def in_own_thread(fn: Callable[[], T]) -> T:
     """``fn()`` in a short-lived thread: on CPU each thread that runs torch gets its own OpenMP pool, and while
     two pools live their workers stop spinning between operators. The main thread runs no torch, the engine's
     batch runs in its scheduler's thread (over when idle), and transformers in a thread of its own."""
-    out: list[T] = []
-    thread = threading.Thread(target=lambda: out.append(fn()))
-    thread.start()
-    thread.join()
-    return out[0]
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:  # its one thread ends with the block
+        return pool.submit(fn).result()  # fn's exception, if any, raised here
 
 
 @contextlib.contextmanager
