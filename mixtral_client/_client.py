@@ -2,7 +2,8 @@
 
 Both shells share ``_ClientCore`` (configuration, request validation, backend choice). The shells only
 call their backend: they never know whether it is a hosted host, Bedrock or local weights. On a host without
-native tools a ``ToolPrompt`` stands between them: it rewrites the request and reads the calls back.
+native tools or ``response_format``, ``Rewrites`` stand between them (``ToolPrompt``, ``FormatPrompt``): they
+rewrite the request and read the calls and the JSON back out of the answer.
 """
 
 from __future__ import annotations
@@ -20,9 +21,9 @@ from ._config import ClientConfig, resolve_config
 from ._exceptions import ConfigurationError
 from ._logging import setup_logging
 from ._request import ChatRequest, RequestOptions, build_request
+from ._rewrite import Rewrites
 from ._streaming import AsyncStream, Stream
 from ._timeouts import Timeout, coerce_timeout
-from ._tools import ToolPrompt
 from .types import ChatCompletion, ChatCompletionMessageParam, ChatCompletionToolParam
 
 __all__ = ["AsyncMixtralClient", "CompletionParams", "MixtralClient"]
@@ -133,15 +134,10 @@ class Completions:
 
         The request is validated first: invalid input raises ``InvalidRequestError`` and nothing is sent.
         """
-        request = self._core.request(messages, stream, params)
-        prompt = ToolPrompt.for_request(request)
-        if prompt is not None:  # a host without native tools: they travel in the prompt
-            if stream:
-                return Stream(prompt.stream(self._backend.stream(prompt.request)))._open()
-            return prompt.completion(self._backend.complete(prompt.request))
+        rewrites = Rewrites.for_request(self._core.request(messages, stream, params))
         if stream:
-            return Stream(self._backend.stream(request))._open()
-        return self._backend.complete(request)
+            return Stream(rewrites.stream(self._backend.stream(rewrites.request)))._open()
+        return rewrites.completion(self._backend.complete(rewrites.request))
 
 
 class AsyncCompletions:
@@ -163,15 +159,10 @@ class AsyncCompletions:
 
     async def create(self, *, messages: Sequence[ChatCompletionMessageParam], stream: bool = False,
                      **params: Unpack[CompletionParams]) -> ChatCompletion | AsyncStream:
-        request = self._core.request(messages, stream, params)
-        prompt = ToolPrompt.for_request(request)
-        if prompt is not None:
-            if stream:
-                return await AsyncStream(prompt.astream(self._backend.stream(prompt.request)))._open()
-            return prompt.completion(await self._backend.complete(prompt.request))
+        rewrites = Rewrites.for_request(self._core.request(messages, stream, params))
         if stream:
-            return await AsyncStream(self._backend.stream(request))._open()
-        return await self._backend.complete(request)
+            return await AsyncStream(rewrites.astream(self._backend.stream(rewrites.request)))._open()
+        return rewrites.completion(await self._backend.complete(rewrites.request))
 
 
 class _Chat:

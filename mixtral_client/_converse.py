@@ -151,7 +151,8 @@ def converse_body(request: ChatRequest) -> dict[str, Any]:
                                "(mixtral_client._tools)", name, provider)
     fmt = params.get("response_format")
     if fmt is not None and fmt.get("type") != "text":
-        raise _unsupported("Mixtral on Bedrock has no structured output", "response_format", provider)
+        raise _unsupported("Mixtral on Bedrock has no structured output; the client writes response_format "
+                           "into the prompt (mixtral_client._format)", "response_format", provider)
 
     config: dict[str, Any] = {}
     if "max_tokens" in params:

@@ -5,7 +5,7 @@ Every error the SDK raises on purpose is a ``MixtralError``::
     MixtralError
     ├── ConfigurationError          missing key, unknown provider, unusable setting (raised at construction)
     ├── InvalidRequestError         a request refused client-side; nothing was sent (also a ValueError)
-    │   └── UnsupportedFeatureError the provider cannot do what was asked (response_format on NVIDIA, ...)
+    │   └── UnsupportedFeatureError the provider cannot do what was asked (Bedrock's logprobs, ...)
     └── APIError                    something went wrong talking to a backend
         ├── APIStatusError          the backend answered with an error (HTTP status, error chunk, error frame)
         │   ├── BadRequestError             400

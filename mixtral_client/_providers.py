@@ -41,6 +41,8 @@ class ProviderPreset:
     #: how tools reach the model: the host's OpenAI ``tools`` field ("native"), written into the prompt with
     #: the calls read back from the answer ("prompt", ``_tools.py``), or not at all ("none")
     tools: Literal["native", "prompt", "none"] = "native"
+    #: the host takes ``response_format`` itself; False: it is written into the prompt and the JSON is cut out
+    #: of the answer (``_format.py``)
     supports_response_format: bool = True
     #: request-body keys this host accepts beyond the OpenAI ones (OpenRouter's routing, ...)
     extra_body_keys: frozenset[str] = frozenset()

@@ -265,13 +265,13 @@ def build_request(
         kind = fmt.get("type") if isinstance(fmt, Mapping) else None
         if kind not in _RESPONSE_FORMATS:
             raise _fail(f"type must be one of {sorted(_RESPONSE_FORMATS)}", "response_format", preset)
-        if kind != "text" and not preset.supports_response_format:
-            raise UnsupportedFeatureError(
-                f"response_format: {preset.name} does not support structured output for Mixtral",
-                param="response_format", provider=preset.name,
-            )
-        if kind == "json_schema" and not isinstance(fmt.get("json_schema"), Mapping):
-            raise _fail("json_schema format needs a 'json_schema' dict", "response_format", preset)
+        if kind == "json_schema":
+            spec = fmt.get("json_schema")
+            if not isinstance(spec, Mapping):
+                raise _fail("json_schema format needs a 'json_schema' dict", "response_format", preset)
+            if "schema" in spec and not isinstance(spec["schema"], Mapping):
+                raise _fail(f"json_schema.schema must be a JSON-schema dict, got {spec['schema']!r}",
+                            "response_format", preset)
     if "stream_options" in given:
         if not stream:
             raise _fail("only applies when stream=True", "stream_options", preset)

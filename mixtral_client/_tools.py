@@ -29,11 +29,9 @@ from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
-import anyio
-
 from ._accumulate import whole_call_deltas
-from ._exceptions import APIError
 from ._request import ChatRequest, RequiredCalls, join_turns, message_text
+from ._rewrite import rewrite_astream, rewrite_stream
 from .types import (
     ChatCompletion,
     ChatCompletionChunk,
@@ -329,39 +327,14 @@ class ToolPrompt:
 
     # -- streams
 
-    def stream(self, chunks: Iterator[ChatCompletionChunk]) -> Iterator[ChatCompletionChunk]:
-        rewrite = _StreamRewrite(self)
-        try:
-            for chunk in chunks:
-                yield from rewrite.feed(chunk)
-        except APIError:
-            yield from rewrite.end(read_calls=False)  # the caller's Stream merges it into error.partial
-            raise
-        else:
-            yield from rewrite.end()
-        finally:
-            close = getattr(chunks, "close", None)
-            if close is not None:
-                close()
+    def chunks(self) -> _StreamRewrite:
+        return _StreamRewrite(self)
 
-    async def astream(self, chunks: AsyncIterator[ChatCompletionChunk]) -> AsyncIterator[ChatCompletionChunk]:
-        rewrite = _StreamRewrite(self)
-        try:
-            async for chunk in chunks:
-                for out in rewrite.feed(chunk):
-                    yield out
-        except APIError:
-            for held in rewrite.end(read_calls=False):
-                yield held
-            raise
-        else:
-            for tail in rewrite.end():
-                yield tail
-        finally:
-            aclose = getattr(chunks, "aclose", None)
-            if aclose is not None:
-                with anyio.CancelScope(shield=True):
-                    await aclose()
+    def stream(self, chunks: Iterator[ChatCompletionChunk]) -> Iterator[ChatCompletionChunk]:
+        return rewrite_stream(chunks, self.chunks())
+
+    def astream(self, chunks: AsyncIterator[ChatCompletionChunk]) -> AsyncIterator[ChatCompletionChunk]:
+        return rewrite_astream(chunks, self.chunks())
 
 
 class _StreamRewrite:
@@ -410,9 +383,10 @@ class _StreamRewrite:
             return []
         return [chunk.model_copy(update={"choices": choices})]
 
-    def end(self, read_calls: bool = True) -> list[ChatCompletionChunk]:
+    def end(self, failed: bool) -> list[ChatCompletionChunk]:
         """What is still held when the chunks end without a finish reason (as text or calls), or fail (as
         text)."""
+        read_calls = not failed
         if not self.open or self.last is None:
             return []
         choices = []

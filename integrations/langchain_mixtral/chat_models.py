@@ -90,10 +90,11 @@ class ChatMixtral(BaseChatModel):
 
     Keys are read from the provider's variable (``NVIDIA_API_KEY``, ``OPENROUTER_API_KEY``, ``AIMLAPI_API_KEY``,
     or ``MIXTRAL_API_KEY``) when not given. Tools work on every provider: natively on ``openai``-compatible hosts
-    and OpenRouter, written into the prompt on NVIDIA, AIML API, Bedrock and the local backend. ``json_mode`` and
-    ``json_schema`` structured output need a host with ``response_format`` (``openai``-compatible, OpenRouter, or
-    the local backend, which enforces it and required tool calls by constrained decoding); the others refuse it
-    with ``UnsupportedFeatureError`` before anything is sent. See docs/langchain.md.
+    and OpenRouter, written into the prompt on NVIDIA, AIML API, Bedrock and the local backend. So is
+    ``response_format`` (``json_mode`` and ``json_schema`` structured output): the host enforces it on
+    ``openai``-compatible hosts and OpenRouter, the local backend by constrained decoding (required tool calls
+    too), and on NVIDIA, AIML API and Bedrock it is written into the prompt and the JSON is cut out of the
+    answer. See docs/langchain.md.
     """
 
     model_config = ConfigDict(extra="forbid")

@@ -444,7 +444,7 @@ def test_an_api_key_needs_no_region(bedrock: BedrockStandIn) -> None:
 @pytest.mark.parametrize(("params", "error"), [
     ({"tools": [{"type": "function", "function": {"name": "bad name", "parameters": {"type": "object"}}}]},
      InvalidRequestError),
-    ({"response_format": {"type": "json_object"}}, UnsupportedFeatureError),
+    ({"response_format": {"type": "json_schema"}}, InvalidRequestError),
     ({"seed": 7}, UnsupportedFeatureError),
     ({"temperature": 1.2}, InvalidRequestError),
     ({"max_tokens": 8192}, InvalidRequestError),
@@ -482,6 +482,25 @@ def test_tools_are_prompted_and_the_answer_read_back_as_calls(bedrock: BedrockSt
     bedrock.replies.append(stream_bytes(answer_frames(pieces)) if stream else answer(CALL_TEXT))
     with MixtralClient(provider="bedrock", base_url=bedrock.url, region=REGION) as client:
         _check_tool_call(sync_call(client, stream, tools=TOOLS), bedrock)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["converse", "converse-stream"])
+def test_response_format_is_prompted_and_the_json_cut_out(bedrock: BedrockStandIn, aws_keys: None,
+                                                           stream: bool) -> None:
+    pieces = ["Sure! Here it is:\n```json\n", '{"city": "Lyon", ', '"sunny": true}\n```\nAnything else?']
+    bedrock.replies.append(stream_bytes(answer_frames(pieces)) if stream else answer("".join(pieces)))
+    schema = {"type": "object", "properties": {"city": {"type": "string"}, "sunny": {"type": "boolean"}}}
+    fmt = {"type": "json_schema", "json_schema": {"name": "weather", "schema": schema}}
+    with MixtralClient(provider="bedrock", base_url=bedrock.url, region=REGION) as client:
+        completion = sync_call(client, stream, response_format=fmt)
+
+    body = bedrock.calls[-1].json()
+    assert "response_format" not in json.dumps(body)
+    (turn,) = body["messages"]
+    text = turn["content"][0]["text"]
+    assert text.startswith("Be brief.\n\nHi\n\nReply with one JSON object that follows this JSON schema")
+    assert json.loads(text.rsplit("\n", 1)[1]) == schema
+    assert json.loads(completion.choices[0].message.content or "") == {"city": "Lyon", "sunny": True}
 
 
 @pytest.mark.anyio

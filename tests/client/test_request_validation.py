@@ -224,19 +224,20 @@ def test_tools_to_a_host_without_native_tools_are_validated_then_prompted(provid
     assert "tools" in refused(provider, tools=[{"type": "function", "function": {"name": "bad name"}}]).args[0]
 
 
-@pytest.mark.parametrize("provider", ["nvidia", "aimlapi"])
-def test_structured_output_to_a_host_without_it_is_unsupported(provider: str) -> None:
-    with pytest.raises(UnsupportedFeatureError) as info:
-        build(provider, response_format={"type": "json_object"})
-    assert info.value.param == "response_format"
-    assert build(provider, response_format={"type": "text"}).params["response_format"] == {"type": "text"}
+@pytest.mark.parametrize("provider", ["nvidia", "aimlapi", "bedrock"])
+def test_structured_output_to_a_host_without_it_is_validated_then_prompted(provider: str) -> None:
+    fmt = {"type": "json_schema", "json_schema": {"name": "n", "schema": {"type": "object"}}}
+    assert build(provider, response_format=fmt).params["response_format"] == fmt
+    bad = {"type": "json_schema", "json_schema": {"name": "n", "schema": ["not", "a", "schema"]}}
+    assert refused(provider, response_format=bad).param == "response_format"
 
 
-def test_unsupported_feature_to_nvidia_sends_nothing(driver: Driver, serve) -> None:
+def test_a_malformed_format_for_nvidia_sends_nothing(driver: Driver, serve) -> None:
     server = serve(replying(200, completion()))
 
-    with pytest.raises(UnsupportedFeatureError):
-        driver.complete(server, client={"provider": "nvidia"}, response_format={"type": "json_object"})
+    with pytest.raises(InvalidRequestError, match="json_schema.schema"):
+        driver.complete(server, client={"provider": "nvidia"},
+                        response_format={"type": "json_schema", "json_schema": {"schema": "{}"}})
 
     assert server.requests == []
 

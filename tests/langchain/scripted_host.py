@@ -15,7 +15,9 @@ It answers the way a real host does, without a model:
 With ``prompted=True`` it is a Mixtral host without native tools (NVIDIA, AIML API): a body with ``tools``
 is refused with 400, the tools are read from the ``[AVAILABLE_TOOLS] ... [/AVAILABLE_TOOLS]`` text the client
 writes into the system message, calls are answered as ``[TOOL_CALLS] [...]`` text, and a ``[TOOL_RESULTS]``
-user turn counts as a tool result.
+user turn counts as a tool result. It refuses ``response_format`` too: the format is read from the
+instruction the client appends to the last user turn, and the JSON is answered the way Mixtral often writes
+it, after a space and inside a code fence with a line after it.
 
 A token is a whitespace-separated word; usage counts words.
 """
@@ -137,8 +139,9 @@ class ScriptedHost:
             return
         body = req.json()
         self.requests.append(body)
-        if self.prompted and ("tools" in body or "tool_choice" in body):
-            conn.respond(400, {"error": {"message": "tools are not supported for this model", "code": 400}})
+        if self.prompted and ({"tools", "tool_choice", "response_format"} & body.keys()):
+            conn.respond(400, {"error": {"message": "tools and response_format are not supported for this model",
+                                         "code": 400}})
             return
         self._counter += 1
         answer = self._answer(body)
@@ -178,7 +181,13 @@ class ScriptedHost:
                 return {"text": "[TOOL_CALLS] " + json.dumps(listed, ensure_ascii=False), "finish_reason": "stop"}
             return {"calls": calls}
         fmt = (body.get("response_format") or {}).get("type")
-        if fmt == "json_schema":
+        if self.prompted and "follows this JSON schema" in last:
+            schema = json.loads(last.rsplit("\n", 1)[1])
+            text = f" ```json\n{json.dumps(example_from_schema(schema))}\n```\nI hope this helps."
+        elif self.prompted and "Reply with one JSON object and nothing else" in last:
+            question = last.split("\n\nReply with one JSON object", 1)[0]
+            text = f" ```json\n{json.dumps({'answer': question}, ensure_ascii=False)}\n```"
+        elif fmt == "json_schema":
             text = json.dumps(example_from_schema(body["response_format"]["json_schema"]["schema"]))
         elif fmt == "json_object":
             text = json.dumps({"answer": _message_text(messages[-1])}, ensure_ascii=False)

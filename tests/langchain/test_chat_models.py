@@ -14,7 +14,7 @@ from langchain_core.runnables import ConfigurableField
 from pydantic import BaseModel, Field
 
 from langchain_mixtral import ChatMixtral
-from mixtral_client import APIStatusError, ConfigurationError, UnsupportedFeatureError
+from mixtral_client import APIStatusError, ConfigurationError
 from tests.langchain.scripted_host import ScriptedHost
 from tests.loopback import Conn, LoopbackServer, Received, sse
 
@@ -202,8 +202,16 @@ def test_structured_output_by_function_calling_on_a_host_without_native_tools(nv
     llm = ChatMixtral(provider="nvidia", base_url=nvidia_like.url, api_key="nvapi-test")
     joke = llm.with_structured_output(Joke, method="function_calling").invoke("a joke")
     assert joke == Joke(setup="example setup", punchline="example punchline")
-    with pytest.raises(UnsupportedFeatureError):
-        llm.with_structured_output(Joke, method="json_schema").invoke("a joke")
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_structured_output_by_json_schema_and_json_mode_on_a_host_without_response_format(
+        nvidia_like: ScriptedHost, stream: bool) -> None:
+    llm = ChatMixtral(provider="nvidia", base_url=nvidia_like.url, api_key="nvapi-test", streaming=stream)
+    joke = llm.with_structured_output(Joke, method="json_schema").invoke("a joke")
+    assert joke == Joke(setup="example setup", punchline="example punchline")
+    assert "response_format" not in nvidia_like.requests[-1]
+    assert llm.with_structured_output(None, method="json_mode").invoke("a joke") == {"answer": "a joke"}
 
 
 # --------------------------------------------------------------------------- structured output
