@@ -7,7 +7,7 @@
 Importing this package never imports torch: the local backend is loaded only when asked for.
 """
 
-from ._client import AsyncMixtralClient, CompletionParams, MixtralClient
+from ._client import AsyncMixtralClient, CompletionParams, MixtralClient, ParseParams
 from ._exceptions import (
     APIConnectionError,
     APIError,
@@ -22,6 +22,7 @@ from ._exceptions import (
     NotFoundError,
     PermissionDeniedError,
     RateLimitError,
+    StructuredOutputError,
     UnprocessableEntityError,
     UnsupportedFeatureError,
 )
@@ -30,7 +31,7 @@ from ._retry import RetryPolicy
 from ._streaming import AsyncStream, Stream
 from ._timeouts import Timeout
 from ._version import __version__
-from .types import ChatCompletion, ChatCompletionChunk
+from .types import ChatCompletion, ChatCompletionChunk, ParsedChatCompletion
 
 __all__ = [
     "MODEL_ALIAS",
@@ -52,11 +53,14 @@ __all__ = [
     "MixtralClient",
     "MixtralError",
     "NotFoundError",
+    "ParseParams",
+    "ParsedChatCompletion",
     "PermissionDeniedError",
     "ProviderPreset",
     "RateLimitError",
     "RetryPolicy",
     "Stream",
+    "StructuredOutputError",
     "Timeout",
     "UnprocessableEntityError",
     "UnsupportedFeatureError",

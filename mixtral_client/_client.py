@@ -20,17 +20,24 @@ from ._backends.base import AsyncBackend, SyncBackend
 from ._config import ClientConfig, resolve_config
 from ._exceptions import ConfigurationError
 from ._logging import setup_logging
+from ._parse import format_for, parsed
 from ._request import ChatRequest, RequestOptions, build_request
 from ._rewrite import Rewrites
 from ._streaming import AsyncStream, Stream
 from ._timeouts import Timeout, coerce_timeout
-from .types import ChatCompletion, ChatCompletionMessageParam, ChatCompletionToolParam
+from .types import (
+    ChatCompletion,
+    ChatCompletionMessageParam,
+    ChatCompletionToolParam,
+    ParsedChatCompletion,
+    ParsedT,
+)
 
-__all__ = ["AsyncMixtralClient", "CompletionParams", "MixtralClient"]
+__all__ = ["AsyncMixtralClient", "CompletionParams", "MixtralClient", "ParseParams"]
 
 
-class CompletionParams(TypedDict, total=False):
-    """The optional arguments of ``create()`` (the OpenAI chat-completions parameters, plus transport options)."""
+class ParseParams(TypedDict, total=False):
+    """The optional arguments of ``parse()``: those of ``create()`` but ``response_format`` and ``stream_options``."""
 
     model: str
     temperature: float
@@ -46,8 +53,6 @@ class CompletionParams(TypedDict, total=False):
     tools: list[ChatCompletionToolParam]
     tool_choice: str | dict[str, Any]
     parallel_tool_calls: bool
-    response_format: dict[str, Any]
-    stream_options: dict[str, Any]
     user: str
     extra_headers: Mapping[str, str]
     extra_query: Mapping[str, Any]
@@ -55,8 +60,24 @@ class CompletionParams(TypedDict, total=False):
     timeout: float | Timeout
 
 
+class CompletionParams(ParseParams, total=False):
+    """The optional arguments of ``create()`` (the OpenAI chat-completions parameters, plus transport options)."""
+
+    response_format: dict[str, Any]
+    stream_options: dict[str, Any]
+
+
 _TRANSPORT = frozenset({"model", "extra_headers", "extra_query", "extra_body", "timeout"})
 _KNOWN = frozenset(CompletionParams.__annotations__)
+_PARSE_KNOWN = frozenset(ParseParams.__annotations__)
+
+
+def _parse_format(response_format: Any, params: Mapping[str, Any]) -> dict[str, Any]:
+    """The format ``parse()`` sends; its arguments checked first (``stream`` and such are not for parse)."""
+    unknown = params.keys() - _PARSE_KNOWN
+    if unknown:
+        raise TypeError(f"parse() got unexpected keyword arguments: {', '.join(sorted(unknown))}")
+    return format_for(response_format)
 
 
 class _ClientCore:
@@ -139,6 +160,17 @@ class Completions:
             return Stream(rewrites.stream(self._backend.stream(rewrites.request)))._open()
         return rewrites.completion(self._backend.complete(rewrites.request))
 
+    def parse(self, *, messages: Sequence[ChatCompletionMessageParam], response_format: type[ParsedT],
+              **params: Unpack[ParseParams]) -> ParsedChatCompletion[ParsedT]:
+        """``create()`` with the answer validated into a pydantic model: ``choices[i].message.parsed``.
+
+        ``response_format`` is the model class; its JSON schema is sent as a ``json_schema`` format (enforced
+        where the backend can, asked for in the prompt where it cannot). An answer that does not validate
+        raises ``StructuredOutputError``, with the completion on it.
+        """
+        fmt = _parse_format(response_format, params)
+        return parsed(self.create(messages=messages, response_format=fmt, **params), response_format)
+
 
 class AsyncCompletions:
     def __init__(self, core: _ClientCore, backend: AsyncBackend) -> None:
@@ -163,6 +195,12 @@ class AsyncCompletions:
         if stream:
             return await AsyncStream(rewrites.astream(self._backend.stream(rewrites.request)))._open()
         return rewrites.completion(await self._backend.complete(rewrites.request))
+
+    async def parse(self, *, messages: Sequence[ChatCompletionMessageParam], response_format: type[ParsedT],
+                    **params: Unpack[ParseParams]) -> ParsedChatCompletion[ParsedT]:
+        """``create()`` with the answer validated into a pydantic model (see ``Completions.parse``)."""
+        fmt = _parse_format(response_format, params)
+        return parsed(await self.create(messages=messages, response_format=fmt, **params), response_format)
 
 
 class _Chat:

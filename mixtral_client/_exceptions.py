@@ -6,6 +6,7 @@ Every error the SDK raises on purpose is a ``MixtralError``::
     ├── ConfigurationError          missing key, unknown provider, unusable setting (raised at construction)
     ├── InvalidRequestError         a request refused client-side; nothing was sent (also a ValueError)
     │   └── UnsupportedFeatureError the provider cannot do what was asked (Bedrock's logprobs, ...)
+    ├── StructuredOutputError       parse(): an answer that does not validate into the requested model
     └── APIError                    something went wrong talking to a backend
         ├── APIStatusError          the backend answered with an error (HTTP status, error chunk, error frame)
         │   ├── BadRequestError             400
@@ -45,6 +46,7 @@ __all__ = [
     "NotFoundError",
     "PermissionDeniedError",
     "RateLimitError",
+    "StructuredOutputError",
     "UnprocessableEntityError",
     "UnsupportedFeatureError",
     "status_error_for",
@@ -70,6 +72,17 @@ class InvalidRequestError(MixtralError, ValueError):
 
 class UnsupportedFeatureError(InvalidRequestError):
     """The chosen provider does not support a requested feature (e.g. tools)."""
+
+
+class StructuredOutputError(MixtralError, ValueError):
+    """``chat.completions.parse()`` got an answer that is not the requested model: cut short by ``max_tokens``,
+    filtered, empty, or JSON that does not validate (the pydantic error is the ``__cause__``). Nothing is
+    lost: ``completion`` is the whole answer, ``choice`` the index of the choice that failed."""
+
+    def __init__(self, message: str, *, completion: ChatCompletion, choice: int) -> None:
+        super().__init__(message)
+        self.completion = completion
+        self.choice = choice
 
 
 class APIError(MixtralError):

@@ -270,7 +270,7 @@ def build_request(
             if not isinstance(spec, Mapping):
                 raise _fail("json_schema format needs a 'json_schema' dict", "response_format", preset)
             if "schema" in spec and not isinstance(spec["schema"], Mapping):
-                raise _fail(f"json_schema.schema must be a JSON-schema dict, got {spec['schema']!r}",
+                raise _fail(f"json_schema.schema must be a JSON schema object (a dict), got {spec['schema']!r}",
                             "response_format", preset)
     if "stream_options" in given:
         if not stream:

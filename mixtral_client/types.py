@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import secrets
 import string
-from typing import Any, Literal, Required, TypeAlias, TypedDict
+from typing import Any, Generic, Literal, Required, TypeAlias, TypedDict, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -27,6 +27,9 @@ __all__ = [
     "FinishReason",
     "FunctionCall",
     "FunctionDefinition",
+    "ParsedChatCompletion",
+    "ParsedChatCompletionMessage",
+    "ParsedChoice",
     "PromptTokensDetails",
     "ToolCall",
     "ToolCallParam",
@@ -170,3 +173,23 @@ class ChatCompletionChunk(_Model):
     model: str = ""
     choices: list[ChunkChoice] = []
     usage: Usage | None = None
+
+
+# --------------------------------------------------------------------------- parsed answers (chat.completions.parse)
+
+ParsedT = TypeVar("ParsedT", bound=BaseModel)
+
+
+class ParsedChatCompletionMessage(ChatCompletionMessage, Generic[ParsedT]):
+    #: the content validated into the requested model (None for an answer that calls tools)
+    parsed: ParsedT | None = None
+
+
+class ParsedChoice(Choice, Generic[ParsedT]):
+    message: ParsedChatCompletionMessage[ParsedT]
+
+
+class ParsedChatCompletion(ChatCompletion, Generic[ParsedT]):
+    """What ``chat.completions.parse()`` returns: a ``ChatCompletion`` whose messages carry ``parsed``."""
+
+    choices: list[ParsedChoice[ParsedT]]  # type: ignore[assignment]  # narrower, as in openai-python

@@ -10,10 +10,11 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 import torch
+from pydantic import BaseModel, Field
 
 from mixtral_client import AsyncMixtralClient, InvalidRequestError, MixtralClient
 from mixtral_client._request import ChatRequest
@@ -232,6 +233,23 @@ def test_response_format_json_schema_on_the_local_backend(client: MixtralClient,
             text, finish = done.choices[0].message.content or "", done.choices[0].finish_reason
         assert finish == "stop"
         assert follows_person(json.loads(text)), text
+
+
+class Pet(BaseModel):
+    name: str = Field(max_length=8)
+    age: int = Field(ge=0, le=30)
+    kind: Literal["cat", "dog"]
+    vaccinated: bool | None
+
+
+def test_parse_gives_model_instances_from_the_random_model(client: MixtralClient) -> None:
+    """The model's schema is closed to other keys and enforced, so every answer validates."""
+    done = client.chat.completions.parse(messages=MESSAGES, response_format=Pet, max_tokens=200, seed=5, n=3)
+
+    pets = [c.message.parsed for c in done.choices]
+    assert all(isinstance(p, Pet) for p in pets), [c.message.content for c in done.choices]
+    assert [Pet.model_validate_json(c.message.content or "") for c in done.choices] == pets
+    assert set(json.loads(done.choices[0].message.content or "")) == {"name", "age", "kind", "vaccinated"}
 
 
 def test_n_choices_each_follow_the_schema(client: MixtralClient) -> None:

@@ -1,0 +1,92 @@
+"""``chat.completions.parse()``: a pydantic model in, validated instances out (pure, no I/O).
+
+``format_for(Model)`` is the ``response_format`` sent for a model: its JSON schema, with every object that
+lists its properties closed to other keys (``additionalProperties: false``, unless the model says
+otherwise), so a backend that enforces the schema keeps to the model's fields. ``parsed(completion, Model)``
+validates each choice's content into the model, or raises ``StructuredOutputError`` naming the choice and
+why, with the whole completion on the error.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, cast
+
+from pydantic import BaseModel, ValidationError
+from pydantic.errors import PydanticUserError
+
+from ._exceptions import InvalidRequestError, StructuredOutputError
+from .types import ChatCompletion, ParsedChatCompletion, ParsedT
+
+__all__ = ["format_for", "parsed"]
+
+_NAME_CHARS = re.compile(r"[^A-Za-z0-9_-]")
+
+
+def _closed(node: Any) -> Any:
+    """``node`` with ``additionalProperties: false`` on every object schema that lists properties and says
+    nothing about other keys."""
+    if isinstance(node, list):
+        return [_closed(item) for item in node]
+    if not isinstance(node, dict):
+        return node
+    out = {key: _closed(value) for key, value in node.items()}
+    if "properties" in out and "additionalProperties" not in out:
+        out["additionalProperties"] = False
+    return out
+
+
+def format_for(model: Any) -> dict[str, Any]:
+    """The ``json_schema`` response format for a pydantic model class."""
+    if not (isinstance(model, type) and issubclass(model, BaseModel)):
+        raise InvalidRequestError(
+            f"response_format: parse() takes a pydantic model class, got {model!r}; for a dict format use create()",
+            param="response_format",
+        )
+    try:
+        schema = model.model_json_schema()
+    except PydanticUserError as exc:
+        raise InvalidRequestError(f"response_format: {model.__name__} has no JSON schema: {exc}",
+                                  param="response_format") from exc
+    name = _NAME_CHARS.sub("_", model.__name__)[:64]
+    return {"type": "json_schema", "json_schema": {"name": name, "schema": _closed(schema)}}
+
+
+def _first_error(exc: ValidationError) -> str:
+    error = exc.errors()[0]
+    where = ".".join(str(part) for part in error["loc"]) or "the answer"
+    return f"{where}: {error['msg']}"
+
+
+def _clip(text: str, size: int = 200) -> str:
+    return text if len(text) <= size else f"{text[:size]}..."
+
+
+def parsed(completion: ChatCompletion, model: type[ParsedT]) -> ParsedChatCompletion[ParsedT]:
+    """``completion`` with each message's content validated into ``model`` as ``message.parsed`` (None for a
+    choice that calls tools)."""
+    name = model.__name__
+    choices = []
+    for i, choice in enumerate(completion.choices):
+        message = choice.message
+        value: ParsedT | None = None
+        if not message.tool_calls:
+            why = None
+            if choice.finish_reason == "length":
+                why = f"the answer was cut short by max_tokens (finish_reason 'length'), so it is not a whole {name}"
+            elif choice.finish_reason == "content_filter":
+                why = "the host filtered the answer (finish_reason 'content_filter')"
+            elif not message.content:
+                why = "the answer is empty"
+            if why is not None:
+                raise StructuredOutputError(f"choice {i}: {why}", completion=completion, choice=i)
+            try:
+                value = model.model_validate_json(message.content or "")
+            except ValidationError as exc:
+                raise StructuredOutputError(
+                    f"choice {i}: the answer is not a valid {name} ({exc.error_count()} error(s); first, "
+                    f"{_first_error(exc)}): {_clip(message.content or '')!r}", completion=completion, choice=i,
+                ) from exc
+        choices.append({**choice.model_dump(), "message": {**message.model_dump(), "parsed": value}})
+    return cast("ParsedChatCompletion[ParsedT]",
+                ParsedChatCompletion.model_validate({**completion.model_dump(), "choices": choices}))
