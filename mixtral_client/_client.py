@@ -221,6 +221,7 @@ class _ClientArgs(TypedDict, total=False):
     model_path: str
     local_options: Mapping[str, Any]
     tool_calling: Literal["auto", "native", "prompt"]
+    structured_output: Literal["auto", "native", "prompt"]
 
 
 class _Shell:

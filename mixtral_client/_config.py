@@ -9,6 +9,7 @@ Environment variables:
     MIXTRAL_MODEL        the model id (default: the provider's Mixtral id)
     MIXTRAL_MODEL_PATH   a local checkpoint directory (implies provider "local" when no provider is set)
     MIXTRAL_TOOL_CALLING auto | native | prompt: how tools reach the model (default: what the provider does)
+    MIXTRAL_STRUCTURED_OUTPUT  auto | native | prompt: how response_format reaches the model (likewise)
     MIXTRAL_LOCAL_<KEY>  one ``local_options`` key for provider "local": MIXTRAL_LOCAL_QUANTIZE=int8,
                          MIXTRAL_LOCAL_DTYPE, _DEVICE, _MOE_BACKEND, _MAX_BATCH, _PREFIX_CACHE, _PROGRESS
                          (a ``local_options=`` argument wins key by key)
@@ -26,10 +27,12 @@ from ._exceptions import ConfigurationError, InvalidRequestError
 from ._providers import ProviderPreset, get_preset
 from ._timeouts import Timeout, coerce_timeout
 
-__all__ = ["LOCAL_OPTION_VARS", "TOOL_CALLING", "ClientConfig", "resolve_config"]
+__all__ = ["LOCAL_OPTION_VARS", "STRUCTURED_OUTPUT", "TOOL_CALLING", "ClientConfig", "resolve_config"]
 
 #: ``tool_calling=`` values: the provider's own way, the host's ``tools`` field, or tools in the prompt
 TOOL_CALLING = ("auto", "native", "prompt")
+#: ``structured_output=`` values: the provider's own way, the host's ``response_format``, or the prompt
+STRUCTURED_OUTPUT = ("auto", "native", "prompt")
 
 #: every ``local_options`` key and the environment variable that supplies it when the argument does not
 LOCAL_OPTION_VARS: Mapping[str, str] = {
@@ -87,6 +90,22 @@ def _with_tool_calling(preset: ProviderPreset, mode: str) -> ProviderPreset:
     return replace(preset, tools="native")
 
 
+def _with_structured_output(preset: ProviderPreset, mode: str) -> ProviderPreset:
+    """The preset with ``response_format`` sent as it is or written into the prompt, as ``structured_output``
+    asks."""
+    mode = mode.strip().lower()
+    if mode not in STRUCTURED_OUTPUT:
+        raise ConfigurationError(f"structured_output must be one of {', '.join(STRUCTURED_OUTPUT)}, got {mode!r}")
+    if mode == "auto":
+        return preset
+    if mode == "prompt":
+        return replace(preset, supports_response_format=False)
+    if preset.kind == "bedrock":
+        raise ConfigurationError("structured_output='native' needs a host with response_format; Bedrock serves "
+                                 "Mixtral without structured output, so the format goes in the prompt")
+    return replace(preset, supports_response_format=True)
+
+
 def _local_option(name: str, variable: str, raw: str) -> Any:
     """The value of ``local_options[name]`` that the variable's text stands for (typed as the argument is)."""
     if name in _INT_OPTIONS:
@@ -131,6 +150,7 @@ def resolve_config(
     http_client: httpx.Client | None = None,
     async_http_client: httpx.AsyncClient | None = None,
     tool_calling: str | None = None,
+    structured_output: str | None = None,
 ) -> ClientConfig:
     name = provider or env.get("MIXTRAL_PROVIDER") or None
     base_url = base_url or env.get("MIXTRAL_BASE_URL") or None
@@ -182,6 +202,7 @@ def resolve_config(
             "directory; `mixtral local init-tiny DIR` writes a tiny random one"
         )
     preset = _with_tool_calling(preset, tool_calling or env.get("MIXTRAL_TOOL_CALLING") or "auto")
+    preset = _with_structured_output(preset, structured_output or env.get("MIXTRAL_STRUCTURED_OUTPUT") or "auto")
     local = dict(local_options or {})
     unknown = sorted(set(local) - set(LOCAL_OPTION_VARS)) if preset.kind == "local" else []
     if unknown:

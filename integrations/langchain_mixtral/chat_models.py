@@ -128,6 +128,9 @@ class ChatMixtral(BaseChatModel):
     tool_calling: Literal["auto", "native", "prompt"] | None = None
     """How bound tools reach the model: the provider's way (``auto``), the host's ``tools`` field, or the
     prompt (for an OpenAI-compatible host without tools). Default: ``MIXTRAL_TOOL_CALLING``, else ``auto``."""
+    structured_output: Literal["auto", "native", "prompt"] | None = None
+    """How ``response_format`` (``json_mode``, ``json_schema``) reaches the model: the provider's way, the host's
+    field, or the prompt. Default: ``MIXTRAL_STRUCTURED_OUTPUT``, else ``auto``."""
     model_kwargs: dict[str, Any] = Field(default_factory=dict)
     """Other ``create()`` parameters (``n``, ``presence_penalty``, ...); unknown ones go to ``extra_body``."""
 
@@ -151,6 +154,7 @@ class ChatMixtral(BaseChatModel):
             local_options=self.local_options, region=self.region,
             api_key=self.api_key.get_secret_value() if self.api_key else None, model=self.model,
             timeout=self.timeout, max_retries=self.max_retries, tool_calling=self.tool_calling,
+            structured_output=self.structured_output,
         )
         self.provider = config.provider
         if self.api_key is None and config.api_key:
@@ -225,6 +229,7 @@ class ChatMixtral(BaseChatModel):
         args = {"base_url": self.base_url, "model": self.model, "model_path": self.model_path,
                 "local_options": self.local_options, "region": self.region,
                 "timeout": self.timeout, "max_retries": self.max_retries, "tool_calling": self.tool_calling,
+                "structured_output": self.structured_output,
                 "api_key": self.api_key.get_secret_value() if self.api_key else None}
         return {k: v for k, v in args.items() if v is not None}
 

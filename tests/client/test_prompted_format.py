@@ -256,3 +256,51 @@ def test_tools_and_a_format_together_give_calls_or_json(driver: Driver, serve) -
     server = serve(replying(200, completion(' ```json\n{"sum": 3}\n``` Done.')))
     answer = driver.complete(server, client=NVIDIA, tools=TOOLS, response_format=JSON_MODE)
     assert answer.choices[0].message.content == '{"sum": 3}' and not answer.choices[0].message.tool_calls
+
+
+# --------------------------------------------------------------------------- choosing the way: structured_output=
+
+
+def test_structured_output_prompt_writes_the_format_into_the_prompt_for_any_openai_compatible_host(
+        driver: Driver, serve) -> None:
+    server = serve(replying(200, completion(' ```json\n{"name": "Ada", "age": 36}\n```')))
+
+    answer = driver.complete(server, client={"structured_output": "prompt"}, response_format=SCHEMA_FORMAT)
+
+    body = server.requests[0].json()
+    assert "response_format" not in body and "follows this JSON schema" in body["messages"][-1]["content"]
+    assert answer.choices[0].message.content == '{"name": "Ada", "age": 36}'
+
+
+def test_structured_output_native_sends_the_format_to_a_host_that_would_get_it_in_the_prompt(driver: Driver,
+                                                                                            serve) -> None:
+    server = serve(replying(200, completion('{"a": 1}')))
+
+    driver.complete(server, client=NVIDIA | {"structured_output": "native"}, response_format=SCHEMA_FORMAT)
+
+    body = server.requests[0].json()
+    assert body["response_format"] == SCHEMA_FORMAT and body["messages"] == MESSAGES
+
+
+def test_structured_output_from_the_environment() -> None:
+    from mixtral_client._config import resolve_config
+
+    env = {"MIXTRAL_BASE_URL": "http://127.0.0.1:9/v1", "MIXTRAL_API_KEY": "k", "MIXTRAL_STRUCTURED_OUTPUT": "Prompt"}
+    assert not resolve_config(env).preset.supports_response_format
+    assert resolve_config(env, structured_output="auto").preset.supports_response_format
+    assert resolve_config({**env, "MIXTRAL_STRUCTURED_OUTPUT": ""}).preset.supports_response_format
+    assert resolve_config({**env, "MIXTRAL_PROVIDER": "local", "MIXTRAL_MODEL_PATH": "/m"}).preset.kind == "local"
+
+
+@pytest.mark.parametrize(("provider", "mode", "message"), [
+    ("openai", "sometimes", "structured_output must be one of auto, native, prompt"),
+    ("bedrock", "native", "Bedrock serves Mixtral without structured output"),
+])
+def test_impossible_structured_output_settings_are_configuration_errors(provider: str, mode: str,
+                                                                        message: str) -> None:
+    from mixtral_client import ConfigurationError
+    from mixtral_client._config import resolve_config
+
+    with pytest.raises(ConfigurationError, match=message):
+        resolve_config({}, provider=provider, base_url="http://127.0.0.1:9/v1", api_key="k", region="eu-west-1",
+                       structured_output=mode)

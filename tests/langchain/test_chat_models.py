@@ -214,6 +214,15 @@ def test_structured_output_by_json_schema_and_json_mode_on_a_host_without_respon
     assert llm.with_structured_output(None, method="json_mode").invoke("a joke") == {"answer": "a joke"}
 
 
+def test_structured_output_prompt_serves_json_schema_from_an_openai_compatible_host_without_it(
+        nvidia_like: ScriptedHost) -> None:
+    llm = ChatMixtral(provider="openai", base_url=nvidia_like.url, api_key="k", structured_output="prompt")
+    joke = llm.with_structured_output(Joke, method="json_schema").invoke("a joke")
+    assert joke == Joke(setup="example setup", punchline="example punchline")
+    with pytest.raises(ValueError, match="structured_output"):
+        ChatMixtral(provider="openai", base_url=nvidia_like.url, api_key="k", structured_output="sometimes")
+
+
 # --------------------------------------------------------------------------- structured output
 
 
