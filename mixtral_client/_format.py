@@ -26,7 +26,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from ._request import ChatRequest, message_text
-from ._rewrite import rewrite_astream, rewrite_stream
+from ._rewrite import held_chunk, passing, rewrite_astream, rewrite_stream
 from .types import ChatCompletion, ChatCompletionChunk, ChoiceDelta
 
 __all__ = ["FormatPrompt", "cut_json", "find_json"]
@@ -252,23 +252,14 @@ class _FormatChunks:
             if choice.finish_reason is not None:
                 text += state.finish(failed=False)
                 del self.open[choice.index]
-            new = choice
             if text != (choice.delta.content or ""):
-                new = choice.model_copy(update={"delta": choice.delta.model_copy(update={"content": text or None})})
-            if new.delta != ChoiceDelta() or new.finish_reason is not None or new.logprobs is not None:
-                choices.append(new)
-        if not choices and chunk.choices and chunk.usage is None:
-            return []
-        return [chunk.model_copy(update={"choices": choices})]
+                choice = choice.model_copy(update={"delta": choice.delta.model_copy(update={"content": text or None})})
+            choices.append(choice)
+        return passing(chunk, choices)
 
     def end(self, failed: bool) -> list[ChatCompletionChunk]:
         """What is still held when the chunks end without a finish reason, or fail."""
-        if self.last is None:
-            return []
         choices = [{"index": index, "delta": ChoiceDelta(content=text)}
                    for index, state in sorted(self.open.items()) if (text := state.finish(failed))]
         self.open.clear()
-        if not choices:
-            return []
-        return [ChatCompletionChunk(id=self.last.id, created=self.last.created, model=self.last.model,
-                                    choices=choices)]
+        return held_chunk(self.last, choices)

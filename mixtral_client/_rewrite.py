@@ -12,17 +12,17 @@ held goes out as the text it is before the error is raised, so the caller's ``er
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import anyio
 
 from ._exceptions import APIError
 from ._request import ChatRequest
-from .types import ChatCompletion, ChatCompletionChunk
+from .types import ChatCompletion, ChatCompletionChunk, ChoiceDelta, ChunkChoice
 
-__all__ = ["ChunkRewrite", "Rewrite", "Rewrites", "rewrite_astream", "rewrite_stream"]
+__all__ = ["ChunkRewrite", "Rewrite", "Rewrites", "held_chunk", "passing", "rewrite_astream", "rewrite_stream"]
 
 
 class ChunkRewrite(Protocol):
@@ -39,6 +39,22 @@ class Rewrite(Protocol):
     def completion(self, completion: ChatCompletion) -> ChatCompletion: ...
 
     def chunks(self) -> ChunkRewrite: ...
+
+
+def passing(chunk: ChatCompletionChunk, choices: list[ChunkChoice]) -> list[ChatCompletionChunk]:
+    """``chunk`` with its rewritten ``choices``, less those left with nothing to say; no chunk at all when
+    everything it carried is held (a usage chunk always passes)."""
+    kept = [c for c in choices if c.delta != ChoiceDelta() or c.finish_reason is not None or c.logprobs is not None]
+    if not kept and chunk.choices and chunk.usage is None:
+        return []
+    return [chunk.model_copy(update={"choices": kept})]
+
+
+def held_chunk(last: ChatCompletionChunk | None, choices: Sequence[Mapping[str, Any]]) -> list[ChatCompletionChunk]:
+    """One chunk giving what was held when the chunks ended (none when nothing was), named as ``last``."""
+    if last is None or not choices:
+        return []
+    return [ChatCompletionChunk(id=last.id, created=last.created, model=last.model, choices=list(choices))]
 
 
 def rewrite_stream(chunks: Iterator[ChatCompletionChunk], rewrite: ChunkRewrite) -> Iterator[ChatCompletionChunk]:

@@ -31,7 +31,7 @@ from typing import Any
 
 from ._accumulate import whole_call_deltas
 from ._request import ChatRequest, RequiredCalls, join_turns, message_text
-from ._rewrite import rewrite_astream, rewrite_stream
+from ._rewrite import held_chunk, passing, rewrite_astream, rewrite_stream
 from .types import (
     ChatCompletion,
     ChatCompletionChunk,
@@ -376,27 +376,17 @@ class _StreamRewrite:
                     update["delta"] = choice.delta.model_copy(update={"content": text or None, "tool_calls": calls})
             if "delta" not in update and text != (choice.delta.content or ""):
                 update["delta"] = choice.delta.model_copy(update={"content": text or None})
-            new = choice.model_copy(update=update) if update else choice
-            if new.delta != ChoiceDelta() or new.finish_reason is not None or new.logprobs is not None:
-                choices.append(new)
-        if not choices and chunk.choices and chunk.usage is None:
-            return []
-        return [chunk.model_copy(update={"choices": choices})]
+            choices.append(choice.model_copy(update=update) if update else choice)
+        return passing(chunk, choices)
 
     def end(self, failed: bool) -> list[ChatCompletionChunk]:
         """What is still held when the chunks end without a finish reason (as text or calls), or fail (as
         text)."""
-        read_calls = not failed
-        if not self.open or self.last is None:
-            return []
         choices = []
         for index, state in sorted(self.open.items()):
-            text, calls = self._finish(state, "", read_calls)
+            text, calls = self._finish(state, "", read_calls=not failed)
             if text or calls:
                 delta = ChoiceDelta(content=text or None, tool_calls=calls)
                 choices.append({"index": index, "delta": delta, "finish_reason": "tool_calls" if calls else None})
         self.open.clear()
-        if not choices:
-            return []
-        return [ChatCompletionChunk(id=self.last.id, created=self.last.created, model=self.last.model,
-                                    choices=choices)]
+        return held_chunk(self.last, choices)
