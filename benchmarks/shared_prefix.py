@@ -3,18 +3,21 @@
     python benchmarks/shared_prefix.py [--requests 8] [--choices 4] [--answer 16] [--repeats 3] [--threads N]
 
 Model and system prompt: those of ``prefix_cache.py`` (the random small Mixtral, fp32; a system prompt with ten
-tool definitions, about 850 tokens). Two workloads, each submitted to the engine's running batch at once:
+tool definitions, about 850 tokens). Three workloads, each submitted to the engine's running batch at once:
 
     agents    ``--requests`` requests with that system prompt and different questions (an agent serving many
               users), greedy, ``--answer`` tokens each
+    short     the same with a system prompt of four tools (about 370 tokens): prompts short enough to be
+              prefilled in one pass together, unless the later ones wait to start from the first
     choices   one such request with ``n=--choices`` sampled choices (``Engine.submit_all``, as the client's
               ``n`` does)
 
 Sides, each an ``Engine(prefix_cache=0)`` so that no finished request's store plays a part:
 
     ours          a request about to be prefilled starts from a decoding row that shares its prompt's start
-    ours, off     the same engine with that sharing switched off (``_Batch.share`` made a no-op): every
-                  prompt prefilled whole, as before it existed
+                  (prompts taken together: the later ones prefilled after the first, from its row)
+    ours, off     the same engine with that sharing switched off (``_Batch.share`` made a no-op, and prompts
+                  taken together prefilled in one pass): every prompt prefilled whole, as before it existed
     hf, batched   transformers ``generate()`` on the whole workload as one left-padded batch (agents), or with
                   ``num_return_sequences`` (choices): one prefill pass of every prompt
 
@@ -40,7 +43,7 @@ from typing import Any, TypeVar
 import torch
 import transformers
 from local_cpu import _cpu_name
-from prefix_cache import QUESTIONS, SHAPE, SYSTEM
+from prefix_cache import QUESTIONS, SHAPE, SYSTEM, TOOLS
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from mixtral_local.engine import Engine, SamplingParams
@@ -64,12 +67,14 @@ def in_own_thread(fn: Callable[[], T]) -> T:
 
 @contextlib.contextmanager
 def sharing_off() -> Iterator[None]:
-    share = engine_module._Batch.share
+    share, waves = engine_module._Batch.share, engine_module.shared_start_waves
     engine_module._Batch.share = lambda *_: None  # type: ignore[method-assign]
+    engine_module.shared_start_waves = lambda rows: (list(rows), [])
     try:
         yield
     finally:
         engine_module._Batch.share = share  # type: ignore[method-assign]
+        engine_module.shared_start_waves = waves
 
 
 def ours(engine: Engine, work: Workload) -> Figures:
@@ -151,13 +156,16 @@ def main() -> None:
     tokenizer = MixtralTokenizer.from_pretrained(None)
     engine = Engine(model, tokenizer, max_batch=max(args.requests, args.choices), prefix_cache=0)
 
-    def prompt(question: str) -> list[int]:
-        return tokenizer.encode_chat([{"role": "system", "content": SYSTEM}, {"role": "user", "content": question}])
+    short_system = SYSTEM.split(" Tools: ")[0] + " Tools: " + json.dumps(TOOLS[:4])
+
+    def prompt(question: str, system: str = SYSTEM) -> list[int]:
+        return tokenizer.encode_chat([{"role": "system", "content": system}, {"role": "user", "content": question}])
 
     greedy = SamplingParams(temperature=0, max_tokens=args.answer)
     questions = [QUESTIONS[i % len(QUESTIONS)] + f" (customer {i})" for i in range(args.requests)]
     workloads: dict[str, tuple[Workload, bool]] = {
         "agents": (([prompt(q) for q in questions], [greedy] * args.requests), False),
+        "short": (([prompt(q, short_system) for q in questions], [greedy] * args.requests), False),
         "choices": (([prompt(QUESTIONS[0])] * args.choices,
                      [SamplingParams(temperature=0.8, seed=s, max_tokens=args.answer) for s in range(args.choices)]),
                     True),

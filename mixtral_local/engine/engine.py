@@ -251,12 +251,13 @@ class Engine:
         return delta
 
     def _run(self, rows: list[_Row], should_stop: Callable[[], bool] | None) -> Iterator[Delta]:
+        if should_stop is not None and should_stop():
+            return
         batch = _Batch(self, slots=len(rows))
-        for group in prefill_groups(rows):
+        for row, delta in batch.admit_all(rows):
+            yield _checked(row, delta)
             if should_stop is not None and should_stop():
                 return
-            for delta in batch.admit(group):
-                yield _checked(rows[delta.index], delta)
         while batch.rows:
             if should_stop is not None and should_stop():
                 return
@@ -276,30 +277,51 @@ PREFILL_TOKENS = 4096  # the most (padded) prompt tokens one prefill pass takes,
 PREFILL_CHUNK = 512  # the scheduler prefills a longer prompt this many tokens at a time, between decode steps
 
 
-def _pass_tokens(rows: Sequence[_Row]) -> int:
-    """The (padded) tokens one prefill pass of ``rows`` computes: copies of a prompt are computed once."""
+def _pass_tokens(rows: Sequence[_Row], start: int = 0) -> int:
+    """The (padded) tokens one prefill pass of ``rows`` from position ``start`` computes: copies of a prompt
+    are computed once."""
     distinct = {tuple(r.prompt) for r in rows}
-    return len(distinct) * max(len(p) for p in distinct)
+    return len(distinct) * (max(len(p) for p in distinct) - start)
+
+
+def _joins(group: Sequence[_Row], row: _Row, budget: int) -> bool:
+    """Whether ``row`` can be prefilled in ``group``'s pass. A pass starts at its rows' smallest reused prefix,
+    so rows that reuse one go together only when their prefixes end at most ``MIN_REUSE`` positions apart,
+    and never with rows that reuse none."""
+    cached = [r.cached for r in group]
+    lo, hi = min(*cached, row.cached), max(*cached, row.cached)
+    if (lo == 0) != (hi == 0) or hi - lo > MIN_REUSE:
+        return False
+    return _pass_tokens([*group, row], lo) <= budget
 
 
 def prefill_groups(rows: Sequence[_Row], budget: int = PREFILL_TOKENS) -> list[list[_Row]]:
-    """``rows`` in order, cut into groups prefilled in one pass each: distinct prompts x longest <= ``budget``.
-
-    A row that reuses a cached prefix is a group of its own (its prefill starts past the prefix), with the
-    rows that follow it with the same prompt (the other choices of its request)."""
+    """``rows`` in order, cut into groups prefilled in one pass each: distinct prompts x (longest - start)
+    <= ``budget``, where a group of rows that reuse cached prefixes starts at the shortest of them."""
     groups: list[list[_Row]] = []
     for row in rows:
-        group = groups[-1] if groups else None
-        if row.cached or (group is not None and group[0].cached):
-            if group is not None and group[0].cached == row.cached and group[0].prompt == row.prompt:
-                group.append(row)
-            else:
-                groups.append([row])
-        elif group is not None and _pass_tokens([*group, row]) <= budget:
-            group.append(row)
+        if groups and _joins(groups[-1], row, budget):
+            groups[-1].append(row)
         else:
             groups.append([row])
     return groups
+
+
+def shared_start_waves(rows: Sequence[_Row]) -> tuple[list[_Row], list[_Row]]:
+    """``rows`` (to be prefilled now) in two waves. The second holds the rows that reuse nothing yet whose
+    prompt starts, for ``MIN_REUSE`` tokens or more, as a different prompt of the first wave does (a shared
+    system prompt): prefilled after the first wave, they start from its keys and values (``_Batch.share``)
+    instead of computing the same start again. The copies of a prompt stay together."""
+    first: list[_Row] = []
+    later: list[_Row] = []
+    for row in rows:
+        limit = len(row.prompt) - 1
+        if not row.cached and any(r.prompt != row.prompt and min(common_prefix(r.prompt, row.prompt), limit)
+                                  >= MIN_REUSE for r in first):
+            later.append(row)
+        else:
+            first.append(row)
+    return first, later
 
 
 class _Batch:
@@ -351,14 +373,13 @@ class _Batch:
         Rows with the same prompt (the ``n`` choices of one request) are computed once: the first one's keys and
         values are copied into the others' slots, and all sample their first token from its logits.
 
-        Rows that reuse a cached prefix (``row.cached`` positions of ``row.prefix``) come alone, or with copies
-        of the same prompt: the prefix is copied into the slot, and the pass computes only the rest."""
+        Rows that reuse cached prefixes (``row.cached`` positions of ``row.prefix``) come together: the pass
+        starts at the shortest of their prefixes, which each computed row copies that much of into its slot,
+        and computes only the rest. A row's ``cached`` becomes what it did reuse."""
         if self.size + len(rows) > self.slots:
             raise RuntimeError(f"the batch is full ({self.slots} rows)")
         b, n = len(self.rows), len(rows)
-        start = rows[0].cached
-        if start and any(r.cached != start or r.prompt != rows[0].prompt for r in rows):
-            raise ValueError("a row that reuses a cached prefix is prefilled alone (or with its own copies)")
+        start = min(r.cached for r in rows)
         source: dict[tuple[int, ...], int] = {}  # prompt -> its computed row's place in the pass
         place: list[int] = []  # each row's computed row
         computed: list[_Row] = []
@@ -384,13 +405,16 @@ class _Batch:
                 moved = True
             cache = self.cache.slots(b, u)
             if start:
-                assert rows[0].prefix is not None
-                rows[0].prefix.copy_into(cache, 0, start)
+                for i, row in enumerate(computed):
+                    assert row.prefix is not None
+                    row.prefix.copy_into(cache, i, start)
             ids = [r.prompt[start:] + [0] * (s - len(r.prompt)) for r in computed]
             logits = self.engine._forward(ids, [list(range(start, s))] * u, cache, s,
                                           last=[t - 1 - start for t in lengths])
             for j, (row, src) in enumerate(copies):
                 self.cache.move(b + src, b + u + j, len(row.prompt))
+            for row in rows:
+                row.cached = start  # what it did reuse (its prefix may reach further)
             deltas = [self.engine._next_token(row, logits[place[i]]) for i, row in enumerate(rows)]
         except BaseException:
             del self.rows[b:]
@@ -402,6 +426,28 @@ class _Batch:
             if row.finish is not None:
                 self.drop(row)
         return deltas
+
+    def admit_all(self, rows: Sequence[_Row], failed: Callable[[_Row, Exception], None] | None = None,
+                  ) -> Iterator[tuple[_Row, Delta]]:
+        """Prefill ``rows`` group by group (``prefill_groups``), a shared start once (``shared_start_waves``);
+        each row with its first token's delta. With ``failed``, a group that fails is prefilled row by row,
+        so that only a prompt that fails alone fails (it goes to ``failed``); without, the error is raised."""
+        first, later = shared_start_waves(rows)
+        for wave in (first, later):
+            if wave is later:
+                for row in later:
+                    self.share(row)  # the first wave is in the batch now
+            for group in prefill_groups(wave):
+                try:
+                    yield from zip(group, self.admit(group), strict=True)
+                except Exception:
+                    if failed is None:
+                        raise
+                    for row in group:
+                        try:
+                            yield row, self.admit([row])[0]
+                        except Exception as exc:
+                            failed(row, exc)
 
     def share(self, row: _Row) -> None:
         """Let ``row``, about to be prefilled, start from the keys and values of a decoding row when that row

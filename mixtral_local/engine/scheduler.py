@@ -181,7 +181,7 @@ class Scheduler:
         """Each turn: drop cancelled requests, take waiting ones (short prompts prefilled together, long
         ones queued to be prefilled a chunk at a time), prefill one chunk of the long prompt in progress,
         and run one decode step."""
-        from .engine import PREFILL_CHUNK, _Batch, prefill_groups  # the engine module imports this one
+        from .engine import PREFILL_CHUNK, _Batch  # the engine module imports this one
 
         if engine.device.type == "cuda":
             torch.cuda.set_device(engine.device)
@@ -221,18 +221,8 @@ class Scheduler:
                 row = ticket.row
                 batch.share(row)  # a long one looks again when its turn to fill comes
                 (long if len(row.prompt) - row.cached > PREFILL_CHUNK else short).append(ticket)
-            for group in prefill_groups([t.row for t in short]):
-                try:
-                    admitted = list(zip(group, batch.admit(group), strict=True))
-                except Exception:  # prefill them one by one: only a prompt that fails alone fails
-                    admitted = []
-                    for row in group:
-                        try:
-                            admitted.append((row, batch.admit([row])[0]))
-                        except Exception as exc:
-                            fail(row, exc)
-                for row, delta in admitted:
-                    deliver(row, delta)
+            for row, delta in batch.admit_all([t.row for t in short], failed=fail):
+                deliver(row, delta)
             if batch.filling is None and long and batch.size < batch.slots:
                 batch.start_filling(long.popleft().row)
             if batch.filling is not None:

@@ -225,7 +225,8 @@ def test_requests_in_the_running_batch_reuse_prefixes_too(
     tickets = [engine.submit(chat(tokenizer, q), GREEDY) for q in questions]
     got = [list(t) for t in tickets]
     prefills = [p for p in passes if p[1] > 1]  # (before the cold engine's passes, through the same model)
-    assert len(prefills) == 3 and all(rows == 1 and start >= MIN_REUSE for rows, _, start in prefills)
+    # one row each, or rows that reuse the same prefix together, as they arrive: none from the start
+    assert sum(rows for rows, _, _ in prefills) == 3 and all(start >= MIN_REUSE for _, _, start in prefills)
     for q, deltas in zip(questions, got, strict=True):
         assert deltas[-1].cached_tokens >= MIN_REUSE  # the system prompt came from the first request
         assert "".join(d.text for d in deltas) == cold.generate([chat(tokenizer, q)], GREEDY)[0].text
@@ -259,9 +260,10 @@ def test_rows_with_one_prompt_are_computed_once_and_sample_apart(
 ) -> None:
     a, b = chat(tokenizer, "Name three tools."), chat(tokenizer, "Name a glue.")
     params = [SamplingParams(temperature=0.8, seed=seed, max_tokens=8) for seed in (1, 2, 3, 4)]
-    prompts = [a, b, a, a]  # the n choices of one request, and another request in the same pass
+    prompts = [a, b, a, a]  # the n choices of one request, and another request taken with them
     got = engine.generate(prompts, params)
-    assert passes[0] == (2, max(len(a), len(b)), 0)  # one row per distinct prompt
+    shared = common_prefix(a, b)
+    assert passes[:2] == [(1, len(a), 0), (1, len(b) - shared, shared)]  # one row per distinct prompt
     expected = [cold.generate([p], q)[0].token_ids for p, q in zip(prompts, params, strict=True)]
     assert [c.token_ids for c in got] == expected
     assert len({tuple(c.token_ids) for c in got if c.prompt_tokens == len(a)}) > 1  # the choices differ
@@ -272,6 +274,44 @@ def test_rows_with_one_prompt_are_computed_once_and_sample_apart(
 
 
 # sharing within the running batch (no store needed: the cold engine keeps nothing)
+
+
+def test_short_prompts_taken_together_compute_their_shared_start_once(
+    cold: Engine, tokenizer: MixtralTokenizer, passes: list[tuple[int, int, int]]
+) -> None:
+    a, b, c = (chat(tokenizer, q) for q in ("Name three tools.", "Name a glue.", "Do you sell rope?"))
+    start = min(common_prefix(a, b), common_prefix(a, c))
+    assert start >= MIN_REUSE and common_prefix(a, b) != common_prefix(a, c)  # "Name" is shared by a and b
+    expected = [cold.generate([p], GREEDY)[0].token_ids for p in (a, b, c)]
+    passes.clear()
+
+    tickets = cold.submit_all([a, b, c], GREEDY)
+    got = [list(t) for t in tickets]
+
+    prefills = [p for p in passes if p[1] > 1]
+    assert prefills == [(1, len(a), 0), (2, max(len(b), len(c)) - start, start)]
+    assert [d[-1].cached_tokens for d in got] == [0, start, start]
+    assert [list(t.row.tokens) for t in tickets] == expected
+    passes.clear()
+    assert [c.token_ids for c in cold.generate([a, b, c], GREEDY)] == expected  # the fixed batch shares too
+    assert [p for p in passes if p[1] > 1] == prefills
+
+
+def test_prefill_groups_keep_rows_that_reuse_prefixes_apart_from_the_others(
+    cold: Engine, tokenizer: MixtralTokenizer
+) -> None:
+    from mixtral_local.engine.engine import prefill_groups, shared_start_waves
+
+    a, b = chat(tokenizer, "Name three tools."), chat(tokenizer, "Do you sell rope?")
+    other = tokenizer.encode_chat([{"role": "user", "content": "Hello there."}])
+    rows = cold._rows([a, b, b, a, other], GREEDY)
+    first, later = shared_start_waves(rows)
+    assert [r.index for r in first] == [0, 3, 4] and [r.index for r in later] == [1, 2]  # copies stay together
+
+    rows = cold._rows([a] * 5, GREEDY)
+    for row, cached in zip(rows, (40, 40 + MIN_REUSE, 41 + MIN_REUSE, 0, 0), strict=True):
+        row.cached = cached
+    assert [[r.index for r in g] for g in prefill_groups(rows)] == [[0, 1], [2], [3, 4]]
 
 
 def test_the_choices_of_a_long_prompt_are_prefilled_once(
