@@ -12,6 +12,7 @@ import httpx
 import pytest
 
 from mixtral_client import AsyncMixtralClient, ChatCompletion, ChatCompletionChunk, MixtralClient
+from mixtral_client._accumulate import ChunkAccumulator
 from tests.loopback import Conn, Handler, LoopbackServer, Received, sse
 
 MESSAGES = [{"role": "user", "content": "Hi"}]
@@ -44,6 +45,25 @@ def completion(content: str = "Hello", *, finish: str = "stop", **extra: Any) ->
 def text_stream(*pieces: str, done: bool = True) -> bytes:
     """An SSE body streaming ``pieces`` as content deltas, then ``finish_reason: stop``."""
     return sse(chunk(role="assistant"), *(chunk(p) for p in pieces), chunk(finish="stop"), done=done)
+
+
+def split_chunks(text: str, cuts: list[int], finish: str | None = "stop") -> list[ChatCompletionChunk]:
+    """``text`` streamed as content chunks cut at ``cuts`` (a role chunk first, a finish chunk last)."""
+    pieces = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)], strict=True)]
+    raw = [chunk(role="assistant"), *(chunk(p) for p in pieces if p)]
+    if finish is not None:
+        raw.append(chunk(finish=finish))
+    return [ChatCompletionChunk.model_validate(c) for c in raw]
+
+
+def merge_stream(rewrite: Any, chunks: list[ChatCompletionChunk]) -> tuple[ChatCompletion, list[str]]:
+    """What a request rewrite's ``stream()`` makes of ``chunks``: the merged completion, and each piece of text
+    as it went out."""
+    merged, texts = ChunkAccumulator(), []
+    for out in rewrite.stream(iter(chunks)):
+        merged.add(out)
+        texts.extend(c.delta.content for c in out.choices if c.delta.content)
+    return merged.completion(), texts
 
 
 def tool_delta(index: int | None, *, id: str | None = None, name: str | None = None,

@@ -9,11 +9,19 @@ from typing import Any
 import pytest
 
 from mixtral_client import PROVIDERS, APIConnectionError, ChatCompletion, ChatCompletionChunk, Timeout
-from mixtral_client._accumulate import ChunkAccumulator
 from mixtral_client._format import FormatPrompt, cut_json, find_json
 from mixtral_client._request import RequestOptions, build_request
 from mixtral_client._rewrite import Rewrites
-from tests.client.conftest import MESSAGES, Driver, chunk, completion, replying, streaming
+from tests.client.conftest import (
+    MESSAGES,
+    Driver,
+    chunk,
+    completion,
+    merge_stream,
+    replying,
+    split_chunks,
+    streaming,
+)
 from tests.loopback import Conn, Received, sse
 
 PERSON = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
@@ -141,22 +149,6 @@ def test_a_whole_answer_keeps_usage_and_finish_and_leaves_tool_calls_alone() -> 
 # --------------------------------------------------------------------------- streams, split everywhere
 
 
-def _chunks(text: str, cuts: list[int], finish: str | None = "stop") -> list[ChatCompletionChunk]:
-    pieces = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)], strict=True)]
-    raw = [chunk(role="assistant"), *(chunk(p) for p in pieces if p)]
-    if finish is not None:
-        raw.append(chunk(finish=finish))
-    return [ChatCompletionChunk.model_validate(c) for c in raw]
-
-
-def _merge(prompt: FormatPrompt, chunks: list[ChatCompletionChunk]) -> tuple[ChatCompletion, list[str]]:
-    merged, texts = ChunkAccumulator(), []
-    for out in prompt.stream(iter(chunks)):
-        merged.add(out)
-        texts.extend(c.delta.content for c in out.choices if c.delta.content)
-    return merged.completion(), texts
-
-
 ANSWERS = [
     ' {"name": "Ada", "age": 36}',
     '{"a": "}{", "b": "\\"}"} I hope this helps.',
@@ -177,7 +169,7 @@ def test_a_stream_split_anywhere_gives_what_the_whole_answer_gives(text: str, fi
     splits = [[]] + [[i] for i in range(1, len(text))] + [list(range(1, len(text)))]
 
     for cuts in splits:
-        streamed, _ = _merge(prompt, _chunks(text, cuts, finish))
+        streamed, _ = merge_stream(prompt, split_chunks(text, cuts, finish))
         (choice,) = streamed.choices
         assert choice.message.content == whole.message.content, cuts
         assert choice.finish_reason == finish, cuts
@@ -186,7 +178,7 @@ def test_a_stream_split_anywhere_gives_what_the_whole_answer_gives(text: str, fi
 def test_json_that_opens_the_answer_streams_as_it_comes_and_stops_at_its_close() -> None:
     text = ' {"name": "Ada", "age": 36}\nShe was a mathematician.'
 
-    _, texts = _merge(format_for(), _chunks(text, list(range(1, len(text)))))
+    _, texts = merge_stream(format_for(), split_chunks(text, list(range(1, len(text)))))
 
     assert texts == list('{"name": "Ada", "age": 36}')  # one piece out per piece in, from the brace on
 
@@ -196,7 +188,7 @@ def test_each_choice_of_a_stream_is_cut_on_its_own() -> None:
            chunk('{"a": 1} trailing', index=0), chunk('Here: {"b"', index=1), chunk(": 2}", index=1),
            chunk(finish="stop", index=0), chunk(finish="stop", index=1)]
 
-    merged, _ = _merge(format_for(n=2), [ChatCompletionChunk.model_validate(c) for c in raw])
+    merged, _ = merge_stream(format_for(n=2), [ChatCompletionChunk.model_validate(c) for c in raw])
 
     assert [c.message.content for c in merged.choices] == ['{"a": 1}', '{"b": 2}']
 

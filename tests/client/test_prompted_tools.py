@@ -9,12 +9,20 @@ from typing import Any
 import anyio
 import pytest
 
-from mixtral_client import PROVIDERS, APIConnectionError, ChatCompletion, ChatCompletionChunk, Timeout
-from mixtral_client._accumulate import ChunkAccumulator
+from mixtral_client import PROVIDERS, APIConnectionError, ChatCompletion, Timeout
 from mixtral_client._request import RequestOptions, build_request
 from mixtral_client._streaming import AsyncStream
 from mixtral_client._tools import CALLS, ToolPrompt, parse_tool_calls, rewrite_messages
-from tests.client.conftest import MESSAGES, Driver, chunk, completion, replying, streaming
+from tests.client.conftest import (
+    MESSAGES,
+    Driver,
+    chunk,
+    completion,
+    merge_stream,
+    replying,
+    split_chunks,
+    streaming,
+)
 from tests.loopback import Conn, Received, sse
 
 WEATHER = {"type": "function", "function": {
@@ -217,22 +225,6 @@ def test_parallel_tool_calls_false_keeps_the_first_call() -> None:
 # --------------------------------------------------------------------------- streams, split everywhere
 
 
-def _chunks(text: str, cuts: list[int], finish: str | None = "stop") -> list[ChatCompletionChunk]:
-    pieces = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)], strict=True)]
-    raw = [chunk(role="assistant"), *(chunk(p) for p in pieces if p)]
-    if finish is not None:
-        raw.append(chunk(finish=finish))
-    return [ChatCompletionChunk.model_validate(c) for c in raw]
-
-
-def _merge(prompt: ToolPrompt, chunks: list[ChatCompletionChunk]) -> tuple[ChatCompletion, list[str]]:
-    merged, texts = ChunkAccumulator(), []
-    for out in prompt.stream(iter(chunks)):
-        merged.add(out)
-        texts.extend(c.delta.content for c in out.choices if c.delta.content)
-    return merged.completion(), texts
-
-
 ANSWERS = [
     CALL,
     "  " + CALL,
@@ -255,7 +247,7 @@ def test_a_stream_split_anywhere_gives_what_the_whole_answer_gives(text: str, fi
     splits = [[]] + [[i] for i in range(1, len(text))] + [list(range(1, len(text)))]
 
     for cuts in splits:
-        streamed, _ = _merge(prompt, _chunks(text, cuts, finish))
+        streamed, _ = merge_stream(prompt, split_chunks(text, cuts, finish))
         (choice,) = streamed.choices
         assert choice.message.content == whole.message.content, cuts
         assert [(c.function.name, c.function.arguments) for c in choice.message.tool_calls or []] == \
@@ -269,7 +261,7 @@ def test_a_text_answer_streams_as_it_comes() -> None:
     assert prompt is not None
     text = "Paris is sunny today, with a light breeze from the west."
 
-    _, texts = _merge(prompt, _chunks(text, list(range(1, len(text)))))
+    _, texts = merge_stream(prompt, split_chunks(text, list(range(1, len(text)))))
 
     assert texts == list(text)  # one piece out for each piece in: nothing held back
 
@@ -279,7 +271,7 @@ def test_text_that_opens_like_json_but_cannot_be_a_call_is_not_held(text: str) -
     prompt = prompt_for(tools=TOOLS)
     assert prompt is not None
 
-    _, texts = _merge(prompt, _chunks(text, list(range(1, len(text)))))
+    _, texts = merge_stream(prompt, split_chunks(text, list(range(1, len(text)))))
 
     assert "".join(texts) == text
     assert len(texts) >= len(text) - 4  # released after at most a few characters, not at the end
@@ -290,7 +282,7 @@ def test_a_marker_in_a_text_answer_ends_the_text_there() -> None:
     assert prompt is not None
     text = "Let me check. " + CALL
 
-    streamed, texts = _merge(prompt, _chunks(text, list(range(1, len(text)))))
+    streamed, texts = merge_stream(prompt, split_chunks(text, list(range(1, len(text)))))
 
     assert "".join(texts) == "Let me check. "
     assert streamed.choices[0].message.content == "Let me check. "
@@ -305,7 +297,7 @@ def test_a_stream_closed_early_closes_what_it_reads() -> None:
 
     def source():
         try:
-            yield from _chunks("Hello there, a long answer", [1, 5, 9])
+            yield from split_chunks("Hello there, a long answer", [1, 5, 9])
         finally:
             closed.append(True)
 
@@ -324,7 +316,7 @@ async def test_an_async_stream_left_early_or_cancelled_closes_what_it_reads(anyi
 
     async def source(name: str):
         try:
-            for piece in _chunks("Hello there, a long answer", [1, 5, 9]):
+            for piece in split_chunks("Hello there, a long answer", [1, 5, 9]):
                 yield piece
                 await anyio.sleep(0.01)
         finally:
