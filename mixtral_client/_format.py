@@ -21,12 +21,12 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
 from ._request import ChatRequest, message_text
-from ._rewrite import held_chunk, passing, rewrite_astream, rewrite_stream
+from ._rewrite import held_chunk, passing
 from .types import ChatCompletion, ChatCompletionChunk, ChoiceDelta
 
 __all__ = ["FormatPrompt", "cut_json", "find_json"]
@@ -36,6 +36,11 @@ _FENCED = re.compile(r"```[A-Za-z0-9_-]*[ \t]*\n(.*?)```", re.DOTALL)
 _OPENS = {"object": "{", "array": "["}
 #: how many openings ``find_json`` tries before it gives up on a long answer full of brackets
 _MAX_TRIES = 256
+
+
+def _opening(root: str | None) -> str:
+    """The characters a JSON value of the kind ``root`` may open with."""
+    return _OPENS.get(root or "", "{[")
 
 
 def _root(fmt: Mapping[str, Any]) -> str | None:
@@ -118,7 +123,7 @@ def find_json(text: str, root: str | None) -> str | None:
             continue
         if _fits(value, root) and (n == 0 or isinstance(value, dict | list)):  # a bare 42 only as the whole
             return candidate
-    opens: str = _OPENS.get(root or "", "{[")
+    opens = _opening(root)
     tries = 0
     for i, c in enumerate(text):
         if c not in opens:
@@ -138,7 +143,7 @@ def find_json(text: str, root: str | None) -> str | None:
 def cut_json(text: str, root: str | None) -> str:
     """An answer as its JSON (see the module's docstring); the text as it is when it holds none."""
     head = text.lstrip()
-    if head and head[0] in _OPENS.get(root or "", "{["):
+    if head and head[0] in _opening(root):
         end = _Scan().feed(head)
         return head if end is None else head[:end]
     found = find_json(text, root)
@@ -187,12 +192,6 @@ class FormatPrompt:
     def chunks(self) -> _FormatChunks:
         return _FormatChunks(self.root)
 
-    def stream(self, chunks: Iterator[ChatCompletionChunk]) -> Iterator[ChatCompletionChunk]:
-        return rewrite_stream(chunks, self.chunks())
-
-    def astream(self, chunks: AsyncIterator[ChatCompletionChunk]) -> AsyncIterator[ChatCompletionChunk]:
-        return rewrite_astream(chunks, self.chunks())
-
 
 class _ChoiceJSON:
     """One choice's text: passed on inside a JSON value that opened the answer, held otherwise."""
@@ -201,7 +200,7 @@ class _ChoiceJSON:
 
     def __init__(self, root: str | None) -> None:
         self.root = root
-        self.opens = _OPENS.get(root or "", "{[")
+        self.opens = _opening(root)
         self.mode = "undecided"  # -> "json" (passed on), "done" (the value closed) or "held" (to the end)
         self.held = ""
         self.scan = _Scan()

@@ -25,13 +25,13 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
 from ._accumulate import whole_call_deltas
 from ._request import ChatRequest, RequiredCalls, join_turns, message_text
-from ._rewrite import held_chunk, passing, rewrite_astream, rewrite_stream
+from ._rewrite import held_chunk, passing
 from .types import (
     ChatCompletion,
     ChatCompletionChunk,
@@ -329,12 +329,6 @@ class ToolPrompt:
 
     def chunks(self) -> _StreamRewrite:
         return _StreamRewrite(self)
-
-    def stream(self, chunks: Iterator[ChatCompletionChunk]) -> Iterator[ChatCompletionChunk]:
-        return rewrite_stream(chunks, self.chunks())
-
-    def astream(self, chunks: AsyncIterator[ChatCompletionChunk]) -> AsyncIterator[ChatCompletionChunk]:
-        return rewrite_astream(chunks, self.chunks())
 
 
 class _StreamRewrite:

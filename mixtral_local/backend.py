@@ -176,11 +176,8 @@ def _grammar(request: ChatRequest) -> str | None:
         elif fmt["type"] == "json_object":
             grammar = json_grammar(None)
         else:
-            spec = fmt["json_schema"]
-            schema = spec.get("schema", {"type": "object"})
-            if not isinstance(schema, dict):
-                raise GrammarError(f"json_schema.schema must be a JSON schema object, got {schema!r}")
-            grammar = json_grammar(schema, lenient=not spec.get("strict"))
+            spec = fmt["json_schema"]  # its schema, if any, is a dict: build_request checked it
+            grammar = json_grammar(spec.get("schema", {"type": "object"}), lenient=not spec.get("strict"))
         check_grammar(grammar)
     except GrammarError as exc:
         raise InvalidRequestError(f"{param}: {exc}", param=param, provider="local") from None

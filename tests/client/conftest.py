@@ -13,6 +13,7 @@ import pytest
 
 from mixtral_client import AsyncMixtralClient, ChatCompletion, ChatCompletionChunk, MixtralClient
 from mixtral_client._accumulate import ChunkAccumulator
+from mixtral_client._rewrite import rewrite_stream
 from tests.loopback import Conn, Handler, LoopbackServer, Received, sse
 
 MESSAGES = [{"role": "user", "content": "Hi"}]
@@ -57,10 +58,10 @@ def split_chunks(text: str, cuts: list[int], finish: str | None = "stop") -> lis
 
 
 def merge_stream(rewrite: Any, chunks: list[ChatCompletionChunk]) -> tuple[ChatCompletion, list[str]]:
-    """What a request rewrite's ``stream()`` makes of ``chunks``: the merged completion, and each piece of text
+    """What a request rewrite (``ToolPrompt``, ``FormatPrompt``) makes of streamed ``chunks``: the merged completion, and each piece of text
     as it went out."""
     merged, texts = ChunkAccumulator(), []
-    for out in rewrite.stream(iter(chunks)):
+    for out in rewrite_stream(iter(chunks), rewrite.chunks()):
         merged.add(out)
         texts.extend(c.delta.content for c in out.choices if c.delta.content)
     return merged.completion(), texts
@@ -95,6 +96,16 @@ def streaming(body: bytes, *, one_byte: bool = False, headers: dict[str, str] | 
         conn.write(body, one_byte=one_byte)
         conn.finish()
 
+    return handle
+
+
+def cut_stream(*events: dict[str, Any]) -> Handler:
+    """A stream that sends ``events`` (no ``[DONE]``), waits a moment, and drops the connection."""
+    def handle(req: Received, conn: Conn) -> None:
+        conn.start(200, {"Content-Type": "text/event-stream"})
+        conn.write(sse(*events, done=False))
+        conn.pause(0.05)
+        conn.drop()
     return handle
 
 

@@ -7,7 +7,16 @@ import json
 import pytest
 
 from mixtral_client import APIConnectionError, APIStatusError, InternalServerError, RateLimitError
-from tests.client.conftest import Driver, chunk, dropping, replying, streaming, text_stream, tool_delta
+from tests.client.conftest import (
+    Driver,
+    chunk,
+    cut_stream,
+    dropping,
+    replying,
+    streaming,
+    text_stream,
+    tool_delta,
+)
 from tests.loopback import Conn, Received, in_turn, sse
 
 
@@ -128,13 +137,7 @@ def test_finish_reason_error_without_error_object_raises(driver: Driver, serve) 
 
 
 def test_connection_cut_after_an_event_raises_with_partial_and_no_retry(driver: Driver, serve) -> None:
-    def handler(req: Received, conn: Conn) -> None:
-        conn.start(200, {"Content-Type": "text/event-stream"})
-        conn.write(sse(chunk("Hello"), done=False))
-        conn.pause(0.05)
-        conn.drop()
-
-    server = serve(handler)
+    server = serve(cut_stream(chunk("Hello")))
 
     with pytest.raises(APIConnectionError) as info:
         driver.chunks(server)

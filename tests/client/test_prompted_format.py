@@ -17,12 +17,13 @@ from tests.client.conftest import (
     Driver,
     chunk,
     completion,
+    cut_stream,
     merge_stream,
     replying,
     split_chunks,
     streaming,
 )
-from tests.loopback import Conn, Received, sse
+from tests.loopback import sse
 
 PERSON = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
           "required": ["name", "age"]}
@@ -223,13 +224,7 @@ def test_a_streamed_json_answer_from_nvidia_arrives_piece_by_piece(driver: Drive
 
 
 def test_a_stream_cut_before_the_json_keeps_what_was_held_in_the_partial(driver: Driver, serve) -> None:
-    def handler(req: Received, conn: Conn) -> None:
-        conn.start(200, {"Content-Type": "text/event-stream"})
-        conn.write(sse(chunk(role="assistant"), chunk("Let me think: "), chunk('{"a": 1} or else'), done=False))
-        conn.pause(0.05)
-        conn.drop()
-
-    server = serve(handler)
+    server = serve(cut_stream(chunk(role="assistant"), chunk("Let me think: "), chunk('{"a": 1} or else')))
 
     with pytest.raises(APIConnectionError) as info:
         driver.chunks(server, client=NVIDIA | {"max_retries": 0}, response_format=JSON_MODE)

@@ -11,6 +11,7 @@ import pytest
 
 from mixtral_client import PROVIDERS, APIConnectionError, ChatCompletion, Timeout
 from mixtral_client._request import RequestOptions, build_request
+from mixtral_client._rewrite import rewrite_astream, rewrite_stream
 from mixtral_client._streaming import AsyncStream
 from mixtral_client._tools import CALLS, ToolPrompt, parse_tool_calls, rewrite_messages
 from tests.client.conftest import (
@@ -18,12 +19,13 @@ from tests.client.conftest import (
     Driver,
     chunk,
     completion,
+    cut_stream,
     merge_stream,
     replying,
     split_chunks,
     streaming,
 )
-from tests.loopback import Conn, Received, sse
+from tests.loopback import sse
 
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "Current weather in a city",
@@ -301,7 +303,7 @@ def test_a_stream_closed_early_closes_what_it_reads() -> None:
         finally:
             closed.append(True)
 
-    stream = prompt.stream(source())
+    stream = rewrite_stream(source(), prompt.chunks())
     next(stream)
     stream.close()
 
@@ -322,12 +324,12 @@ async def test_an_async_stream_left_early_or_cancelled_closes_what_it_reads(anyi
         finally:
             closed.append(name)
 
-    stream = AsyncStream(prompt.astream(source("left")))
+    stream = AsyncStream(rewrite_astream(source("left"), prompt.chunks()))
     async with await stream._open() as opened:
         async for _ in opened:
             break
     with anyio.move_on_after(0.015):
-        async with await AsyncStream(prompt.astream(source("cancelled")))._open() as opened:
+        async with await AsyncStream(rewrite_astream(source("cancelled"), prompt.chunks()))._open() as opened:
             async for _ in opened:
                 pass
 
@@ -338,13 +340,7 @@ async def test_an_async_stream_left_early_or_cancelled_closes_what_it_reads(anyi
 
 
 def test_a_stream_cut_inside_a_call_keeps_what_was_held_in_the_partial(driver: Driver, serve) -> None:
-    def handler(req: Received, conn: Conn) -> None:
-        conn.start(200, {"Content-Type": "text/event-stream"})
-        conn.write(sse(chunk(role="assistant"), chunk("[TOOL_CALLS] "), chunk('[{"name": "add", "argu'), done=False))
-        conn.pause(0.05)
-        conn.drop()
-
-    server = serve(handler)
+    server = serve(cut_stream(chunk(role="assistant"), chunk("[TOOL_CALLS] "), chunk('[{"name": "add", "argu')))
 
     with pytest.raises(APIConnectionError) as info:
         driver.chunks(server, client=NVIDIA | {"max_retries": 0}, tools=TOOLS)
