@@ -1,11 +1,14 @@
 """The ``mixtral`` command.
 
     mixtral chat "prompt" [--provider P] [--model M] [--system S] [--temperature T] [--max-tokens N] [--no-stream]
+    mixtral serve [--provider P | --base-url URL | --model-path DIR] [--host H] [--port N] [--api-key K]
     mixtral local init-tiny DIR
 
 With no provider configured (no ``--provider``, ``MIXTRAL_PROVIDER``, ``MIXTRAL_BASE_URL`` or
 ``MIXTRAL_MODEL_PATH``), ``chat`` runs a tiny local Mixtral with random weights, written on first use, and
 says so: the command works offline, and its answers are noise until a real provider is configured.
+``serve`` answers OpenAI chat-completions requests over HTTP with the configured backend (the ``server``
+extra); it needs a backend configured, and refuses to serve random weights unasked.
 Every failure is one line on stderr naming the fix, and a non-zero exit status.
 """
 
@@ -18,7 +21,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from mixtral_client._client import MixtralClient
+from mixtral_client._client import AsyncMixtralClient, MixtralClient
 from mixtral_client._exceptions import APIError, ConfigurationError, MixtralError
 from mixtral_client._providers import PROVIDERS
 
@@ -48,6 +51,16 @@ def _parser() -> argparse.ArgumentParser:
     chat.add_argument("--max-tokens", type=int)
     chat.add_argument("--no-stream", action="store_true", help="wait for the whole answer")
 
+    serve = commands.add_parser("serve", help="serve the OpenAI chat-completions API over HTTP")
+    serve.add_argument("--provider", choices=sorted(PROVIDERS), help="default: MIXTRAL_PROVIDER")
+    serve.add_argument("--model", help="model id sent to the provider (default: its Mixtral id)")
+    serve.add_argument("--base-url", help="an OpenAI-compatible base URL (provider openai)")
+    serve.add_argument("--model-path", help="a local checkpoint directory (provider local)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--api-key", help="require this bearer key from callers (default: MIXTRAL_SERVER_API_KEY)")
+    serve.add_argument("--model-name", help="the model id /v1/models lists (default: the provider's)")
+
     local = commands.add_parser("local", help="local checkpoints")
     local_commands = local.add_subparsers(dest="local_command", required=True, parser_class=_Parser)
     tiny = local_commands.add_parser("init-tiny", help="write a tiny random Mixtral checkpoint (for tests and demos)")
@@ -73,12 +86,37 @@ def _local_cli() -> Any:
     return mixtral_local.cli
 
 
+def _configured(args: argparse.Namespace, env: Mapping[str, str]) -> dict[str, Any] | None:
+    """The client arguments the command line gives, or None when neither it nor the environment names a backend."""
+    kwargs = {name: getattr(args, name) for name in ("provider", "base_url", "model_path", "model")
+              if getattr(args, name)}
+    if kwargs.keys() - {"model"} or any(env.get(k) for k in ("MIXTRAL_PROVIDER", "MIXTRAL_BASE_URL",
+                                                              "MIXTRAL_MODEL_PATH")):
+        return kwargs
+    return None
+
+
+def _serve(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    kwargs = _configured(args, env)
+    if kwargs is None:
+        raise ConfigurationError(
+            "serve needs a backend: --provider, --base-url or --model-path (or MIXTRAL_PROVIDER, MIXTRAL_BASE_URL, "
+            "MIXTRAL_MODEL_PATH); `mixtral local init-tiny DIR` writes a tiny random checkpoint to try it with")
+    try:
+        from mixtral_client import server
+    except ImportError as exc:
+        raise ConfigurationError(
+            f"serve needs the server extra (missing {exc.name or exc}): pip install 'mixtral-sdk[server]'") from exc
+    server.serve(AsyncMixtralClient(env=env, **kwargs), host=args.host, port=args.port,
+                 api_key=args.api_key or env.get("MIXTRAL_SERVER_API_KEY") or None, model_name=args.model_name)
+    return 0
+
+
 def _chat(args: argparse.Namespace, env: Mapping[str, str]) -> int:
-    configured = args.provider or args.base_url or args.model_path or any(
-        env.get(k) for k in ("MIXTRAL_PROVIDER", "MIXTRAL_BASE_URL", "MIXTRAL_MODEL_PATH"))
+    configured = _configured(args, env)
     kwargs: dict[str, Any] = {}
     max_tokens = args.max_tokens
-    if not configured:
+    if configured is None:
         path = _tiny_home(env)
         if not (path / "config.json").exists():
             _local_cli().write_tiny_checkpoint(path)
@@ -87,12 +125,10 @@ def _chat(args: argparse.Namespace, env: Mapping[str, str]) -> int:
               "MIXTRAL_PROVIDER=nvidia NVIDIA_API_KEY=nvapi-... (docs/providers.md).", file=sys.stderr)
         kwargs.update(provider="local", model_path=str(path))
         max_tokens = max_tokens if max_tokens is not None else _TINY_MAX_TOKENS
+        if args.model:
+            kwargs["model"] = args.model
     else:
-        for name in ("provider", "base_url", "model_path"):
-            if getattr(args, name):
-                kwargs[name] = getattr(args, name)
-    if args.model:
-        kwargs["model"] = args.model
+        kwargs = configured
 
     messages: list[dict[str, Any]] = []
     if args.system:
@@ -123,6 +159,8 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
     try:
         if args.command == "chat":
             return _chat(args, env)
+        if args.command == "serve":
+            return _serve(args, env)
         _local_cli().init_tiny_main(args.path, seed=args.seed)
         return 0
     except ConfigurationError as exc:

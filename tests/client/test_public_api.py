@@ -38,7 +38,7 @@ def test_star_import_gives_exactly_all() -> None:
 def test_import_does_not_load_torch_or_the_local_backend() -> None:
     code = ("import sys, mixtral_client; "
             "heavy = [m for m in ('torch', 'triton', 'mixtral_local', 'botocore', 'langchain_core', "
-            "'mixtral_client._backends.http') if m in sys.modules]; print(heavy)")
+            "'mixtral_client._backends.http', 'starlette', 'uvicorn') if m in sys.modules]; print(heavy)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
 
     assert out.stdout.strip() == "[]"

@@ -1,0 +1,150 @@
+"""The pure half of ``mixtral serve``: OpenAI request bodies in, ``create()`` arguments out; errors and stream
+chunks out as OpenAI's JSON and server-sent events. No I/O, no web framework (``server.py`` is the shell).
+
+A body is read the way OpenAI's API reads it: ``null`` is the same as absent, ``max_completion_tokens`` is
+``max_tokens``, and the ``model`` must name the model this server serves. Fields that are not OpenAI
+chat-completions parameters travel as ``extra_body``, so the backend decides: the local one takes ``top_k``,
+OpenRouter its routing fields, and a strict host (NVIDIA) or the local backend refuses the others with an
+``InvalidRequestError`` before anything is sent or computed.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from ._client import CompletionParams
+from ._exceptions import (
+    APIError,
+    APIStatusError,
+    APITimeoutError,
+    InvalidRequestError,
+    MixtralError,
+    UnsupportedFeatureError,
+)
+from .types import ChatCompletionChunk, Usage
+
+__all__ = ["ModelNotFound", "ServedRequest", "StreamShaper", "error_response", "read_body", "sse"]
+
+#: ``create()`` parameters a body may set directly; transport options (``extra_*``, ``timeout``) it may not
+_PARAMS = frozenset(CompletionParams.__annotations__) - {"extra_headers", "extra_query", "extra_body", "timeout", "model"}
+#: statuses of a host behind this server that are this server's fault, not the caller's: its own key
+_UPSTREAM_AUTH = frozenset({401, 403})
+#: response headers of a host's error worth handing on (how long to wait before a retry)
+_PASSED_HEADERS = ("retry-after", "retry-after-ms")
+
+
+class ModelNotFound(MixtralError):
+    """The body names a model this server does not serve (HTTP 404, as OpenAI answers)."""
+
+
+@dataclass(slots=True)
+class ServedRequest:
+    """One body, read: the arguments of ``create()`` and whether the stream ends with a usage chunk."""
+
+    messages: Any
+    stream: bool
+    params: dict[str, Any] = field(default_factory=dict)
+    include_usage: bool = False
+
+
+def read_body(raw: bytes, served: frozenset[str]) -> ServedRequest:
+    """Read a chat-completions body; a body that is not one raises ``InvalidRequestError`` (400), a model not in
+    ``served`` ``ModelNotFound`` (404). The parameters themselves are checked by ``create()``."""
+    try:
+        body = json.loads(raw)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise InvalidRequestError(f"the body is not valid JSON ({exc})") from None
+    if not isinstance(body, dict):
+        raise InvalidRequestError(f"the body must be a JSON object, got {type(body).__name__}")
+    given = {k: v for k, v in body.items() if v is not None}
+    model = given.pop("model", None)
+    if model is not None and model not in served:
+        raise ModelNotFound(f"The model {model!r} does not exist; this server serves {', '.join(sorted(served))}")
+    if "messages" not in given:
+        raise InvalidRequestError("messages: required", param="messages")
+    messages, stream = given.pop("messages"), given.pop("stream", False)
+    limit = given.pop("max_completion_tokens", None)
+    if limit is not None:
+        if given.setdefault("max_tokens", limit) != limit:
+            raise InvalidRequestError("max_tokens and max_completion_tokens differ; send one of them",
+                                      param="max_completion_tokens")
+    options = given.get("stream_options")
+    include_usage = isinstance(options, Mapping) and options.get("include_usage") is True
+    params = {k: v for k, v in given.items() if k in _PARAMS}
+    extra = {k: v for k, v in given.items() if k not in _PARAMS}
+    if extra:
+        params["extra_body"] = extra
+    return ServedRequest(messages=messages, stream=stream, params=params, include_usage=include_usage)
+
+
+def _error(message: str, kind: str, *, param: str | None = None, code: str | int | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def _kind(status: int) -> str:
+    if status >= 500:
+        return "server_error"
+    return {400: "invalid_request_error", 404: "not_found_error", 429: "rate_limit_error"}.get(
+        status, "invalid_request_error")
+
+
+def error_response(exc: Exception) -> tuple[int, dict[str, Any], dict[str, str]]:
+    """The status, OpenAI error body and headers for an exception raised while answering.
+
+    A refused request is a 400 naming its parameter. A host's error keeps its status (a 429 keeps its
+    ``Retry-After``), except 401/403: the key that failed is this server's, so the caller gets a 502.
+    A host that cannot be reached is a 502, one that timed out a 504. Anything else is a 500.
+    """
+    if isinstance(exc, ModelNotFound):
+        return 404, _error(str(exc), "invalid_request_error", param="model", code="model_not_found"), {}
+    if isinstance(exc, InvalidRequestError):
+        code = "unsupported_feature" if isinstance(exc, UnsupportedFeatureError) else None
+        return 400, _error(str(exc), "invalid_request_error", param=exc.param, code=code), {}
+    if isinstance(exc, APIStatusError):
+        if exc.status_code in _UPSTREAM_AUTH:
+            return 502, _error(f"the backend refused this server's credentials: {exc}", "authentication_error",
+                               code=exc.code), {}
+        if exc.status_code is None:  # an error chunk or frame that names no status
+            return 502, _error(f"the backend failed: {exc}", "server_error", code=exc.code), {}
+        headers = {k: v for k, v in exc.headers.items() if k.lower() in _PASSED_HEADERS}
+        return exc.status_code, _error(str(exc), _kind(exc.status_code), code=exc.code), headers
+    if isinstance(exc, APITimeoutError):
+        return 504, _error(f"the backend timed out: {exc}", "timeout_error"), {}
+    if isinstance(exc, APIError):  # refused, reset, cut or unreadable
+        return 502, _error(f"the backend could not be reached: {exc}", "api_connection_error", code=exc.code), {}
+    return 500, _error(f"internal error: {type(exc).__name__}", "server_error"), {}
+
+
+def sse(data: Any) -> bytes:
+    """One server-sent event carrying ``data`` as JSON."""
+    payload = data.model_dump_json() if isinstance(data, ChatCompletionChunk) else json.dumps(data)
+    return b"data: " + payload.encode() + b"\n\n"
+
+
+DONE = b"data: [DONE]\n\n"
+
+
+class StreamShaper:
+    """Backends put ``usage`` where they like (on the finish chunk, in a chunk of its own); OpenAI's stream
+    carries it in one last chunk with no choices, and only when ``stream_options.include_usage`` asked.
+    ``feed`` gives the chunk to send (usage taken off) or ``None``; ``end`` gives the usage chunk, if owed."""
+
+    def __init__(self, include_usage: bool) -> None:
+        self.include_usage = include_usage
+        self.usage: Usage | None = None
+        self.last: ChatCompletionChunk | None = None
+
+    def feed(self, chunk: ChatCompletionChunk) -> ChatCompletionChunk | None:
+        self.last = chunk
+        if chunk.usage is not None:
+            self.usage = chunk.usage
+            chunk = chunk.model_copy(update={"usage": None})
+        return chunk if chunk.choices else None
+
+    def end(self) -> ChatCompletionChunk | None:
+        if not self.include_usage or self.last is None:
+            return None
+        return self.last.model_copy(update={"choices": [], "usage": self.usage})

@@ -1,0 +1,143 @@
+"""An OpenAI-compatible HTTP server over any backend: ``mixtral serve`` (the ``server`` extra).
+
+    POST /v1/chat/completions   OpenAI's chat completions: whole answers, and SSE streams ending in [DONE]
+    GET  /v1/models             the one model served
+    GET  /health                200 once the backend is ready
+
+One ``AsyncMixtralClient`` answers every request, so what the client does the server does: validation
+before anything is sent or computed, tools and ``response_format`` on every backend, retries and
+deadlines towards a host, and on local weights one running batch for all concurrent requests. A caller
+that disconnects mid-stream cancels its request (its row leaves the local batch; a host's connection is
+closed). The request/response mapping is pure and lives in ``_serving.py``; this module only does I/O.
+
+    from mixtral_client import AsyncMixtralClient
+    from mixtral_client.server import create_app
+    app = create_app(AsyncMixtralClient(provider="local", model_path="/models/mixtral"))  # any ASGI server
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from ._client import AsyncMixtralClient
+from ._providers import MODEL_ALIAS
+from ._serving import DONE, StreamShaper, error_response, read_body, sse
+from ._streaming import AsyncStream
+
+__all__ = ["create_app", "serve"]
+
+log = logging.getLogger("mixtral_client.server")
+
+#: what the local backend is asked at start-up, so the weights load (and a bad checkpoint fails) before the
+#: first caller waits
+_WARMUP: dict[str, Any] = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1, "temperature": 0}
+
+
+def _failure(exc: Exception) -> tuple[int, dict[str, Any], dict[str, str]]:
+    """``error_response``, logged when it is the server's or the backend's fault."""
+    status, body, headers = error_response(exc)
+    if status >= 500:
+        log.error("answering with %d: %s", status, body["error"]["message"], exc_info=status == 500)
+    return status, body, headers
+
+
+def _error(exc: Exception) -> JSONResponse:
+    status, body, headers = _failure(exc)
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+async def _events(stream: AsyncStream, include_usage: bool) -> AsyncIterator[bytes]:
+    """The stream as SSE. A failure after the first event is one last ``error`` event (OpenAI's shape, which
+    openai-python raises as an ``APIError``) and no ``[DONE]``, so no caller mistakes it for an answer."""
+    shaper = StreamShaper(include_usage)
+    async with stream:  # a caller that goes away cancels this generator: the stream closes, the request ends
+        try:
+            async for chunk in stream:
+                if (out := shaper.feed(chunk)) is not None:
+                    yield sse(out)
+        except Exception as exc:
+            yield sse(_failure(exc)[1])
+            return
+    if (usage := shaper.end()) is not None:
+        yield sse(usage)
+    yield DONE
+
+
+def create_app(client: AsyncMixtralClient, *, api_key: str | None = None, model_name: str | None = None,
+               warmup: bool = True) -> Starlette:
+    """An ASGI app answering OpenAI chat-completions requests with ``client``, which it closes at shutdown.
+
+    ``api_key``: when set, every ``/v1`` request must carry ``Authorization: Bearer <api_key>``.
+    ``model_name``: the id ``/v1/models`` lists (default: the client's model id); requests may name it, the
+    alias ``mixtral-8x7b-instruct`` or the client's model id. ``warmup``: on the local backend, answer one
+    token at start-up so the weights are loaded before the first request.
+    """
+    config = client.config
+    own_id = config.preset.resolve_model(config.model)
+    name = model_name or own_id
+    served = frozenset({name, own_id, MODEL_ALIAS})
+    created = int(time.time())
+    expected = f"Bearer {api_key}".encode() if api_key else None
+
+    def refused(request: Request) -> JSONResponse | None:
+        if expected is None or secrets.compare_digest(request.headers.get("authorization", "").encode(), expected):
+            return None
+        return JSONResponse({"error": {"message": "missing or wrong API key (Authorization: Bearer ...)",
+                                       "type": "invalid_request_error", "param": None, "code": "invalid_api_key"}},
+                            status_code=401)
+
+    async def chat_completions(request: Request) -> Response:
+        if (denied := refused(request)) is not None:
+            return denied
+        try:
+            served_request = read_body(await request.body(), served)
+            answer = await client.chat.completions.create(messages=served_request.messages,
+                                                          stream=served_request.stream, **served_request.params)
+        except Exception as exc:  # every refusal or failure before the first byte is an HTTP error status
+            return _error(exc)
+        if isinstance(answer, AsyncStream):
+            return StreamingResponse(_events(answer, served_request.include_usage), media_type="text/event-stream",
+                                     headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
+        return JSONResponse(answer.model_dump(mode="json"))
+
+    async def models(request: Request) -> Response:
+        if (denied := refused(request)) is not None:
+            return denied
+        return JSONResponse({"object": "list", "data": [
+            {"id": name, "object": "model", "created": created, "owned_by": config.provider}]})
+
+    async def health(_request: Request) -> Response:
+        return JSONResponse({"status": "ok", "provider": config.provider, "model": name})
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: Starlette) -> AsyncIterator[None]:
+        async with client:
+            if warmup and config.preset.kind == "local":
+                await client.chat.completions.create(**_WARMUP)
+            log.info("serving %s (provider %s)", name, config.provider)
+            yield
+
+    return Starlette(routes=[
+        Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+        Route("/v1/models", models, methods=["GET"]),
+        Route("/health", health, methods=["GET"]),
+    ], lifespan=lifespan)
+
+
+def serve(client: AsyncMixtralClient, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+          model_name: str | None = None, log_level: str = "info") -> None:
+    """Run ``create_app(client, ...)`` under uvicorn until interrupted."""
+    import uvicorn
+
+    uvicorn.run(create_app(client, api_key=api_key, model_name=model_name), host=host, port=port,
+                log_level=log_level, ws="none")

@@ -1,0 +1,178 @@
+"""``mixtral serve`` over local weights, called by the official openai SDK: the answers are the in-process
+client's, tools and JSON schemas are enforced, refusals are OpenAI's error types, and a caller that goes away
+takes its row out of the batch."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx
+import openai
+import pytest
+
+from mixtral_client import AsyncMixtralClient, MixtralClient
+from tests.server.conftest import LOCAL, async_openai_client, openai_client, running
+
+MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name three rivers."}]
+TOOLS = [{"type": "function", "function": {
+    "name": "get_weather", "description": "Weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12}},
+                   "required": ["city"], "additionalProperties": False}}}]
+
+
+@pytest.fixture
+def sdk(local_url: str) -> Iterator[openai.OpenAI]:
+    with openai_client(local_url) as client:
+        yield client
+
+
+def served_engine(tiny_dir: Path) -> Any:
+    """The engine the server's local backend shares (one per checkpoint and load options)."""
+    from mixtral_local.backend import _engines
+
+    return next(engine for key, engine in _engines.items() if key[0] == str(tiny_dir.resolve()))
+
+
+def in_process(tiny_dir: Path, **params: Any) -> Any:
+    with MixtralClient(provider="local", model_path=str(tiny_dir), env={}, **LOCAL) as client:
+        return client.chat.completions.create(messages=MESSAGES, **params)
+
+
+def test_whole_answer_is_the_in_process_clients(sdk: openai.OpenAI, tiny_dir: Path) -> None:
+    answer = sdk.chat.completions.create(model="mixtral-local", messages=MESSAGES,
+                                                              temperature=0, max_tokens=12)
+    expected = in_process(tiny_dir, temperature=0, max_tokens=12)
+    assert answer.choices[0].message.content == expected.choices[0].message.content
+    assert answer.choices[0].finish_reason == "length"
+    assert (answer.usage.prompt_tokens, answer.usage.completion_tokens) == (expected.usage.prompt_tokens, 12)
+
+
+def test_stream_carries_usage_in_a_last_chunk_only_when_asked(sdk: openai.OpenAI) -> None:
+    plain = list(sdk.chat.completions.create(model="mixtral-8x7b-instruct", messages=MESSAGES, temperature=0,
+                                                max_tokens=6, stream=True))
+    assert all(chunk.choices and chunk.usage is None for chunk in plain)
+    assert plain[0].choices[0].delta.role == "assistant" and plain[-1].choices[0].finish_reason == "length"
+    counted = list(sdk.chat.completions.create(model="mixtral-local", messages=MESSAGES, temperature=0,
+                                                  max_tokens=6, stream=True, stream_options={"include_usage": True}))
+    assert [c.usage is None for c in counted] == [True] * (len(counted) - 1) + [False]
+    assert counted[-1].choices == [] and counted[-1].usage.completion_tokens == 6
+    text = "".join(c.choices[0].delta.content or "" for c in plain)
+    assert text == "".join(c.choices[0].delta.content or "" for c in counted if c.choices)
+    whole = sdk.chat.completions.create(model="mixtral-local", messages=MESSAGES, temperature=0, max_tokens=6)
+    assert text == whole.choices[0].message.content
+
+
+def test_n_choices_stream_with_every_chunk_holding_a_choice(sdk: openai.OpenAI) -> None:
+    chunks = list(sdk.chat.completions.create(
+        model="mixtral-local", messages=MESSAGES, n=3, seed=7, max_tokens=4, stream=True))
+    assert all(chunk.choices for chunk in chunks)
+    finished = sorted(c.choices[0].index for c in chunks if c.choices[0].finish_reason)
+    assert finished == [0, 1, 2]
+
+
+def test_required_tool_call_arrives_as_tool_calls(sdk: openai.OpenAI) -> None:
+    answer = sdk.chat.completions.create(
+        model="mixtral-local", messages=[{"role": "user", "content": "Weather in Paris?"}], tools=TOOLS,
+        tool_choice="required", max_tokens=80, seed=1)
+    choice = answer.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    call = choice.message.tool_calls[0]
+    assert call.function.name == "get_weather"
+    arguments = json.loads(call.function.arguments)
+    assert set(arguments) == {"city"} and isinstance(arguments["city"], str) and len(arguments["city"]) <= 12
+    assert len(call.id) == 9
+
+
+def test_json_schema_format_is_enforced(sdk: openai.OpenAI) -> None:
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer"}},
+              "required": ["ok", "n"], "additionalProperties": False}
+    answer = sdk.chat.completions.create(
+        model="mixtral-local", messages=MESSAGES, max_tokens=60, seed=3,
+        response_format={"type": "json_schema", "json_schema": {"name": "r", "schema": schema, "strict": True}})
+    value = json.loads(answer.choices[0].message.content)
+    assert set(value) == {"ok", "n"} and isinstance(value["ok"], bool) and isinstance(value["n"], int)
+
+
+@pytest.mark.parametrize(("body", "param"), [
+    ({"temperature": 9}, "temperature"),
+    ({"messages": [{"role": "robot", "content": "x"}]}, "messages[0]"),
+    ({"logprobs": True}, "logprobs"),
+    ({"stream_options": {"include_usage": True}}, "stream_options"),
+])
+def test_refused_request_is_a_bad_request_naming_the_parameter(sdk: openai.OpenAI, body: dict[str, Any],
+                                                               param: str) -> None:
+    with pytest.raises(openai.BadRequestError) as caught:
+        sdk.chat.completions.create(**{"model": "mixtral-local", "messages": MESSAGES, **body})
+    assert caught.value.param == param
+    assert caught.value.body["param"] == param
+
+
+def test_unknown_model_is_not_found(sdk: openai.OpenAI) -> None:
+    with pytest.raises(openai.NotFoundError) as caught:
+        sdk.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+    assert caught.value.code == "model_not_found"
+
+
+def test_models_lists_the_served_name(sdk: openai.OpenAI) -> None:
+    assert [m.id for m in sdk.models.list()] == ["mixtral-local"]
+
+
+def test_caller_that_goes_away_leaves_the_batch(local_url: str, tiny_dir: Path) -> None:
+    engine = served_engine(tiny_dir)
+    before = engine.scheduler.steps
+    body = {"model": "mixtral-local", "messages": MESSAGES, "max_tokens": 900, "stream": True}
+    with httpx.Client(timeout=30) as http, http.stream("POST", f"{local_url}/chat/completions", json=body) as r:
+        events = []
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                events.append(line)
+            if len(events) == 3:
+                break  # and hang up
+    settled, last = time.monotonic(), engine.scheduler.steps
+    while time.monotonic() - settled < 1.0:  # steps stop growing once the row has left
+        time.sleep(0.1)
+        if engine.scheduler.steps != last:
+            settled, last = time.monotonic(), engine.scheduler.steps
+    assert last - before < 200  # of the 899 decode steps the answer would have taken
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_concurrent_streams_decode_in_one_batch(local_url: str, tiny_dir: Path, anyio_backend: str) -> None:
+    engine = served_engine(tiny_dir)
+    prompts = [[{"role": "user", "content": f"Count to {i}"}] for i in range(4)]
+    texts: dict[int, str] = {}
+    client = async_openai_client(local_url)
+
+    async def one(i: int) -> None:
+        stream = await client.chat.completions.create(model="mixtral-local", messages=prompts[i], temperature=0,
+                                                      max_tokens=24, stream=True)
+        texts[i] = "".join([c.choices[0].delta.content or "" async for c in stream])
+
+    before = engine.scheduler.steps
+    async with client, anyio.create_task_group() as tg:
+        for i in range(4):
+            tg.start_soon(one, i)
+    assert engine.scheduler.steps - before < 4 * 24  # rows shared steps
+    async with AsyncMixtralClient(provider="local", model_path=str(tiny_dir), env={}, **LOCAL) as own:
+        for i, messages in enumerate(prompts):
+            alone = await own.chat.completions.create(messages=messages, temperature=0, max_tokens=24)
+            assert texts[i] == alone.choices[0].message.content
+
+
+def test_api_key_guards_v1_but_not_health(tiny_dir: Path) -> None:
+    client = AsyncMixtralClient(provider="local", model_path=str(tiny_dir), env={}, **LOCAL)
+    with running(client, api_key="s3cret", model_name="mixtral", warmup=False) as url:
+        with openai_client(url, api_key="wrong") as wrong, openai_client(url, api_key="s3cret") as right:
+            with pytest.raises(openai.AuthenticationError):
+                wrong.chat.completions.create(model="mixtral", messages=MESSAGES)
+            with pytest.raises(openai.AuthenticationError):
+                wrong.models.list()
+            answer = right.chat.completions.create(model="mixtral", messages=MESSAGES, max_tokens=2)
+        assert answer.usage.completion_tokens == 2
+        assert httpx.get(url.removesuffix("/v1") + "/health").json()["model"] == "mixtral"
