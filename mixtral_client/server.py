@@ -21,9 +21,10 @@ import contextlib
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
 
+import anyio
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -37,6 +38,7 @@ from ._streaming import AsyncStream
 __all__ = ["create_app", "serve"]
 
 log = logging.getLogger("mixtral_client.server")
+T = TypeVar("T")
 
 #: what the local backend is asked at start-up, so the weights load (and a bad checkpoint fails) before the
 #: first caller waits
@@ -73,6 +75,29 @@ async def _events(stream: AsyncStream, include_usage: bool) -> AsyncIterator[byt
     yield DONE
 
 
+async def _unless_gone(request: Request, make: Callable[[], Awaitable[T]]) -> T | None:
+    """``await make()``, cancelled (None) if the caller disconnects first: a whole answer, or a stream's first
+    chunk, is not computed for nobody. (Starlette watches a stream's caller itself once it is streaming.)"""
+    out: list[T] = []
+    failed: list[Exception] = []
+    async with anyio.create_task_group() as tasks:
+
+        async def watch() -> None:
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+            tasks.cancel_scope.cancel()
+
+        tasks.start_soon(watch)
+        try:
+            out.append(await make())
+        except Exception as exc:  # raised below as it is, not in an exception group
+            failed.append(exc)
+        tasks.cancel_scope.cancel()
+    if failed:
+        raise failed[0]
+    return out[0] if out else None
+
+
 def create_app(client: AsyncMixtralClient, *, api_key: str | None = None, model_name: str | None = None,
                warmup: bool = True) -> Starlette:
     """An ASGI app answering OpenAI chat-completions requests with ``client``, which it closes at shutdown.
@@ -101,10 +126,12 @@ def create_app(client: AsyncMixtralClient, *, api_key: str | None = None, model_
             return denied
         try:
             served_request = read_body(await request.body(), served)
-            answer = await client.chat.completions.create(messages=served_request.messages,
-                                                          stream=served_request.stream, **served_request.params)
+            answer = await _unless_gone(request, lambda: client.chat.completions.create(
+                messages=served_request.messages, stream=served_request.stream, **served_request.params))
         except Exception as exc:  # every refusal or failure before the first byte is an HTTP error status
             return _error(exc)
+        if answer is None:  # the caller hung up while the answer was being made: it was cancelled
+            return Response(status_code=499)
         if isinstance(answer, AsyncStream):
             return StreamingResponse(_events(answer, served_request.include_usage), media_type="text/event-stream",
                                      headers={"cache-control": "no-cache", "x-accel-buffering": "no"})

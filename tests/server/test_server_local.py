@@ -122,23 +122,39 @@ def test_models_lists_the_served_name(sdk: openai.OpenAI) -> None:
     assert [m.id for m in sdk.models.list()] == ["mixtral-local"]
 
 
-def test_caller_that_goes_away_leaves_the_batch(local_url: str, tiny_dir: Path) -> None:
+def settled_steps(engine: Any) -> int:
+    """The engine's decode-step count once it has stopped growing for a second (no row left running)."""
+    settled, last = time.monotonic(), engine.scheduler.steps
+    while time.monotonic() - settled < 1.0:
+        time.sleep(0.1)
+        if engine.scheduler.steps != last:
+            settled, last = time.monotonic(), engine.scheduler.steps
+    return last
+
+
+LONG = {"model": "mixtral-local", "messages": MESSAGES, "max_tokens": 900}  # 899 decode steps when let run
+
+
+def test_stream_caller_that_hangs_up_leaves_the_batch(local_url: str, tiny_dir: Path) -> None:
     engine = served_engine(tiny_dir)
-    before = engine.scheduler.steps
-    body = {"model": "mixtral-local", "messages": MESSAGES, "max_tokens": 900, "stream": True}
-    with httpx.Client(timeout=30) as http, http.stream("POST", f"{local_url}/chat/completions", json=body) as r:
+    before = settled_steps(engine)
+    with httpx.Client(timeout=30) as http, http.stream("POST", f"{local_url}/chat/completions",
+                                                       json={**LONG, "stream": True}) as response:
         events = []
-        for line in r.iter_lines():
+        for line in response.iter_lines():
             if line.startswith("data: {"):
                 events.append(line)
             if len(events) == 3:
                 break  # and hang up
-    settled, last = time.monotonic(), engine.scheduler.steps
-    while time.monotonic() - settled < 1.0:  # steps stop growing once the row has left
-        time.sleep(0.1)
-        if engine.scheduler.steps != last:
-            settled, last = time.monotonic(), engine.scheduler.steps
-    assert last - before < 200  # of the 899 decode steps the answer would have taken
+    assert settled_steps(engine) - before < 200
+
+
+def test_whole_answer_caller_that_hangs_up_leaves_the_batch(local_url: str, tiny_dir: Path) -> None:
+    engine = served_engine(tiny_dir)
+    before = settled_steps(engine)
+    with httpx.Client(timeout=httpx.Timeout(30, read=0.3)) as http, pytest.raises(httpx.ReadTimeout):
+        http.post(f"{local_url}/chat/completions", json=LONG)
+    assert settled_steps(engine) - before < 200
 
 
 @pytest.mark.anyio
