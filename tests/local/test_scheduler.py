@@ -21,6 +21,7 @@ from mixtral_client._exceptions import ConfigurationError
 from mixtral_client._request import ChatRequest
 from mixtral_local.backend import AsyncLocalBackend, LocalBackend, clear_engine_cache
 from mixtral_local.engine import Engine, KVCache, SamplingParams, Ticket
+from mixtral_local.engine import scheduler as scheduler_module
 from mixtral_local.engine.engine import _MIN_LENGTH, _Batch, prefill_groups
 from mixtral_local.loader import load_model
 from mixtral_local.tokenizer import MixtralTokenizer
@@ -71,13 +72,22 @@ def alone(engine: Engine, prompt: list[int], params: SamplingParams = GREEDY) ->
     return engine.generate([prompt], params)[0].token_ids
 
 
-def no_batch_thread(timeout: float = 5.0) -> bool:
+def no_batch_thread(engine: Engine, timeout: float = 5.0) -> bool:
+    """The engine's batch thread has ended (or never started) within ``timeout``."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if not any(t.name == "mixtral-local-batch" for t in threading.enumerate()):
+        thread = engine.scheduler._last
+        if thread is None or not thread.is_alive():
             return True
         time.sleep(0.01)
     return False
+
+
+@pytest.fixture(autouse=True)
+def threads_end_when_idle(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These tests watch the batch thread end when its work does: no waiting for more (``IDLE_S``), except
+    in the tests of that wait, which set it themselves."""
+    monkeypatch.setattr(scheduler_module, "IDLE_S", 0.0)
 
 
 def test_concurrent_requests_decode_together_and_give_the_tokens_they_give_alone(
@@ -143,7 +153,7 @@ def test_breaking_out_of_a_ticket_cancels_it(engine: Engine, prompts: list[list[
         if i == 2:
             break
     assert ticket.cancelled
-    assert no_batch_thread()
+    assert no_batch_thread(engine)
     assert len(ticket.row.tokens) < LONG
 
 
@@ -162,9 +172,9 @@ def test_max_batch_bounds_the_rows_of_a_step_and_the_rest_wait(tiny_dir: Path, t
 def test_the_thread_ends_when_the_work_does_and_a_new_request_starts_it_again(
         engine: Engine, prompts: list[list[int]]) -> None:
     assert tokens(engine.submit(prompts[0], GREEDY)) == alone(engine, prompts[0])
-    assert no_batch_thread()
+    assert no_batch_thread(engine)
     assert tokens(engine.submit(prompts[2], GREEDY)) == alone(engine, prompts[2])
-    assert no_batch_thread()
+    assert no_batch_thread(engine)
 
 
 def test_a_failed_step_fails_every_request_in_it_and_the_next_ones_are_served(
@@ -196,7 +206,7 @@ def test_if_the_scheduler_itself_breaks_every_request_gets_the_error_and_the_nex
     tickets[0].cancel()  # the scheduler drops it between two steps, outside any step: the drop breaks
     with pytest.raises(RuntimeError, match="simulated"):
         list(tickets[1])
-    assert no_batch_thread()
+    assert no_batch_thread(engine)
     assert "the batch scheduler stopped" in caplog.text
     monkeypatch.undo()
     assert tokens(engine.submit(prompts[2], GREEDY)) == alone(engine, prompts[2])
@@ -258,7 +268,7 @@ def test_prefill_groups_keep_the_order_and_the_padded_token_budget() -> None:
 def test_a_refused_prompt_raises_in_the_callers_thread(engine: Engine) -> None:
     with pytest.raises(ValueError, match="outside the vocabulary"):
         engine.submit([1, 10**6], GREEDY)
-    assert no_batch_thread(timeout=0.5)
+    assert no_batch_thread(engine, timeout=0.5)
 
 
 def test_the_cache_holds_the_positions_reached_not_the_whole_budget(engine: Engine,
@@ -387,7 +397,7 @@ def test_shutdown_fails_running_requests_and_refuses_new_ones(engine: Engine, pr
     ticket = engine.submit(prompts[0], SamplingParams(temperature=0, max_tokens=LONG))
     ticket.get(timeout=10)
     engine.scheduler.shutdown(timeout=10)
-    assert no_batch_thread(timeout=0.5)
+    assert no_batch_thread(engine, timeout=0.5)
     with pytest.raises(RuntimeError, match="shut down"):
         list(ticket)
     with pytest.raises(RuntimeError, match="shut down"):
@@ -410,7 +420,7 @@ def test_shutdown_waits_for_a_thread_that_is_over_but_still_unwinding(
     tokens(engine.submit(prompts[0], GREEDY))
     time.sleep(0.05)  # the thread has given up its place and is unwinding
     engine.scheduler.shutdown(timeout=10)
-    assert not any(t.name == "mixtral-local-batch" and t.is_alive() for t in threading.enumerate())
+    assert not engine.scheduler._last.is_alive()
 
 
 EXIT_WITH_A_STREAM_OPEN = """
@@ -446,6 +456,66 @@ def test_a_process_that_exits_while_the_scheduler_thread_runs_exits_cleanly(tiny
                           timeout=120, check=False)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "leaving" in done.stdout and "terminate" not in done.stderr
+
+
+def test_a_request_that_comes_while_the_thread_waits_is_served_by_that_thread(
+        engine: Engine, prompts: list[list[int]], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(scheduler_module, "IDLE_S", 30.0)
+    assert tokens(engine.submit(prompts[0], GREEDY)) == alone(engine, prompts[0])
+    first = engine.scheduler._last
+    time.sleep(0.2)  # nothing left to do: the thread waits
+    assert first is not None and first.is_alive() and not engine.scheduler._waiting
+    assert tokens(engine.submit(prompts[2], GREEDY)) == alone(engine, prompts[2])
+    assert engine.scheduler._last is first  # no new thread
+    started = time.monotonic()
+    engine.scheduler.shutdown(timeout=10)
+    assert not first.is_alive() and time.monotonic() - started < 5  # shutdown wakes it: no 30 s wait
+
+
+def test_the_waiting_thread_ends_after_idle_s_and_the_next_request_starts_another(
+        engine: Engine, prompts: list[list[int]], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(scheduler_module, "IDLE_S", 0.3)
+    assert tokens(engine.submit(prompts[0], GREEDY)) == alone(engine, prompts[0])
+    first = engine.scheduler._last
+    assert no_batch_thread(engine, timeout=5) and engine.scheduler._thread is None
+    assert tokens(engine.submit(prompts[2], GREEDY)) == alone(engine, prompts[2])
+    assert engine.scheduler._last is not first
+
+
+def test_the_waiting_thread_holds_neither_the_engine_nor_its_kv_cache(
+        tiny_dir: Path, tokenizer: MixtralTokenizer, prompts: list[list[int]], monkeypatch: pytest.MonkeyPatch) -> None:
+    import gc
+    import weakref
+
+    monkeypatch.setattr(scheduler_module, "IDLE_S", 30.0)
+    engine = Engine(load_model(tiny_dir, dtype="float32", device="cpu"), tokenizer)
+    tokens(engine.submit(prompts[0], GREEDY))
+    thread, gone = engine.scheduler._last, weakref.ref(engine)
+    time.sleep(0.2)
+    assert thread is not None and thread.is_alive()
+    del engine
+    gc.collect()
+    assert gone() is None  # collected while its thread waited (a batch, with its KV cache, holds its engine)
+    thread.join(5)
+    assert not thread.is_alive()  # and the thread ended with it, long before IDLE_S
+
+
+EXIT_WHILE_THE_THREAD_WAITS = """
+import sys
+from mixtral_client import MixtralClient
+client = MixtralClient(provider="local", model_path=sys.argv[1], local_options={"device": "cpu"})
+client.chat.completions.create(messages=[{"role": "user", "content": "Hi"}], max_tokens=2)
+print("leaving while the batch thread waits for work", flush=True)
+"""
+
+
+def test_a_process_whose_batch_thread_waits_for_work_exits_at_once(tiny_dir: Path) -> None:
+    with subprocess.Popen([sys.executable, "-c", EXIT_WHILE_THE_THREAD_WAITS, str(tiny_dir)], text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE) as proc:
+        assert proc.stdout is not None and "leaving" in proc.stdout.readline()
+        left = time.monotonic()
+        assert proc.wait(timeout=120) == 0, proc.stderr.read() if proc.stderr else ""
+    assert time.monotonic() - left < 2.5  # the atexit hook woke it: it did not wait out IDLE_S (30 s)
 
 
 # n > 1: one row per choice, in the running batch
@@ -596,5 +666,5 @@ def test_cancelling_a_filling_prompt_frees_its_slot(engine: Engine, prompts: lis
         filling = engine.submit(long_prompt, GREEDY)
     filling.cancel()
     assert tokens(running) == alone(engine, prompts[0], SamplingParams(temperature=0, max_tokens=60))
-    assert no_batch_thread()
+    assert no_batch_thread(engine)
     assert filling.row.tokens == [] or len(filling.row.tokens) < GREEDY.max_tokens
