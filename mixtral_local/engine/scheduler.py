@@ -6,13 +6,14 @@ tokens a pass), a prompt longer than ``PREFILL_CHUNK`` one chunk per turn. A req
 waiting for the others to finish, and N concurrent streams cost one decode step per token instead of N:
 decoding is bound by reading the weights, and a step reads them once for every row.
 
-The thread starts with the first request. When nothing is left to do it releases the KV cache and its
-hold on the engine, and waits up to ``IDLE_S`` seconds for more work, while the engine lives, before it ends: a request that comes in that
-time is served by the same thread, whose first token comes sooner than a new thread's (on CPU a new thread
-builds its OpenMP pool and per-thread state again: 42 ms to a small model's first token instead of 21).
-Consumers read a ``Ticket``: iterate it (blocking) from any thread, or poll
-it and be woken by a listener from an event loop; ``cancel()`` takes the request out after the step in
-flight. An error in a step (out of memory, say) fails every request of that step, each with the error.
+The thread starts with the first request. When nothing is left to do it releases the KV cache and its hold
+on the engine, and waits up to ``IDLE_S`` seconds for more work (while the engine lives) before it ends: a
+request that comes in that time is served by the same thread, whose first token comes sooner than a new
+thread's (on CPU a new thread builds its OpenMP pool and per-thread state again: 40 ms to a small model's
+first token instead of 21, benchmarks/idle_first_token.py). Consumers read a ``Ticket``: iterate it
+(blocking) from any thread, or poll it and be woken by a listener from an event loop; ``cancel()`` takes the
+request out after the step in flight. An error in a step (out of memory, say) fails every request of that
+step, each with the error.
 """
 
 from __future__ import annotations
