@@ -42,15 +42,17 @@ class RequestOptions:
 
 
 @dataclass(frozen=True, slots=True)
-class RequiredCalls:
-    """What an answer must be when tools travel in the prompt and ``tool_choice`` demands a call: ``marker``
-    and a JSON list of calls (``{"name", "arguments"}``) of ``functions``, exactly one when ``one``. Set by
-    ``ToolPrompt``; a backend that constrains its decoding (local) enforces it, a host only reads the prompt.
+class PromptedCalls:
+    """How the answer may call tools when they travel in the prompt: ``marker`` and a JSON list of calls
+    (``{"name", "arguments"}``) of ``functions``, exactly one when ``one``; ``required`` (``tool_choice``
+    demands a call): nothing else, else the answer may also be text that does not open with ``marker``. Set
+    by ``ToolPrompt``; a backend that constrains its decoding (local) enforces it, a host only reads the prompt.
     """
 
     functions: tuple[Mapping[str, Any], ...]
     marker: str
     one: bool
+    required: bool
 
 
 @dataclass(slots=True)
@@ -67,7 +69,7 @@ class ChatRequest:
     params: dict[str, Any]
     stream: bool
     options: RequestOptions
-    required_calls: RequiredCalls | None = None
+    prompted_calls: PromptedCalls | None = None
 
     def body(self) -> dict[str, Any]:
         """The OpenAI chat-completions JSON body."""

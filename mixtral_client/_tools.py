@@ -30,7 +30,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from ._accumulate import whole_call_deltas
-from ._request import ChatRequest, RequiredCalls, join_turns, message_text
+from ._request import ChatRequest, PromptedCalls, join_turns, message_text
 from ._rewrite import held_chunk, passing
 from .types import (
     ChatCompletion,
@@ -296,11 +296,12 @@ class ToolPrompt:
             shown = [{k: fn[k] for k in ("name", "description", "parameters") if k in fn} for fn in callable_]
             system = _instructions(shown, choice, one_at_a_time)
             _stop_before_made_up_results(plain, request.provider.limits.max_stop)
-        required = None
-        if callable_ and (isinstance(choice, Mapping) or choice in ("required", "any")):
-            required = RequiredCalls(tuple(callable_), CALLS, one_at_a_time)
+        calls = None
+        if callable_:
+            calls = PromptedCalls(tuple(callable_), CALLS, one_at_a_time,
+                                  required=isinstance(choice, Mapping) or choice in ("required", "any"))
         rewritten = replace(request, messages=rewrite_messages(request.messages, system), params=plain,
-                            required_calls=required)
+                            prompted_calls=calls)
         return cls(rewritten, {fn["name"]: fn for fn in callable_}, one_at_a_time)
 
     def _calls(self, text: str) -> tuple[str | None, list[ToolCall]] | None:

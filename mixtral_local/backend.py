@@ -163,25 +163,40 @@ def clear_engine_cache() -> None:
         _engines.clear()
 
 
-def _grammar(request: ChatRequest) -> str | None:
-    """The grammar the answer must follow: a required tool call, or ``response_format``'s JSON; checked here,
-    before anything loads, so a bad schema is an ``InvalidRequestError`` naming its parameter."""
-    calls, fmt = request.required_calls, request.params.get("response_format")
-    param = "tools" if calls is not None else "response_format"
+def _format_schema(request: ChatRequest) -> tuple[dict[str, Any], bool] | None:
+    """``response_format``'s JSON schema and whether it is read leniently; None for text."""
+    fmt = request.params.get("response_format")
+    if fmt is None or fmt["type"] == "text":
+        return None
+    if fmt["type"] == "json_object":
+        return {"type": "object"}, False
+    spec = fmt["json_schema"]  # its schema, if any, is a dict: build_request checked it
+    return spec.get("schema", {"type": "object"}), not spec.get("strict")
+
+
+def _checked(param: str, build: Callable[[], str]) -> str:
+    """The grammar ``build()`` makes, checked; a bad one is an ``InvalidRequestError`` naming ``param``."""
     try:
-        if calls is not None:
-            grammar = tool_calls_grammar(calls.functions, marker=calls.marker, one=calls.one)
-        elif fmt is None or fmt["type"] == "text":
-            return None
-        elif fmt["type"] == "json_object":
-            grammar = json_grammar(None)
-        else:
-            spec = fmt["json_schema"]  # its schema, if any, is a dict: build_request checked it
-            grammar = json_grammar(spec.get("schema", {"type": "object"}), lenient=not spec.get("strict"))
+        grammar = build()
         check_grammar(grammar)
     except GrammarError as exc:
         raise InvalidRequestError(f"{param}: {exc}", param=param, provider="local") from None
     return grammar
+
+
+def _grammar(request: ChatRequest) -> str | None:
+    """The grammar the answer must follow, checked here, before anything loads: required tool calls;
+    ``response_format``'s JSON; under ``tool_choice="auto"``, calls that parse if the answer opens with the
+    marker, else text (or that JSON, with a ``response_format``)."""
+    calls, fmt = request.prompted_calls, _format_schema(request)
+    if calls is not None and calls.required:
+        return _checked("tools", lambda: tool_calls_grammar(calls.functions, marker=calls.marker, one=calls.one))
+    json_only = None if fmt is None else _checked("response_format", lambda: json_grammar(fmt[0], lenient=fmt[1]))
+    if calls is None:
+        return json_only
+    return _checked("tools", lambda: tool_calls_grammar(
+        calls.functions, marker=calls.marker, one=calls.one, required=False,
+        otherwise=None if fmt is None else fmt[0], lenient=fmt is not None and fmt[1]))
 
 
 def _sampling(request: ChatRequest) -> SamplingParams:
@@ -196,7 +211,8 @@ def _sampling(request: ChatRequest) -> SamplingParams:
                                   f"(it accepts {', '.join(sorted(_EXTRA_BODY))})", param="extra_body",
                                   provider="local")
     stop = p.get("stop", ())
-    grammar = _grammar(request)
+    grammar, calls = _grammar(request), request.prompted_calls
+    free_text = calls is not None and not calls.required and _format_schema(request) is None  # "auto" calls or text
     try:
         return SamplingParams(
             temperature=float(p.get("temperature", 1.0)),
@@ -208,6 +224,7 @@ def _sampling(request: ChatRequest) -> SamplingParams:
             max_tokens=p.get("max_tokens", p.get("max_completion_tokens")),
             stop=(stop,) if isinstance(stop, str) else tuple(stop),
             grammar=grammar,
+            lazy_marker=calls.marker if free_text and calls is not None else None,
         )
     except ValueError as exc:
         raise InvalidRequestError(str(exc), provider="local") from None

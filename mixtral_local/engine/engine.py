@@ -126,11 +126,11 @@ class Engine:
         self._grammar_table: Any = None  # llguidance's view of the vocabulary, built with the first grammar
         self._grammar_lock = threading.Lock()
 
-    def _constraint(self, grammar: str) -> Constraint:
+    def _constraint(self, grammar: str, lazy_marker: str | None) -> Constraint:
         with self._grammar_lock:
             if self._grammar_table is None:
                 self._grammar_table = token_table(self.tokenizer)
-        return Constraint(self._grammar_table, grammar)
+        return Constraint(self._grammar_table, grammar, lazy_marker=lazy_marker)
 
     def budget(self, prompt_len: int, max_tokens: int | None) -> int:
         """How many tokens a request may generate; refuses a prompt that does not fit the context."""
@@ -196,7 +196,7 @@ class Engine:
                 generator = torch.Generator(self.device).manual_seed(seed)
             counts = torch.zeros(self.model.config.vocab_size, device=self.device) if p.penalized else None
             max_new = self.budget(len(prompt), p.max_tokens)
-            constraint = self._constraint(p.grammar) if p.grammar is not None else None
+            constraint = self._constraint(p.grammar, p.lazy_marker) if p.grammar is not None else None
             prefix, cached = self.prefix_cache.match(prompt)
             rows.append(_Row(i, list(prompt), p, max_new, self.tokenizer.detokenizer(), StopMatcher(p.stop),
                              generator, counts, constraint, prefix=prefix, cached=cached))

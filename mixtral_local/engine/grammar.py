@@ -1,6 +1,7 @@
 """Constrained decoding: the tokens a request may sample next come from a grammar (llguidance).
 
-``response_format`` and a required tool call become a grammar (``json_grammar``, ``tool_calls_grammar``).
+``response_format`` and tool calls become a grammar (``json_grammar``, ``tool_calls_grammar``: required calls,
+or under ``tool_choice="auto"`` calls when the answer opens with the marker and text or JSON otherwise).
 Each row that has one holds a ``Constraint``: before sampling, every token the grammar cannot take next
 gets a logit of -inf; after sampling, the token is fed to the matcher. End of sequence is allowed only
 where the grammar may end, and once the grammar can take nothing more it is the only token left, so a
@@ -63,10 +64,16 @@ def json_grammar(schema: Mapping[str, Any] | None, *, lenient: bool = False) -> 
     return _llguidance().LLMatcher.grammar_from_lark(f'start: " "? answer\nanswer: {body}\n')
 
 
-def tool_calls_grammar(functions: Sequence[Mapping[str, Any]], *, marker: str, one: bool) -> str:
+def tool_calls_grammar(functions: Sequence[Mapping[str, Any]], *, marker: str, one: bool, required: bool = True,
+                       otherwise: Mapping[str, Any] | None = None, lenient: bool = False) -> str:
     """A grammar for an answer that is ``marker`` and a JSON list of calls, each ``{"name", "arguments"}``
     of one of ``functions`` (OpenAI function dicts), its arguments following that function's parameters
-    schema; ``one``: exactly one call. Schemas are read leniently: a tool is never refused for a keyword."""
+    schema; ``one``: exactly one call. Schemas are read leniently: a tool is never refused for a keyword.
+
+    ``required=False`` (``tool_choice="auto"``): the answer may instead be text that does not open with
+    ``marker`` (an answer that opens with it must be calls that parse), or, with ``otherwise`` (a
+    ``response_format``'s schema, read as ``json_grammar`` reads it), one JSON value that follows it.
+    """
     calls = []
     for fn in functions:
         parameters = fn.get("parameters") or {"type": "object"}
@@ -76,9 +83,16 @@ def tool_calls_grammar(functions: Sequence[Mapping[str, Any]], *, marker: str, o
                              "minItems": 1}
     if one:
         items["maxItems"] = 1
-    body = _json_rule(items, lenient=True)
-    return _llguidance().LLMatcher.grammar_from_lark(f'start: " "? {json.dumps(marker + " ")} calls\n'
-                                                     f"calls: {body}\n")
+    calls_rule = f"calls: {_json_rule(items, lenient=True)}\n"
+    if required:
+        lark = f'start: " "? {json.dumps(marker + " ")} calls\n' + calls_rule
+    else:  # the opening space is part of the marker's lexeme, so the lexer follows it and TEXT side by side
+        lark = f"start: OPEN calls | other\nOPEN: / ?{re.escape(marker)} /\n" + calls_rule
+        if otherwise is not None:
+            lark += f'other: " "? answer\nanswer: {_json_rule(otherwise, lenient)}\n'
+        else:  # any text but one that opens (after blanks) with the marker
+            lark += f"other: TEXT\nTEXT: /(.|\\n)*/ & ~/\\s*{re.escape(marker)}(.|\\n)*/\n"
+    return _llguidance().LLMatcher.grammar_from_lark(lark)
 
 
 def check_grammar(grammar: str) -> None:
@@ -124,11 +138,20 @@ def token_table(tokenizer: MixtralTokenizer) -> llguidance.LLTokenizer:
 
 
 class Constraint:
-    """One row's grammar state: ``mask()`` the logits before sampling, ``accept()`` the sampled token."""
+    """One row's grammar state: ``mask()`` the logits before sampling, ``accept()`` the sampled token.
 
-    def __init__(self, table: llguidance.LLTokenizer, grammar: str) -> None:
+    ``lazy_marker`` (tool calls under ``tool_choice="auto"``, whose grammar is calls after the marker or any
+    other text): the grammar holds while the answer may still open with the marker. Once it cannot, the
+    answer is free text, and the grammar is no longer consulted: no mask costs a token's time.
+    """
+
+    def __init__(self, table: llguidance.LLTokenizer, grammar: str, *, lazy_marker: str | None = None) -> None:
         self._matcher = _llguidance().LLMatcher(table, grammar, log_level=0)
         self._check()
+        self._table = table
+        self._marker = None if lazy_marker is None else lazy_marker.encode()
+        self._opening = b""  # the answer so far, while it may still open with the marker
+        self.free = False
 
     def _check(self) -> None:
         if self._matcher.is_error():  # the reason, then the matcher's state and the grammar
@@ -136,6 +159,8 @@ class Constraint:
 
     def mask(self, logits: torch.Tensor) -> torch.Tensor:
         """``logits`` [V] with every token the grammar cannot take next at -inf."""
+        if self.free:
+            return logits
         allowed = torch.frombuffer(bytearray(self._matcher.compute_logit_bias()), dtype=torch.uint8)
         self._check()
         vocab = allowed.numel()
@@ -145,9 +170,15 @@ class Constraint:
         return masked
 
     def accept(self, token: int) -> None:
+        if self.free:
+            return
         if not self._matcher.consume_token(token):
             self._check()
             raise GrammarError(f"structured output: token {token} was not allowed")
+        if self._marker is not None:
+            self._opening += self._table.decode_bytes([token])
+            start = self._opening.lstrip()
+            self.free = not (self._marker.startswith(start) or start.startswith(self._marker))
 
     @property
     def done(self) -> bool:

@@ -28,6 +28,7 @@ class SamplingParams:
     max_tokens: int | None = None
     stop: tuple[str, ...] = ()
     grammar: str | None = None  # an llguidance grammar the answer must follow (see ``grammar.py``)
+    lazy_marker: str | None = None  # the grammar holds only while the answer may open with this (``Constraint``)
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.temperature) and self.temperature >= 0):

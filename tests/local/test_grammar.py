@@ -18,6 +18,7 @@ from pydantic import BaseModel, Field
 
 from mixtral_client import AsyncMixtralClient, InvalidRequestError, MixtralClient
 from mixtral_client._request import ChatRequest
+from mixtral_client._tools import ToolPrompt
 from mixtral_local import backend as backend_module
 from mixtral_local.backend import LocalCore
 from mixtral_local.engine import Engine, SamplingParams
@@ -52,6 +53,20 @@ WEATHER = {"type": "function", "function": {"name": "get_weather", "description"
 TIME = {"type": "function", "function": {"name": "get_time", "parameters": {
     "type": "object", "properties": {"utc_offset": {"type": "integer", "minimum": -12, "maximum": 14}},
     "required": ["utc_offset"], "additionalProperties": False}}}
+
+
+def ends_as(table: Any, grammar: str, tokenizer: MixtralTokenizer, text: str) -> str:
+    """Feed ``text``'s tokens to a ``Constraint``: "refused" (a token was masked), "done" (the grammar can take
+    nothing more) or "open" (it could go on, and may end here: end of sequence is allowed)."""
+    check = Constraint(table, grammar)
+    for token in tokenizer.encode(text) if text else []:
+        if not torch.isfinite(check.mask(torch.zeros(32000)))[token]:
+            return "refused"
+        check.accept(token)
+    if check.done:
+        return "done"
+    assert torch.isfinite(check.mask(torch.zeros(32000)))[tokenizer.eos_id]
+    return "open"
 
 
 def follows_person(value: Any) -> bool:
@@ -309,9 +324,88 @@ def test_one_call_at_a_time_means_exactly_one(client: MixtralClient) -> None:
         assert len(done.choices[0].message.tool_calls or []) == 1
 
 
-def test_auto_tool_choice_is_not_constrained(client: MixtralClient) -> None:
+def test_auto_tool_choice_leaves_a_text_answer_as_the_model_writes_it(
+        client: MixtralClient, engine: Engine, tokenizer: MixtralTokenizer,
+        make_request: Callable[..., ChatRequest]) -> None:
+    """Under "auto" the grammar only bites when an answer opens with [TOOL_CALLS]: the random model's greedy
+    text, which does not, comes out exactly as without a grammar."""
+    rewritten = ToolPrompt.for_request(make_request(MESSAGES, tools=[WEATHER]))
+    assert rewritten is not None and backend_module._sampling(rewritten.request).grammar is not None
+    prompt = tokenizer.encode_chat(rewritten.request.messages)
+    free = engine.generate([prompt], SamplingParams(temperature=0, max_tokens=12))[0]
     done = client.chat.completions.create(messages=MESSAGES, tools=[WEATHER], max_tokens=12, temperature=0)
     assert done.choices[0].finish_reason == "length" and not done.choices[0].message.tool_calls
+    assert done.choices[0].message.content == free.text
+
+
+def test_auto_tool_grammar_takes_text_or_calls_that_parse(tokenizer: MixtralTokenizer) -> None:
+    grammar = tool_calls_grammar([WEATHER["function"], TIME["function"]], marker="[TOOL_CALLS]", one=False,
+                                 required=False)
+    table = grammar_module.token_table(tokenizer)
+    assert ends_as(table, grammar, tokenizer, "The weather in Oslo is fine.\n\nAsk me [more] {later}.") == "open"
+    assert ends_as(table, grammar, tokenizer, "") == "open"  # an empty answer may end at once
+    assert ends_as(table, grammar, tokenizer, "Sure. [TOOL_CALLS] later, maybe") == "open"  # only the opening counts
+    call = '[TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Oslo", "unit": "c"}}]'
+    assert ends_as(table, grammar, tokenizer, call) == "done"
+    assert ends_as(table, grammar, tokenizer, " " + call) == "refused"  # the marker after more than the opening
+    # space ("▁" of the first token): neither a call's opening nor text, so the model is turned away from it
+    assert ends_as(table, grammar, tokenizer, '[TOOL_CALLS] [{"name": "get_news", "arguments": {}}]') == "refused"
+    assert ends_as(table, grammar, tokenizer, "[TOOL_CALLS] I will not call anything") == "refused"
+    assert ends_as(table, grammar, tokenizer, " [TOOL_CALLS][{'name': 'get_time'}]") == "refused"
+
+
+def test_under_auto_the_grammar_lets_go_once_the_answer_cannot_open_with_calls(tokenizer: MixtralTokenizer) -> None:
+    grammar = tool_calls_grammar([WEATHER["function"]], marker="[TOOL_CALLS]", one=False, required=False)
+    table = grammar_module.token_table(tokenizer)
+
+    def fed(text: str) -> Constraint:
+        check = Constraint(table, grammar, lazy_marker="[TOOL_CALLS]")
+        for token in tokenizer.encode(text):
+            assert torch.isfinite(check.mask(torch.zeros(32000)))[token]
+            check.accept(token)
+        return check
+
+    text = fed("Hello [TOOL_CALLS] there")
+    logits = torch.randn(32000)
+    assert text.free and text.mask(logits) is logits  # no mask computed for a text answer
+    for opening in ("[TOOL", "[TOOL_CALLS]", '[TOOL_CALLS] [{"name": "get_'):
+        assert not fed(opening).free
+    call = fed('[TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Oslo", "unit": "')
+    allowed = torch.isfinite(call.mask(torch.zeros(32000)))
+    assert allowed[tokenizer.sp.piece_to_id("c")] and not allowed[tokenizer.sp.piece_to_id("x")]  # still enforced
+
+
+def test_auto_tool_grammar_with_a_format_takes_that_json_or_calls(tokenizer: MixtralTokenizer) -> None:
+    grammar = tool_calls_grammar([TIME["function"]], marker="[TOOL_CALLS]", one=True, required=False,
+                                 otherwise=PERSON)
+    table = grammar_module.token_table(tokenizer)
+    person = '{"name": "Ada", "age": 36, "tags": ["red"], "pet": null}'
+    assert follows_person(json.loads(person))
+    assert ends_as(table, grammar, tokenizer, person) == "done"
+    assert ends_as(table, grammar, tokenizer, '[TOOL_CALLS] [{"name": "get_time", "arguments": {"utc_offset": 2}}]') \
+        == "done"
+    assert ends_as(table, grammar, tokenizer, "Here is a person.") == "refused"
+    assert ends_as(table, grammar, tokenizer, '{"name": "Ada"}') == "refused"  # not the schema
+
+
+def test_auto_tool_choice_with_json_mode_gives_an_object_or_a_call(client: MixtralClient) -> None:
+    for seed in range(4):
+        done = client.chat.completions.create(messages=MESSAGES, tools=[WEATHER], response_format={
+            "type": "json_object"}, max_tokens=60, seed=seed)
+        choice = done.choices[0]
+        if choice.message.tool_calls:
+            assert choice.finish_reason == "tool_calls"
+            assert json.loads(choice.message.tool_calls[0].function.arguments).keys() == {"city", "unit"}
+        else:
+            assert (choice.message.content or "").startswith("{")
+            assert choice.finish_reason == "length" or isinstance(json.loads(choice.message.content or ""), dict)
+
+
+def test_a_bad_format_beside_auto_tools_is_refused_naming_the_format(client: MixtralClient) -> None:
+    fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "objectx"}}}
+    with pytest.raises(InvalidRequestError, match="Invalid type") as caught:
+        client.chat.completions.create(messages=MESSAGES, tools=[WEATHER], response_format=fmt)
+    assert caught.value.param == "response_format"
 
 
 @pytest.mark.anyio
@@ -358,4 +452,14 @@ def test_the_grammar_reaches_the_sampling_parameters(make_request: Callable[...,
     assert backend_module._sampling(make_request(MESSAGES, response_format={"type": "text"})).grammar is None
     params = backend_module._sampling(make_request(MESSAGES, response_format=PERSON_FORMAT))
     assert params.grammar is not None and '"maxLength": 8' in params.grammar
+
+    def with_tools(**extra: Any) -> Any:
+        prompted = ToolPrompt.for_request(make_request(MESSAGES, tools=[WEATHER], **extra))
+        assert prompted is not None
+        return backend_module._sampling(prompted.request)
+
+    assert with_tools().grammar is not None and with_tools().lazy_marker == "[TOOL_CALLS]"  # "auto": lazy
+    assert with_tools(tool_choice="required").lazy_marker is None
+    assert with_tools(response_format=PERSON_FORMAT).lazy_marker is None  # calls or that JSON: never let go
+    assert with_tools(tool_choice="none").grammar is None
     core.close()
