@@ -116,21 +116,32 @@ def _load_in_own_thread(options: LocalOptions) -> MixtralModel:
     On CPU each thread that runs torch operators gets its own OpenMP pool, and once two pools exist their
     workers stop spinning between operators (there are more of them than cores): every small operator of the
     scheduler thread then waits for a sleeping worker. A pool dies with its thread.
+
+    Ctrl-C while waiting (a ``KeyboardInterrupt`` in the caller's thread) stops the load before its next tensor
+    and waits for the thread to end before it goes on: no thread is left inside torch, loading, when the
+    interpreter exits.
     """
     out: list[MixtralModel] = []
     errors: list[BaseException] = []
+    cancel, done = threading.Event(), threading.Event()
 
     def load() -> None:
         try:
             out.append(load_model(options.path, dtype=options.dtype, device=options.device,
                                   moe_backend=options.moe_backend, quantize=options.quantize,
-                                  progress=options.progress))
+                                  progress=options.progress, cancel=cancel))
         except BaseException as exc:
             errors.append(exc)
+        finally:
+            done.set()
 
-    thread = threading.Thread(target=load, name="mixtral-local-load", daemon=True)
-    thread.start()
-    thread.join()
+    threading.Thread(target=load, name="mixtral-local-load", daemon=True).start()
+    try:
+        done.wait()  # not Thread.join: once interrupted, it takes a running thread for ended (bpo-45274)
+    except BaseException:
+        cancel.set()
+        done.wait()
+        raise
     if errors:
         raise errors[0]
     return out[0]

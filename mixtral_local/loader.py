@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +28,8 @@ from .config import CheckpointError, MixtralConfig
 from .kernels import MoEFn, Quantize, quantize_rows, resolve_moe_backend
 from .model import MixtralModel
 
-__all__ = ["CheckpointPlan", "check_checkpoint", "load_model", "resolve_device", "resolve_dtype", "resolve_quantize"]
+__all__ = ["CheckpointPlan", "LoadCancelled", "check_checkpoint", "load_model", "resolve_device", "resolve_dtype",
+           "resolve_quantize"]
 
 _DTYPE_NAMES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
                 "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
@@ -212,6 +214,10 @@ def check_checkpoint(
     return plan
 
 
+class LoadCancelled(Exception):
+    """``load_model`` stopped because its ``cancel`` event was set."""
+
+
 def load_model(
     path: str | os.PathLike[str],
     *,
@@ -220,6 +226,7 @@ def load_model(
     moe_backend: str = "auto",
     quantize: str | None = None,
     progress: bool | None = None,
+    cancel: threading.Event | None = None,
 ) -> MixtralModel:
     """Load a Hugging Face Mixtral checkpoint directory; returns the model in eval mode.
 
@@ -229,6 +236,7 @@ def load_model(
     ``quantize``: None, or "int8" for int8 experts with one scale per output row (in ``dtype``), quantized
     as they are read; the other weights stay in ``dtype``.
     ``progress``: a progress bar on stderr (None: only when stderr is a terminal).
+    ``cancel``: once set, the load stops before the next tensor and raises ``LoadCancelled``.
     Everything ``check_checkpoint`` checks is refused before any weight is allocated.
     """
     plan = check_checkpoint(path, dtype=dtype, device=device, moe_backend=moe_backend, quantize=quantize)
@@ -249,6 +257,8 @@ def load_model(
         for file, names in by_file.items():
             with safe_open(str(file), framework="pt", device="cpu") as f:
                 for name in names:
+                    if cancel is not None and cancel.is_set():
+                        raise LoadCancelled(f"loading {plan.root} was cancelled")
                     target = plan.targets[name]
                     dest = params[target.param][target.index]
                     if plan.quantized(target):  # on the device: far faster there than on the CPU
