@@ -145,13 +145,19 @@ class Constraint:
     answer is free text, and the grammar is no longer consulted: no mask costs a token's time.
     """
 
-    def __init__(self, table: llguidance.LLTokenizer, grammar: str, *, lazy_marker: str | None = None) -> None:
-        self._matcher = _llguidance().LLMatcher(table, grammar, log_level=0)
+    def __init__(self, table: llguidance.LLTokenizer, grammar: str, *, lazy_marker: str | None = None,
+                 _matcher: Any = None) -> None:
+        self._matcher = _llguidance().LLMatcher(table, grammar, log_level=0) if _matcher is None else _matcher
         self._check()
-        self._table = table
+        self._table, self._grammar = table, grammar
         self._marker = None if lazy_marker is None else lazy_marker.encode()
         self._opening = b""  # the answer so far, while it may still open with the marker
         self.free = False
+
+    def fresh(self, *, lazy_marker: str | None = None) -> Constraint:
+        """A new constraint for the same grammar, at its start, without compiling it again (this one must not
+        have taken a token yet)."""
+        return Constraint(self._table, self._grammar, lazy_marker=lazy_marker, _matcher=self._matcher.deep_copy())
 
     def _check(self) -> None:
         if self._matcher.is_error():  # the reason, then the matcher's state and the grammar

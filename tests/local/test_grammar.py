@@ -7,6 +7,7 @@ Schemas bound their strings and numbers, so a random model reaches the end withi
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -22,6 +23,7 @@ from mixtral_client._tools import ToolPrompt
 from mixtral_local import backend as backend_module
 from mixtral_local.backend import LocalCore
 from mixtral_local.engine import Engine, SamplingParams
+from mixtral_local.engine import engine as engine_module
 from mixtral_local.engine import grammar as grammar_module
 from mixtral_local.engine.grammar import (
     Constraint,
@@ -463,3 +465,32 @@ def test_the_grammar_reaches_the_sampling_parameters(make_request: Callable[...,
     assert with_tools(response_format=PERSON_FORMAT).lazy_marker is None  # calls or that JSON: never let go
     assert with_tools(tool_choice="none").grammar is None
     core.close()
+
+
+def test_a_grammar_is_compiled_once_for_the_choices_and_the_requests_that_ask_again(
+        tiny_dir: Path, tokenizer: MixtralTokenizer, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mixtral_local.loader import load_model
+
+    engine = Engine(load_model(tiny_dir, dtype="float32", device="cpu"), tokenizer)
+    compiled: list[str] = []
+    init = Constraint.__init__
+
+    def counted(self: Constraint, table: Any, grammar: str, **kwargs: Any) -> None:
+        if kwargs.get("_matcher") is None:
+            compiled.append(grammar)
+        init(self, table, grammar, **kwargs)
+
+    monkeypatch.setattr(Constraint, "__init__", counted)
+    person = json_grammar(PERSON)
+    params = SamplingParams(max_tokens=200, grammar=person)
+    prompt = tokenizer.encode_chat(MESSAGES)
+    for seed in (1, 2):
+        done = engine.generate([prompt] * 3, [dataclasses.replace(params, seed=seed + i) for i in range(3)])
+        assert all(follows_person(json.loads(d.text)) for d in done)  # each choice at its own start
+    assert compiled == [person]
+    others = [json_grammar({"type": "object", "properties": {f"k{i}": {"type": "integer"}}, "required": [f"k{i}"]})
+              for i in range(engine_module.GRAMMAR_CACHE)]
+    for grammar in others:
+        engine.generate([prompt], SamplingParams(max_tokens=1, grammar=grammar, seed=0))
+    engine.generate([prompt], params)
+    assert compiled == [person, *others, person]  # the least recently used went first
