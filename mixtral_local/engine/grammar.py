@@ -18,6 +18,7 @@ output) is imported on first use: ``import mixtral_local`` does not need it.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections.abc import Mapping, Sequence
@@ -97,10 +98,19 @@ def tool_calls_grammar(functions: Sequence[Mapping[str, Any]], *, marker: str, o
 
 def check_grammar(grammar: str) -> None:
     """Raise ``GrammarError`` with llguidance's reason when ``grammar`` is not usable."""
+    reason = _unusable(grammar)
+    if reason is not None:
+        raise GrammarError(reason)
+
+
+@functools.lru_cache(maxsize=256)  # requests repeat their schemas and tools: check each grammar once
+def _unusable(grammar: str) -> str | None:
     is_error, messages = _llguidance().LLMatcher.validate_grammar_with_warnings(grammar)
-    if is_error:  # "at 2(9): failed to compile JSON schema: ...", then the grammar: the reason is what counts
-        reason = messages[0].splitlines()[0] if messages else "invalid grammar"
-        raise GrammarError(re.sub(r"^at \d+\(\d+\): ", "", reason))
+    if not is_error:
+        return None
+    # "at 2(9): failed to compile JSON schema: ...", then the grammar: the reason is what counts
+    reason = messages[0].splitlines()[0] if messages else "invalid grammar"
+    return re.sub(r"^at \d+\(\d+\): ", "", reason)
 
 
 class _TokenizerWrapper:
