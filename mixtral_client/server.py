@@ -18,6 +18,7 @@ closed). The request/response mapping is pure and lives in ``_serving.py``; this
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging
 import secrets
 import time
@@ -31,6 +32,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from ._client import AsyncMixtralClient
+from ._config import ClientConfig
 from ._providers import MODEL_ALIAS
 from ._serving import DONE, StreamShaper, error_response, read_body, sse
 from ._streaming import AsyncStream
@@ -161,10 +163,21 @@ def create_app(client: AsyncMixtralClient, *, api_key: str | None = None, model_
     ], lifespan=lifespan)
 
 
+def _load_first(config: ClientConfig) -> Any:
+    """On local weights, the engine, loaded here in the caller's thread, where Ctrl-C stops the load (in the
+    app's start-up the load would run in a worker thread that no signal reaches, and uvicorn waits for it);
+    the app's client then finds it loaded. None for other backends."""
+    if config.preset.kind != "local":
+        return None
+    return importlib.import_module("mixtral_local.backend").LocalCore(config).engine
+
+
 def serve(client: AsyncMixtralClient, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           model_name: str | None = None, log_level: str = "info") -> None:
-    """Run ``create_app(client, ...)`` under uvicorn until interrupted."""
+    """Run ``create_app(client, ...)`` under uvicorn until interrupted (local weights are loaded first)."""
     import uvicorn
 
+    engine = _load_first(client.config)
     uvicorn.run(create_app(client, api_key=api_key, model_name=model_name), host=host, port=port,
                 log_level=log_level, ws="none")
+    del engine  # held until here: the engines are shared by clients alike while one of them holds it

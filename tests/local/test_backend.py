@@ -20,6 +20,7 @@ from mixtral_client.types import ChatCompletion
 from mixtral_local.backend import AsyncLocalBackend, LocalBackend
 from mixtral_local.config import CheckpointError
 from mixtral_local.tokenizer import MixtralTokenizer
+from tests.slow_load import interrupted
 
 HELLO = [{"role": "user", "content": "Hello, who are you?"}]
 MakeRequest = Callable[..., ChatRequest]
@@ -251,52 +252,11 @@ def test_unknown_quantize_is_a_configuration_error(tiny_dir: Path) -> None:
         LocalBackend(config)
 
 
-INTERRUPTED_LOAD = """
-import atexit, sys, time
-import mixtral_local.loader as loader
-
-real_open = loader.safe_open
-
-
-class SlowOpen:  # every tensor takes 0.2 s to read: the load of the tiny checkpoint takes seconds
-    def __init__(self, *args, **kwargs):
-        self.file = real_open(*args, **kwargs)
-
-    def __enter__(self):
-        self.file.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        print("file closed by", type(exc[1]).__name__, flush=True)
-        return self.file.__exit__(*exc)
-
-    def get_tensor(self, name):
-        print("reading", name, flush=True)
-        time.sleep(0.2)
-        return self.file.get_tensor(name)
-
-
-loader.safe_open = SlowOpen
-atexit.register(lambda: print("exiting", flush=True))
-from mixtral_client._cli import main
-
-sys.exit(main(["chat", "hi", "--model-path", sys.argv[1], "--no-stream"]))
-"""
-
 
 def test_ctrl_c_during_the_load_stops_it_and_the_command_exits_130(tiny_dir: Path) -> None:
-    import signal
-    import subprocess
-    import sys
-
-    with subprocess.Popen([sys.executable, "-c", INTERRUPTED_LOAD, str(tiny_dir)], stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True) as proc:
-        assert proc.stdout is not None and proc.stdout.readline().startswith("reading")  # the load has begun
-        proc.send_signal(signal.SIGINT)
-        sent = time.monotonic()
-        out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130, err[-2000:]
-    assert time.monotonic() - sent < 3  # the load stopped at its next tensor, not after all of them
+    code, seconds, out, err = interrupted("chat", "hi", "--model-path", str(tiny_dir), "--no-stream")
+    assert code == 130, err[-2000:]
+    assert seconds < 3  # the load stopped at its next tensor, not after all of them
     # the load stopped itself (and let go of its file) before the process went on to exit: no thread was left
     # inside torch, loading, at exit
     assert out.index("file closed by LoadCancelled") < out.index("exiting")

@@ -13,6 +13,7 @@ import httpx
 import pytest
 
 from mixtral_client._cli import main
+from tests.slow_load import interrupted
 
 
 def test_serve_with_no_backend_named_exits_with_one_line(capsys: pytest.CaptureFixture[str]) -> None:
@@ -28,11 +29,14 @@ def test_serve_refuses_a_bad_checkpoint_before_listening(tmp_path: Path, capsys:
     assert code == 2 and str(tmp_path) in capsys.readouterr().err
 
 
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 def test_serve_answers_over_http_until_stopped(tiny_dir: Path) -> None:
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
+    port = free_port()
     env = {**os.environ, "MIXTRAL_LOCAL_DTYPE": "float32", "MIXTRAL_LOCAL_DEVICE": "cpu",
            "MIXTRAL_SERVER_API_KEY": "k"}
     proc = subprocess.Popen([sys.executable, "-m", "mixtral_client", "serve", "--model-path", str(tiny_dir),
@@ -58,3 +62,11 @@ def test_serve_answers_over_http_until_stopped(tiny_dir: Path) -> None:
         out = proc.communicate(timeout=30)[0].decode()
     assert "Application shutdown complete" in out  # the lifespan closed the client (uvicorn then re-raises the
     assert proc.returncode == -15, out               # signal it caught, so the exit status is SIGTERM's)
+
+
+def test_ctrl_c_while_serve_loads_the_weights_stops_the_load_and_exits_130(tiny_dir: Path) -> None:
+    code, seconds, out, err = interrupted("serve", "--model-path", str(tiny_dir), "--port", str(free_port()))
+    assert code == 130, err[-2000:]
+    assert seconds < 3 and out.count("reading") < 5  # not after the whole load (nor a server started)
+    assert out.index("file closed by LoadCancelled") < out.index("exiting")
+    assert "Uvicorn running" not in err
