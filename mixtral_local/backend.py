@@ -200,11 +200,12 @@ def _grammar(request: ChatRequest) -> str | None:
     ``response_format``'s JSON; under ``tool_choice="auto"``, calls that parse if the answer opens with the
     marker, else text (or that JSON, with a ``response_format``)."""
     calls, fmt = request.prompted_calls, _format_schema(request)
-    if calls is not None and calls.required:
-        return _checked("tools", lambda: tool_calls_grammar(calls.functions, marker=calls.marker, one=calls.one))
-    json_only = None if fmt is None else _checked("response_format", lambda: json_grammar(fmt[0], lenient=fmt[1]))
     if calls is None:
-        return json_only
+        return None if fmt is None else _checked("response_format", lambda: json_grammar(fmt[0], lenient=fmt[1]))
+    if calls.required:
+        return _checked("tools", lambda: tool_calls_grammar(calls.functions, marker=calls.marker, one=calls.one))
+    if fmt is not None:  # checked alone first, so that a bad format is named as such
+        _checked("response_format", lambda: json_grammar(fmt[0], lenient=fmt[1]))
     return _checked("tools", lambda: tool_calls_grammar(
         calls.functions, marker=calls.marker, one=calls.one, required=False,
         otherwise=None if fmt is None else fmt[0], lenient=fmt is not None and fmt[1]))
@@ -223,7 +224,8 @@ def _sampling(request: ChatRequest) -> SamplingParams:
                                   provider="local")
     stop = p.get("stop", ())
     grammar, calls = _grammar(request), request.prompted_calls
-    free_text = calls is not None and not calls.required and _format_schema(request) is None  # "auto" calls or text
+    # under "auto" without a format the grammar is calls or any text: it lets go once the answer cannot be calls
+    lazy = calls.marker if calls is not None and not calls.required and _format_schema(request) is None else None
     try:
         return SamplingParams(
             temperature=float(p.get("temperature", 1.0)),
@@ -235,7 +237,7 @@ def _sampling(request: ChatRequest) -> SamplingParams:
             max_tokens=p.get("max_tokens", p.get("max_completion_tokens")),
             stop=(stop,) if isinstance(stop, str) else tuple(stop),
             grammar=grammar,
-            lazy_marker=calls.marker if free_text and calls is not None else None,
+            lazy_marker=lazy,
         )
     except ValueError as exc:
         raise InvalidRequestError(str(exc), provider="local") from None
