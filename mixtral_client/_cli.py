@@ -1,12 +1,15 @@
 """The ``mixtral`` command.
 
-    mixtral chat "prompt" [--provider P] [--model M] [--system S] [--temperature T] [--max-tokens N] [--no-stream]
+    mixtral chat ["prompt"] [-i] [--provider P] [--model M] [--system S] [--temperature T] [--max-tokens N] [--no-stream]
     mixtral serve [--provider P | --base-url URL | --model-path DIR] [--host H] [--port N] [--api-key K]
     mixtral local init-tiny DIR
 
 With no provider configured (no ``--provider``, ``MIXTRAL_PROVIDER``, ``MIXTRAL_BASE_URL`` or
 ``MIXTRAL_MODEL_PATH``), ``chat`` runs a tiny local Mixtral with random weights, written on first use, and
 says so: the command works offline, and its answers are noise until a real provider is configured.
+``chat`` without a prompt reads it from standard input, or, at a terminal (or with ``-i``), holds a
+conversation: a line a turn, the history kept, ``/reset`` to start again, ``/exit`` or end of input to stop;
+a turn that fails says why on stderr and the conversation goes on.
 ``serve`` answers OpenAI chat-completions requests over HTTP with the configured backend (the ``server``
 extra); it needs a backend configured, and refuses to serve random weights unasked.
 Every failure is one line on stderr naming the fix, and a non-zero exit status.
@@ -22,7 +25,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from mixtral_client._client import AsyncMixtralClient, MixtralClient
-from mixtral_client._exceptions import APIError, ConfigurationError, MixtralError
+from mixtral_client._exceptions import APIError, ConfigurationError, InvalidRequestError, MixtralError
 from mixtral_client._providers import PROVIDERS
 
 __all__ = ["main"]
@@ -41,7 +44,10 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     chat = commands.add_parser("chat", help="send one prompt and print the answer")
-    chat.add_argument("prompt", help="the user message")
+    chat.add_argument("prompt", nargs="?", help="the user message (default: standard input; at a terminal, a "
+                                                "conversation)")
+    chat.add_argument("-i", "--interactive", action="store_true",
+                      help="a conversation: a line a turn, /reset to start again, /exit or end of input to stop")
     chat.add_argument("--provider", choices=sorted(PROVIDERS), help="default: MIXTRAL_PROVIDER, else local")
     chat.add_argument("--model", help="model id (default: the provider's Mixtral id)")
     chat.add_argument("--base-url", help="an OpenAI-compatible base URL (provider openai)")
@@ -130,27 +136,75 @@ def _chat(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     else:
         kwargs = configured
 
-    messages: list[dict[str, Any]] = []
-    if args.system:
-        messages.append({"role": "system", "content": args.system})
-    messages.append({"role": "user", "content": args.prompt})
+    system = [{"role": "system", "content": args.system}] if args.system else []
     params: dict[str, Any] = {}
     if args.temperature is not None:
         params["temperature"] = args.temperature
     if max_tokens is not None:
         params["max_tokens"] = max_tokens
+    interactive = args.interactive or (args.prompt is None and sys.stdin.isatty())
+    prompt = args.prompt
+    if prompt is None and not interactive:
+        prompt = sys.stdin.read()
+        if not prompt.strip():
+            raise ConfigurationError("no prompt: give one, pipe it on standard input, or use -i for a conversation")
 
     with MixtralClient(env=env, **kwargs) as client:
-        if args.no_stream:
-            answer = client.chat.completions.create(messages=messages, **params)
-            print(answer.choices[0].message.content or "")
+        if not interactive:
+            _answer(client, [*system, {"role": "user", "content": prompt}], params, stream=not args.no_stream)
             return 0
-        with client.chat.completions.create(messages=messages, stream=True, **params) as stream:
-            for text in stream.text():
-                sys.stdout.write(text)
-                sys.stdout.flush()
-        sys.stdout.write("\n")
-    return 0
+        return _converse(client, system, params, stream=not args.no_stream, first=prompt)
+
+
+def _answer(client: MixtralClient, messages: list[dict[str, Any]], params: dict[str, Any], *, stream: bool) -> str:
+    """Print the answer to ``messages`` (streamed, or whole) and return its text."""
+    if not stream:
+        text = client.chat.completions.create(messages=messages, **params).choices[0].message.content or ""
+        print(text)
+        return text
+    pieces = []
+    with client.chat.completions.create(messages=messages, stream=True, **params) as answer:
+        for piece in answer.text():
+            pieces.append(piece)
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    sys.stdout.write("\n")
+    return "".join(pieces)
+
+
+def _converse(client: MixtralClient, system: list[dict[str, Any]], params: dict[str, Any], *, stream: bool,
+              first: str | None) -> int:
+    """A conversation on standard input: a line a turn, answered with the whole history."""
+    history = list(system)
+    pending = [first] if first else []
+    tty = sys.stdin.isatty()
+    while True:
+        if pending:
+            line = pending.pop()
+        else:
+            try:
+                line = input("> ") if tty else sys.stdin.readline()  # input() at a terminal: line editing
+            except EOFError:  # Ctrl-D at the terminal
+                return 0
+            if not line:
+                return 0  # end of input
+        text = line.strip()
+        if text in ("/exit", "/quit"):
+            return 0
+        if text == "/reset":
+            history = list(system)
+            continue
+        if not text:
+            continue
+        history.append({"role": "user", "content": text})
+        try:
+            history.append({"role": "assistant", "content": _answer(client, history, params, stream=stream)})
+        except (APIError, InvalidRequestError) as exc:  # this turn is dropped; the conversation goes on
+            history.pop()
+            print(f"mixtral: {type(exc).__name__}: {exc}", file=sys.stderr)
+        except KeyboardInterrupt:  # Ctrl-C stops this answer (the stream is closed); another turn may follow
+            history.pop()
+            sys.stdout.write("\n")
 
 
 def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> int:

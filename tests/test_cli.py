@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import json
+from typing import Any
 
 import pytest
 
@@ -89,3 +91,67 @@ def test_local_init_tiny_writes_a_checkpoint_and_says_its_weights_are_random(
     assert code == 0
     assert (tmp_path / "tiny" / "config.json").exists() and (tmp_path / "tiny" / "tokenizer.model").exists()
     assert "RANDOM weights (seed 3)" in capsys.readouterr().out
+
+
+def _streaming_answers(*answers: str) -> Any:
+    def handle(req: Received, conn: Conn) -> None:
+        conn.start(200, {"Content-Type": "text/event-stream"})
+        conn.write(sse(_chunk(answers[min(len(seen), len(answers) - 1)]), _chunk(None, "stop")))
+        conn.finish()
+        seen.append(req)
+
+    seen: list[Received] = []
+    return handle
+
+
+def test_a_conversation_sends_the_history_with_every_turn(monkeypatch: pytest.MonkeyPatch,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setattr("sys.stdin", io.StringIO("Hi\n\nHow are you?\n/reset\nAgain\n/exit\nnever sent\n"))
+    with LoopbackServer(_streaming_answers("Bonjour", "Bien", "Re")) as server:
+        code = main(["chat", "-i", "--system", "Be French", "--base-url", server.url], env={"MIXTRAL_API_KEY": "k"})
+    assert code == 0
+    assert capsys.readouterr().out == "Bonjour\nBien\nRe\n"
+    sent = [r.json()["messages"] for r in server.requests]
+    system = {"role": "system", "content": "Be French"}
+    assert sent == [
+        [system, {"role": "user", "content": "Hi"}],
+        [system, {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Bonjour"},
+         {"role": "user", "content": "How are you?"}],
+        [system, {"role": "user", "content": "Again"}],  # after /reset
+    ]
+
+
+def test_a_failed_turn_is_reported_and_the_conversation_goes_on(monkeypatch: pytest.MonkeyPatch,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    answered = _streaming_answers("Salut")
+
+    def handle(req: Received, conn: Conn) -> None:
+        if "fail" in req.json()["messages"][-1]["content"]:
+            conn.respond(400, {"error": {"message": "no such thing"}})
+        else:
+            answered(req, conn)
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("please fail\nHi\n"))
+    with LoopbackServer(handle) as server:
+        code = main(["chat", "-i", "--base-url", server.url], env={"MIXTRAL_API_KEY": "k"})
+    out, err = capsys.readouterr()
+    assert code == 0 and out == "Salut\n"
+    assert "BadRequestError" in err and "no such thing" in err
+    assert server.requests[-1].json()["messages"] == [{"role": "user", "content": "Hi"}]  # the failed turn left out
+
+
+def test_the_prompt_may_come_on_standard_input(monkeypatch: pytest.MonkeyPatch,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setattr("sys.stdin", io.StringIO("Summarise this:\nline two\n"))
+    with LoopbackServer(_host) as server:
+        code = main(["chat", "--base-url", server.url, "--no-stream"], env={"MIXTRAL_API_KEY": "k"})
+    assert code == 0 and capsys.readouterr().out == "Salut\n"
+    assert server.requests[0].json()["messages"] == [{"role": "user", "content": "Summarise this:\nline two\n"}]
+
+
+def test_no_prompt_anywhere_exits_2_with_one_line(monkeypatch: pytest.MonkeyPatch,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setattr("sys.stdin", io.StringIO("  \n"))
+    code = main(["chat", "--base-url", "http://127.0.0.1:9/v1"], env={"MIXTRAL_API_KEY": "k"})
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "-i" in err
