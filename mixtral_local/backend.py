@@ -110,7 +110,7 @@ def _int_option(opts: dict[str, Any], name: str, default: int, minimum: int, sou
     return value
 
 
-def _load_in_own_thread(options: LocalOptions) -> MixtralModel:
+def _load_in_own_thread(options: LocalOptions, cancel: threading.Event | None = None) -> MixtralModel:
     """``load_model`` in a short-lived thread, so that the caller's thread starts no OpenMP pool of its own.
 
     On CPU each thread that runs torch operators gets its own OpenMP pool, and once two pools exist their
@@ -119,11 +119,11 @@ def _load_in_own_thread(options: LocalOptions) -> MixtralModel:
 
     Ctrl-C while waiting (a ``KeyboardInterrupt`` in the caller's thread) stops the load before its next tensor
     and waits for the thread to end before it goes on: no thread is left inside torch, loading, when the
-    interpreter exits.
+    interpreter exits. Setting ``cancel`` (from another thread: an async request cancelled) stops it too.
     """
     out: list[MixtralModel] = []
     errors: list[BaseException] = []
-    cancel, done = threading.Event(), threading.Event()
+    cancel, done = cancel or threading.Event(), threading.Event()
 
     def load() -> None:
         try:
@@ -147,7 +147,7 @@ def _load_in_own_thread(options: LocalOptions) -> MixtralModel:
     return out[0]
 
 
-def _engine_for(options: LocalOptions) -> Engine:
+def _engine_for(options: LocalOptions, cancel: threading.Event | None = None) -> Engine:
     """The process-wide engine for these options, loading the model on first use.
 
     Clients sharing an engine share its running batch; its row limit is the largest ``max_batch`` asked, its
@@ -157,7 +157,7 @@ def _engine_for(options: LocalOptions) -> Engine:
     with _engines_lock:
         engine = _engines.get(key)
         if engine is None:
-            model = _load_in_own_thread(options)
+            model = _load_in_own_thread(options, cancel)
             engine = Engine(model, MixtralTokenizer.from_pretrained(options.path), max_batch=options.max_batch,
                             prefix_cache=options.prefix_cache)
             if model.config.random_weights:
@@ -307,19 +307,24 @@ class LocalCore:
 
     @property
     def engine(self) -> Engine:
+        return self.load()
+
+    def load(self, cancel: threading.Event | None = None) -> Engine:
+        """The engine, loading the model on first use (setting ``cancel`` stops that load: LoadCancelled)."""
         if self._engine is None:
-            self._engine = _engine_for(self.options)
+            self._engine = _engine_for(self.options, cancel)
         return self._engine
 
     def close(self) -> None:
         self._engine = None
 
-    def start(self, request: ChatRequest) -> list[Ticket]:
-        """Check the request, load the model on first use, and queue the prompt once per choice (``n``), all
-        in the running batch (blocking work: a thread's). With a ``seed``, choice ``i`` samples with
-        ``seed + i``: the choices differ, and each is what one request with that seed gives."""
+    def start(self, request: ChatRequest, cancel: threading.Event | None = None) -> list[Ticket]:
+        """Check the request, load the model on first use (``cancel`` stops that load), and queue the prompt
+        once per choice (``n``), all in the running batch (blocking work: a thread's). With a ``seed``,
+        choice ``i`` samples with ``seed + i``: the choices differ, and each is what one request with that seed
+        gives."""
         params = _sampling(request)
-        engine = self.engine
+        engine = self.load(cancel)
         prompt = engine.tokenizer.encode_chat(request.messages)
         per_choice = [params if params.seed is None else dataclasses.replace(params, seed=params.seed + i)
                       for i in range(int(request.params.get("n", 1)))]
@@ -397,12 +402,19 @@ class AsyncLocalBackend:
 
     async def stream(self, request: ChatRequest) -> AsyncGenerator[ChatCompletionChunk, None]:
         started: list[Ticket] = []
+        cancelled = threading.Event()
 
         def start() -> None:
-            started.extend(self._core.start(request))
+            tickets = self._core.start(request, cancelled)
+            started.extend(tickets)
+            if cancelled.is_set():  # the request was cancelled while this thread worked: nobody reads these
+                for ticket in tickets:
+                    ticket.cancel()
 
         try:
-            await anyio.to_thread.run_sync(start)  # not abandoned on cancellation: the tickets are cancelled below
+            # abandoned when the request is cancelled (a load takes minutes): ``cancelled`` stops a load in
+            # progress, and tickets queued all the same are cancelled by start() or below, whichever comes last
+            await anyio.to_thread.run_sync(start, abandon_on_cancel=True)
             waker = _Waker()
             for ticket in started:
                 ticket.listen(waker.wake)
@@ -420,6 +432,7 @@ class AsyncLocalBackend:
                     if delta.finish_reason is not None:
                         del live[index]
         finally:
+            cancelled.set()
             for ticket in started:
                 ticket.listen(None)
                 ticket.cancel()

@@ -261,3 +261,56 @@ def test_ctrl_c_during_the_load_stops_it_and_the_command_exits_130(tiny_dir: Pat
     # inside torch, loading, at exit
     assert out.index("file closed by LoadCancelled") < out.index("exiting")
     assert out.count("reading") < 5
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio", "trio"])
+async def test_an_async_request_cancelled_during_the_load_stops_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                   anyio_backend: str) -> None:
+    import threading
+
+    from mixtral_client import AsyncMixtralClient
+    from mixtral_local import loader as loader_module
+    from mixtral_local.tiny import write_tiny_checkpoint
+
+    path = write_tiny_checkpoint(tmp_path / "fresh", seed=3)  # a checkpoint no engine holds yet: it loads
+    reads: list[str] = []
+    closed_by: list[type | None] = []
+    began = threading.Event()
+    real_open = loader_module.safe_open
+
+    class SlowOpen:  # 50 ms a tensor: the load takes seconds
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            self.file = real_open(*args, **kwargs)
+
+        def __enter__(self) -> SlowOpen:
+            self.file.__enter__()
+            return self
+
+        def __exit__(self, *exc: Any) -> Any:
+            closed_by.append(exc[0])
+            return self.file.__exit__(*exc)
+
+        def get_tensor(self, name: str) -> Any:
+            reads.append(name)
+            began.set()
+            time.sleep(0.05)
+            return self.file.get_tensor(name)
+
+    monkeypatch.setattr(loader_module, "safe_open", SlowOpen)
+    messages = [{"role": "user", "content": "Hi"}]
+    async with AsyncMixtralClient(provider="local", model_path=str(path), env={},
+                                  local_options={"dtype": "float32", "device": "cpu"}) as client:
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(lambda: client.chat.completions.create(messages=messages, max_tokens=2))
+            while not began.is_set():
+                await anyio.sleep(0.01)
+            tasks.cancel_scope.cancel()  # returns at once: the request does not wait for the load
+        with anyio.fail_after(5):
+            while not closed_by:
+                await anyio.sleep(0.01)
+        assert closed_by == [loader_module.LoadCancelled]  # the load stopped itself at its next tensor
+        assert len(reads) < 5
+        monkeypatch.setattr(loader_module, "safe_open", real_open)
+        done = await client.chat.completions.create(messages=messages, max_tokens=2)  # the next one loads again
+    assert done.usage is not None and done.usage.completion_tokens == 2
