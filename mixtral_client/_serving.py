@@ -26,7 +26,7 @@ from ._exceptions import (
 )
 from .types import ChatCompletionChunk, Usage
 
-__all__ = ["ModelNotFound", "ServedRequest", "StreamShaper", "error_response", "read_body", "sse"]
+__all__ = ["BodyTooLarge", "ModelNotFound", "ServedRequest", "StreamShaper", "error_response", "read_body", "sse"]
 
 #: ``create()`` parameters a body may set directly; transport options (``extra_*``, ``timeout``) it may not
 _PARAMS = frozenset(CompletionParams.__annotations__) - {"extra_headers", "extra_query", "extra_body", "timeout", "model"}
@@ -38,6 +38,13 @@ _PASSED_HEADERS = ("retry-after", "retry-after-ms")
 
 class ModelNotFound(MixtralError):
     """The body names a model this server does not serve (HTTP 404, as OpenAI answers)."""
+
+
+class BodyTooLarge(MixtralError):
+    """The request body is larger than the server takes (HTTP 413)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"the request body is larger than this server takes ({limit} bytes)")
 
 
 @dataclass(slots=True)
@@ -100,6 +107,8 @@ def error_response(exc: Exception) -> tuple[int, dict[str, Any], dict[str, str]]
     """
     if isinstance(exc, ModelNotFound):
         return 404, _error(str(exc), "invalid_request_error", param="model", code="model_not_found"), {}
+    if isinstance(exc, BodyTooLarge):
+        return 413, _error(str(exc), "invalid_request_error", code="request_too_large"), {}
     if isinstance(exc, InvalidRequestError):
         code = "unsupported_feature" if isinstance(exc, UnsupportedFeatureError) else None
         return 400, _error(str(exc), "invalid_request_error", param=exc.param, code=code), {}

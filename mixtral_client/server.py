@@ -34,10 +34,10 @@ from starlette.routing import Route
 from ._client import AsyncMixtralClient
 from ._config import ClientConfig
 from ._providers import MODEL_ALIAS
-from ._serving import DONE, StreamShaper, error_response, read_body, sse
+from ._serving import DONE, BodyTooLarge, StreamShaper, error_response, read_body, sse
 from ._streaming import AsyncStream
 
-__all__ = ["create_app", "serve"]
+__all__ = ["MAX_BODY_BYTES", "create_app", "serve"]
 
 log = logging.getLogger("mixtral_client.server")
 T = TypeVar("T")
@@ -100,14 +100,32 @@ async def _unless_gone(request: Request, make: Callable[[], Awaitable[T]]) -> T 
     return out[0] if out else None
 
 
+#: the largest request body taken (Mixtral's 32k-token context is about 130 KB of text; more is a mistake or abuse)
+MAX_BODY_BYTES = 4 << 20
+
+
+async def _body(request: Request, limit: int) -> bytes:
+    """The request's body, read no further than ``limit`` bytes (else ``BodyTooLarge``)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise BodyTooLarge(limit)
+    body = bytearray()
+    async for piece in request.stream():
+        body += piece
+        if len(body) > limit:
+            raise BodyTooLarge(limit)
+    return bytes(body)
+
+
 def create_app(client: AsyncMixtralClient, *, api_key: str | None = None, model_name: str | None = None,
-               warmup: bool = True) -> Starlette:
+               warmup: bool = True, max_body_bytes: int = MAX_BODY_BYTES) -> Starlette:
     """An ASGI app answering OpenAI chat-completions requests with ``client``, which it closes at shutdown.
 
     ``api_key``: when set, every ``/v1`` request must carry ``Authorization: Bearer <api_key>``.
     ``model_name``: the id ``/v1/models`` lists (default: the client's model id); requests may name it, the
     alias ``mixtral-8x7b-instruct`` or the client's model id. ``warmup``: on the local backend, answer one
-    token at start-up so the weights are loaded before the first request.
+    token at start-up so the weights are loaded before the first request. ``max_body_bytes``: a larger body
+    is refused with 413 before it is read to its end.
     """
     config = client.config
     own_id = config.preset.resolve_model(config.model)
@@ -127,7 +145,7 @@ def create_app(client: AsyncMixtralClient, *, api_key: str | None = None, model_
         if (denied := refused(request)) is not None:
             return denied
         try:
-            served_request = read_body(await request.body(), served)
+            served_request = read_body(await _body(request, max_body_bytes), served)
             answer = await _unless_gone(request, lambda: client.chat.completions.create(
                 messages=served_request.messages, stream=served_request.stream, **served_request.params))
         except Exception as exc:  # every refusal or failure before the first byte is an HTTP error status

@@ -14,6 +14,7 @@ import anyio
 import httpx
 import openai
 import pytest
+from pydantic import BaseModel, Field
 
 from mixtral_client import AsyncMixtralClient, MixtralClient
 from tests.server.conftest import LOCAL, async_openai_client, openai_client, running
@@ -96,6 +97,28 @@ def test_json_schema_format_is_enforced(sdk: openai.OpenAI) -> None:
         response_format={"type": "json_schema", "json_schema": {"name": "r", "schema": schema, "strict": True}})
     value = json.loads(answer.choices[0].message.content)
     assert set(value) == {"ok", "n"} and isinstance(value["ok"], bool) and isinstance(value["n"], int)
+
+
+def test_openai_sdk_parse_gets_an_instance_of_its_model(sdk: openai.OpenAI) -> None:
+    class Verdict(BaseModel):
+        ok: bool
+        score: int = Field(ge=0, le=9)
+
+    answer = sdk.chat.completions.parse(model="mixtral-local", messages=MESSAGES, response_format=Verdict,
+                                        max_tokens=40, seed=5)
+    parsed = answer.choices[0].message.parsed
+    assert isinstance(parsed, Verdict) and 0 <= parsed.score <= 9
+
+
+def test_a_streamed_required_call_accumulates_in_the_openai_sdk(sdk: openai.OpenAI) -> None:
+    with sdk.chat.completions.stream(model="mixtral-local", messages=[{"role": "user", "content": "Paris?"}],
+                                     tools=TOOLS, tool_choice="required", max_tokens=80, seed=2) as stream:
+        for _ in stream:
+            pass
+        final = stream.get_final_completion()
+    call = final.choices[0].message.tool_calls[0]
+    assert final.choices[0].finish_reason == "tool_calls" and call.function.name == "get_weather"
+    assert set(json.loads(call.function.arguments)) == {"city"}
 
 
 @pytest.mark.parametrize(("body", "param"), [

@@ -142,3 +142,23 @@ def test_prompted_tools_come_back_as_tool_calls(host: Callable[[Handler], Loopba
     call = answer.choices[0].message.tool_calls[0]
     assert answer.choices[0].finish_reason == "tool_calls"
     assert (call.function.name, call.function.arguments) == ("get_weather", '{"city": "Paris"}')
+
+
+def test_a_body_over_the_limit_is_refused_before_it_is_read(host: Callable[[Handler], LoopbackServer],
+                                                           proxy: Callable[..., str]) -> None:
+    upstream = host(replying(200, completion()))
+    url = f"{proxy(upstream.url)}/chat/completions"
+    big = {"messages": [{"role": "user", "content": "x" * (5 << 20)}]}
+    with httpx.Client(timeout=30) as http:
+        declared = http.post(url, json=big)
+
+        def pieces() -> Iterator[bytes]:  # no Content-Length: the limit is found while reading
+            yield b'{"messages": [{"role": "user", "content": "'
+            for _ in range(80):
+                yield b"y" * (64 << 10)
+            yield b'"}]}'
+
+        streamed = http.post(url, content=pieces())
+    for answer in (declared, streamed):
+        assert answer.status_code == 413 and answer.json()["error"]["code"] == "request_too_large"
+    assert upstream.requests == []
