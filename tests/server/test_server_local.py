@@ -215,3 +215,12 @@ def test_api_key_guards_v1_but_not_health(tiny_dir: Path) -> None:
             answer = right.chat.completions.create(model="mixtral", messages=MESSAGES, max_tokens=2)
         assert answer.usage.completion_tokens == 2
         assert httpx.get(url.removesuffix("/v1") + "/health").json()["model"] == "mixtral"
+
+
+def test_chat_mixtral_talks_to_the_server_as_to_any_openai_host(local_url: str, tiny_dir: Path) -> None:
+    langchain_mixtral = pytest.importorskip("langchain_mixtral")
+    llm = langchain_mixtral.ChatMixtral(provider="openai", base_url=local_url, api_key="unused",
+                                        model="mixtral-local", temperature=0, max_tokens=6)
+    said = llm.invoke([("system", "You are terse."), ("user", "Name three rivers.")])
+    assert said.content == in_process(tiny_dir, temperature=0, max_tokens=6).choices[0].message.content
+    assert said.usage_metadata is not None and said.usage_metadata["output_tokens"] == 6
