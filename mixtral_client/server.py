@@ -1,7 +1,7 @@
 """An OpenAI-compatible HTTP server over any backend: ``mixtral serve`` (the ``server`` extra).
 
     POST /v1/chat/completions   OpenAI's chat completions: whole answers, and SSE streams ending in [DONE]
-    GET  /v1/models             the one model served
+    GET  /v1/models             the one model served (and /v1/models/{id})
     GET  /health                200 once the backend is ready
 
 One ``AsyncMixtralClient`` answers every request, so what the client does the server does: validation
@@ -34,7 +34,7 @@ from starlette.routing import Route
 from ._client import AsyncMixtralClient
 from ._config import ClientConfig
 from ._providers import MODEL_ALIAS
-from ._serving import DONE, BodyTooLarge, StreamShaper, error_response, read_body, sse
+from ._serving import DONE, BodyTooLarge, ModelNotFound, StreamShaper, error_response, read_body, sse
 from ._streaming import AsyncStream
 
 __all__ = ["MAX_BODY_BYTES", "create_app", "serve"]
@@ -157,11 +157,20 @@ def create_app(client: AsyncMixtralClient, *, api_key: str | None = None, model_
                                      headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
         return JSONResponse(answer.model_dump(mode="json"))
 
+    listing = {"id": name, "object": "model", "created": created, "owned_by": config.provider}
+
     async def models(request: Request) -> Response:
         if (denied := refused(request)) is not None:
             return denied
-        return JSONResponse({"object": "list", "data": [
-            {"id": name, "object": "model", "created": created, "owned_by": config.provider}]})
+        return JSONResponse({"object": "list", "data": [listing]})
+
+    async def model(request: Request) -> Response:
+        if (denied := refused(request)) is not None:
+            return denied
+        asked = request.path_params["model"]
+        if asked not in served:
+            return _error(ModelNotFound(f"The model {asked!r} does not exist; this server serves {name}"))
+        return JSONResponse({**listing, "id": asked})
 
     async def health(_request: Request) -> Response:
         return JSONResponse({"status": "ok", "provider": config.provider, "model": name})
@@ -177,6 +186,7 @@ def create_app(client: AsyncMixtralClient, *, api_key: str | None = None, model_
     return Starlette(routes=[
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
         Route("/v1/models", models, methods=["GET"]),
+        Route("/v1/models/{model:path}", model, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
     ], lifespan=lifespan)
 

@@ -143,6 +143,10 @@ def test_unknown_model_is_not_found(sdk: openai.OpenAI) -> None:
 
 def test_models_lists_the_served_name(sdk: openai.OpenAI) -> None:
     assert [m.id for m in sdk.models.list()] == ["mixtral-local"]
+    assert sdk.models.retrieve("mixtral-local").owned_by == "local"
+    assert sdk.models.retrieve("mixtral-8x7b-instruct").id == "mixtral-8x7b-instruct"  # the alias is served too
+    with pytest.raises(openai.NotFoundError):
+        sdk.models.retrieve("mistralai/gpt-4o")
 
 
 def settled_steps(engine: Any) -> int:
