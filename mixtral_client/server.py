@@ -7,8 +7,8 @@
 One ``AsyncMixtralClient`` answers every request, so what the client does the server does: validation
 before anything is sent or computed, tools and ``response_format`` on every backend, retries and
 deadlines towards a host, and on local weights one running batch for all concurrent requests. A caller
-that disconnects mid-stream cancels its request (its row leaves the local batch; a host's connection is
-closed). The request/response mapping is pure and lives in ``_serving.py``; this module only does I/O.
+that disconnects, mid-stream or before its answer is ready, cancels its request (its row leaves the local
+batch; a host's connection is closed). The request/response mapping is pure and lives in ``_serving.py``; this module only does I/O.
 
     from mixtral_client import AsyncMixtralClient
     from mixtral_client.server import create_app
