@@ -43,7 +43,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="mixtral", description="Chat with Mixtral-8x7B-Instruct on any backend.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    chat = commands.add_parser("chat", help="send one prompt and print the answer")
+    chat = commands.add_parser("chat", help="answer a prompt, or hold a conversation")
     chat.add_argument("prompt", nargs="?", help="the user message (default: standard input; at a terminal, a "
                                                 "conversation)")
     chat.add_argument("-i", "--interactive", action="store_true",
