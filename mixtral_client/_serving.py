@@ -26,7 +26,8 @@ from ._exceptions import (
 )
 from .types import ChatCompletionChunk, Usage
 
-__all__ = ["BodyTooLarge", "ModelNotFound", "ServedRequest", "StreamShaper", "error_response", "read_body", "sse"]
+__all__ = ["BodyTooLarge", "ModelNotFound", "ServedRequest", "StreamShaper", "Unauthorized", "error_response",
+           "read_body", "sse"]
 
 #: ``create()`` parameters a body may set directly; transport options (``extra_*``, ``timeout``) it may not
 _PARAMS = frozenset(CompletionParams.__annotations__) - {"extra_headers", "extra_query", "extra_body", "timeout", "model"}
@@ -38,6 +39,10 @@ _PASSED_HEADERS = ("retry-after", "retry-after-ms")
 
 class ModelNotFound(MixtralError):
     """The body names a model this server does not serve (HTTP 404, as OpenAI answers)."""
+
+
+class Unauthorized(MixtralError):
+    """The request carries no key, or not the server's (HTTP 401)."""
 
 
 class BodyTooLarge(MixtralError):
@@ -107,6 +112,8 @@ def error_response(exc: Exception) -> tuple[int, dict[str, Any], dict[str, str]]
     """
     if isinstance(exc, ModelNotFound):
         return 404, _error(str(exc), "invalid_request_error", param="model", code="model_not_found"), {}
+    if isinstance(exc, Unauthorized):
+        return 401, _error(str(exc), "invalid_request_error", code="invalid_api_key"), {}
     if isinstance(exc, BodyTooLarge):
         return 413, _error(str(exc), "invalid_request_error", code="request_too_large"), {}
     if isinstance(exc, InvalidRequestError):

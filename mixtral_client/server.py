@@ -34,7 +34,16 @@ from starlette.routing import Route
 from ._client import AsyncMixtralClient
 from ._config import ClientConfig
 from ._providers import MODEL_ALIAS
-from ._serving import DONE, BodyTooLarge, ModelNotFound, StreamShaper, error_response, read_body, sse
+from ._serving import (
+    DONE,
+    BodyTooLarge,
+    ModelNotFound,
+    StreamShaper,
+    Unauthorized,
+    error_response,
+    read_body,
+    sse,
+)
 from ._streaming import AsyncStream
 
 __all__ = ["MAX_BODY_BYTES", "create_app", "serve"]
@@ -137,9 +146,7 @@ def create_app(client: AsyncMixtralClient, *, api_key: str | None = None, model_
     def refused(request: Request) -> JSONResponse | None:
         if expected is None or secrets.compare_digest(request.headers.get("authorization", "").encode(), expected):
             return None
-        return JSONResponse({"error": {"message": "missing or wrong API key (Authorization: Bearer ...)",
-                                       "type": "invalid_request_error", "param": None, "code": "invalid_api_key"}},
-                            status_code=401)
+        return _error(Unauthorized("missing or wrong API key (Authorization: Bearer ...)"))
 
     async def chat_completions(request: Request) -> Response:
         if (denied := refused(request)) is not None:

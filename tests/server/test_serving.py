@@ -17,7 +17,15 @@ from mixtral_client import (
     RateLimitError,
     UnsupportedFeatureError,
 )
-from mixtral_client._serving import BodyTooLarge, ModelNotFound, StreamShaper, error_response, read_body, sse
+from mixtral_client._serving import (
+    BodyTooLarge,
+    ModelNotFound,
+    StreamShaper,
+    Unauthorized,
+    error_response,
+    read_body,
+    sse,
+)
 from mixtral_client.types import ChatCompletionChunk, ChoiceDelta, ChunkChoice, Usage
 
 SERVED = frozenset({"mixtral-local", "mixtral-8x7b-instruct"})
@@ -77,6 +85,7 @@ def test_a_model_not_served_is_not_found() -> None:
 @pytest.mark.parametrize(("exc", "status", "kind", "param"), [
     (ModelNotFound("no"), 404, "invalid_request_error", "model"),
     (BodyTooLarge(10), 413, "invalid_request_error", None),
+    (Unauthorized("no key"), 401, "invalid_request_error", None),
     (InvalidRequestError("temperature: too hot", param="temperature"), 400, "invalid_request_error", "temperature"),
     (UnsupportedFeatureError("logprobs: no", param="logprobs"), 400, "invalid_request_error", "logprobs"),
     (RateLimitError("slow", status_code=429), 429, "rate_limit_error", None),
