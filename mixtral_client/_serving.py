@@ -26,8 +26,8 @@ from ._exceptions import (
 )
 from .types import ChatCompletionChunk, Usage
 
-__all__ = ["BodyTooLarge", "ModelNotFound", "ServedRequest", "StreamShaper", "Unauthorized", "error_response",
-           "read_body", "sse"]
+__all__ = ["BodyTooLarge", "ModelNotFound", "ServedRequest", "StreamShaper", "Unauthorized", "check_model",
+           "error_response", "read_body", "sse"]
 
 #: ``create()`` parameters a body may set directly; transport options (``extra_*``, ``timeout``) it may not
 _PARAMS = frozenset(CompletionParams.__annotations__) - {"extra_headers", "extra_query", "extra_body", "timeout", "model"}
@@ -62,6 +62,12 @@ class ServedRequest:
     include_usage: bool = False
 
 
+def check_model(model: str, served: frozenset[str]) -> None:
+    """``ModelNotFound`` (404) unless ``model`` is one of the ``served`` names."""
+    if model not in served:
+        raise ModelNotFound(f"The model {model!r} does not exist; this server serves {', '.join(sorted(served))}")
+
+
 def read_body(raw: bytes, served: frozenset[str]) -> ServedRequest:
     """Read a chat-completions body; a body that is not one raises ``InvalidRequestError`` (400), a model not in
     ``served`` ``ModelNotFound`` (404). The parameters themselves are checked by ``create()``."""
@@ -73,8 +79,8 @@ def read_body(raw: bytes, served: frozenset[str]) -> ServedRequest:
         raise InvalidRequestError(f"the body must be a JSON object, got {type(body).__name__}")
     given = {k: v for k, v in body.items() if v is not None}
     model = given.pop("model", None)
-    if model is not None and model not in served:
-        raise ModelNotFound(f"The model {model!r} does not exist; this server serves {', '.join(sorted(served))}")
+    if model is not None:
+        check_model(model, served)
     if "messages" not in given:
         raise InvalidRequestError("messages: required", param="messages")
     messages, stream = given.pop("messages"), given.pop("stream", False)

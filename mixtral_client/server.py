@@ -8,7 +8,8 @@ One ``AsyncMixtralClient`` answers every request, so what the client does the se
 before anything is sent or computed, tools and ``response_format`` on every backend, retries and
 deadlines towards a host, and on local weights one running batch for all concurrent requests. A caller
 that disconnects, mid-stream or before its answer is ready, cancels its request (its row leaves the local
-batch; a host's connection is closed). The request/response mapping is pure and lives in ``_serving.py``; this module only does I/O.
+batch; a host's connection is closed). The request/response mapping is pure and lives in ``_serving.py``;
+this module only does I/O.
 
     from mixtral_client import AsyncMixtralClient
     from mixtral_client.server import create_app
@@ -40,6 +41,7 @@ from ._serving import (
     ModelNotFound,
     StreamShaper,
     Unauthorized,
+    check_model,
     error_response,
     read_body,
     sse,
@@ -175,8 +177,10 @@ def create_app(client: AsyncMixtralClient, *, api_key: str | None = None, model_
         if (denied := refused(request)) is not None:
             return denied
         asked = request.path_params["model"]
-        if asked not in served:
-            return _error(ModelNotFound(f"The model {asked!r} does not exist; this server serves {name}"))
+        try:
+            check_model(asked, served)
+        except ModelNotFound as exc:
+            return _error(exc)
         return JSONResponse({**listing, "id": asked})
 
     async def health(_request: Request) -> Response:
