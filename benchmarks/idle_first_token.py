@@ -15,17 +15,15 @@ import argparse
 import json
 import statistics
 import tempfile
-import threading
 import time
 from pathlib import Path
-from typing import Any
 
 import torch
 from local_cpu import SHAPE, _cpu_name
 
+from mixtral_local.backend import LocalOptions, _load_in_own_thread
 from mixtral_local.engine import Engine, SamplingParams
 from mixtral_local.engine import scheduler as scheduler_module
-from mixtral_local.loader import load_model
 from mixtral_local.tiny import write_tiny_checkpoint
 from mixtral_local.tokenizer import MixtralTokenizer
 
@@ -64,12 +62,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = write_tiny_checkpoint(tmp, seed=0, **SHAPE)
         tokenizer = MixtralTokenizer.from_pretrained(path)
-        loaded: list[Any] = []
-        loader = threading.Thread(target=lambda: loaded.append(load_model(path, dtype="float32", device="cpu",
-                                                                          progress=False)))
-        loader.start()  # in a thread of its own, as the local backend loads: no OpenMP pool in this one
-        loader.join()
-        engine = Engine(loaded[0], tokenizer)
+        # loaded in a thread of its own, as the local backend loads: no OpenMP pool in this one
+        model = _load_in_own_thread(LocalOptions(path, dtype="float32", device="cpu", progress=False))
+        engine = Engine(model, tokenizer)
         prompt = tokenizer.encode_chat(PROMPT)
         idle_s = scheduler_module.IDLE_S
         runs = {"waiting thread": series(engine, prompt, args.requests, args.gap)}
