@@ -18,7 +18,9 @@ from .types import (
     Choice,
     ChoiceDeltaToolCall,
     ChoiceDeltaToolCallFunction,
+    ChoiceLogprobs,
     FunctionCall,
+    Logprobs,
     ToolCall,
     Usage,
     new_tool_call_id,
@@ -54,7 +56,7 @@ class _ChoiceParts:
         self.role: str | None = None
         self.content: list[str] = []
         self.finish_reason: str | None = None
-        self.logprobs: list[Any] = []
+        self.logprobs: list[Logprobs] = []
         self.calls: list[_ToolCallParts] = []
         self.by_index: dict[int, _ToolCallParts] = {}
         self.by_id: dict[str, _ToolCallParts] = {}
@@ -164,12 +166,17 @@ class ChunkAccumulator:
         return completion
 
 
-def _merge_logprobs(pieces: list[Any]) -> Any:
+def _merge_logprobs(pieces: list[Logprobs]) -> Logprobs | None:
+    """The chunks' log probabilities as one: ``content`` (and ``refusal``) lists joined in order. When a host's
+    pieces are not all of OpenAI's shape (some kept as dicts), the result is a dict of those lists."""
     if not pieces:
         return None
-    content: list[Any] = []
+    typed = all(isinstance(p, ChoiceLogprobs) for p in pieces)
+    merged: dict[str, list[Any]] = {"content": []}
     for piece in pieces:
-        items = piece.get("content") if isinstance(piece, dict) else None
-        if items:
-            content.extend(items)
-    return {"content": content}
+        fields = piece if isinstance(piece, dict) else piece.model_dump(exclude_none=True)
+        for name in ("content", "refusal"):
+            items = fields.get(name)
+            if isinstance(items, list):
+                merged.setdefault(name, []).extend(items)
+    return ChoiceLogprobs.model_validate(merged) if typed else merged

@@ -18,21 +18,25 @@ __all__ = [
     "ChatCompletionChunk",
     "ChatCompletionMessage",
     "ChatCompletionMessageParam",
+    "ChatCompletionTokenLogprob",
     "ChatCompletionToolParam",
     "Choice",
     "ChoiceDelta",
     "ChoiceDeltaToolCall",
     "ChoiceDeltaToolCallFunction",
+    "ChoiceLogprobs",
     "ChunkChoice",
     "FinishReason",
     "FunctionCall",
     "FunctionDefinition",
+    "Logprobs",
     "ParsedChatCompletion",
     "ParsedChatCompletionMessage",
     "ParsedChoice",
     "PromptTokensDetails",
     "ToolCall",
     "ToolCallParam",
+    "TopLogprob",
     "Usage",
     "new_tool_call_id",
 ]
@@ -114,11 +118,38 @@ class ChatCompletionMessage(_Model):
     tool_calls: list[ToolCall] | None = None
 
 
+class TopLogprob(_Model):
+    """One of the most likely tokens at a position: its text, log probability and UTF-8 bytes."""
+
+    token: str
+    logprob: float
+    #: the token's UTF-8 bytes: a token that holds part of a character shows as ``"\\xe2"`` in ``token``
+    bytes: list[int] | None = None
+
+
+class ChatCompletionTokenLogprob(TopLogprob):
+    """One generated token, with the ``top_logprobs`` most likely tokens at its position."""
+
+    top_logprobs: list[TopLogprob] = []
+
+
+class ChoiceLogprobs(_Model):
+    """``logprobs=True``: the answer's tokens in order (``content``; OpenAI also has ``refusal``)."""
+
+    content: list[ChatCompletionTokenLogprob] | None = None
+    refusal: list[ChatCompletionTokenLogprob] | None = None
+
+
+#: a host's log probabilities: typed when they have OpenAI's shape, else the host's JSON as it came (kept, not lost)
+Logprobs: TypeAlias = ChoiceLogprobs | dict[str, Any]
+_LOGPROBS = Field(default=None, union_mode="left_to_right")
+
+
 class Choice(_Model):
     index: int = 0
     message: ChatCompletionMessage
     finish_reason: FinishReason | None = None
-    logprobs: Any = None
+    logprobs: Logprobs | None = _LOGPROBS
 
 
 class PromptTokensDetails(_Model):
@@ -163,7 +194,7 @@ class ChunkChoice(_Model):
     index: int = 0
     delta: ChoiceDelta = ChoiceDelta()
     finish_reason: FinishReason | None = None
-    logprobs: Any = None
+    logprobs: Logprobs | None = _LOGPROBS
 
 
 class ChatCompletionChunk(_Model):

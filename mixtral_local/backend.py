@@ -36,18 +36,21 @@ import anyio.to_thread
 
 from mixtral_client._accumulate import ChunkAccumulator
 from mixtral_client._config import ClientConfig
-from mixtral_client._exceptions import ConfigurationError, InvalidRequestError, UnsupportedFeatureError
+from mixtral_client._exceptions import ConfigurationError, InvalidRequestError
 from mixtral_client._request import ChatRequest
 from mixtral_client.types import (
     ChatCompletion,
     ChatCompletionChunk,
+    ChatCompletionTokenLogprob,
     ChoiceDelta,
+    ChoiceLogprobs,
     ChunkChoice,
     PromptTokensDetails,
+    TopLogprob,
     Usage,
 )
 
-from .engine import Delta, Engine, SamplingParams, Ticket
+from .engine import Delta, Engine, SamplingParams, Ticket, TokenLogprob
 from .engine.grammar import GrammarError, check_grammar, json_grammar, tool_calls_grammar
 from .engine.prefix_cache import PREFIX_CACHE_TOKENS
 from .loader import check_checkpoint, load_model, resolve_device, resolve_dtype, resolve_quantize
@@ -213,10 +216,6 @@ def _grammar(request: ChatRequest) -> str | None:
 
 def _sampling(request: ChatRequest) -> SamplingParams:
     p = request.params
-    for name in ("logprobs", "top_logprobs"):
-        if p.get(name):
-            raise UnsupportedFeatureError(f"{name}: the local backend does not return log probabilities",
-                                          param=name, provider="local")
     unknown = sorted(set(request.options.extra_body) - _EXTRA_BODY)
     if unknown:
         raise InvalidRequestError(f"extra_body: the local backend does not know {', '.join(unknown)} "
@@ -238,6 +237,7 @@ def _sampling(request: ChatRequest) -> SamplingParams:
             stop=(stop,) if isinstance(stop, str) else tuple(stop),
             grammar=grammar,
             lazy_marker=lazy,
+            logprobs=int(p.get("top_logprobs") or 0) if p.get("logprobs") else None,
         )
     except ValueError as exc:
         raise InvalidRequestError(str(exc), provider="local") from None
@@ -250,11 +250,13 @@ class _Answer:
     does (the prompt counted once, the completion tokens of every choice added up), as OpenAI streams it.
     """
 
-    def __init__(self, model: str, n: int) -> None:
+    def __init__(self, model: str, n: int, logprobs: bool = False) -> None:
         self.head: dict[str, Any] = {"id": f"chatcmpl-local-{uuid.uuid4().hex[:24]}", "created": int(time.time()),
                                      "model": model}
         self.n, self.finished, self.prompt_tokens, self.completion_tokens = n, 0, 0, 0
         self.cached_tokens = 0
+        self.logprobs = logprobs
+        self._held: dict[int, list[ChatCompletionTokenLogprob]] = {}  # tokens whose text has not come out yet
 
     def first(self) -> ChatCompletionChunk:
         return ChatCompletionChunk(**self.head, choices=[ChunkChoice(index=i, delta=ChoiceDelta(role="assistant",
@@ -262,16 +264,27 @@ class _Answer:
                                                          for i in range(self.n)])
 
     def chunks(self, delta: Delta, index: int) -> Iterator[ChatCompletionChunk]:
+        """The chunks for one delta of choice ``index``. With ``logprobs``, a token's log probability goes out
+        with the chunk that carries its text: a token whose text is held (part of a character, what may begin
+        a stop string) waits for the next chunk with text, or for the finish chunk (which then always has
+        ``logprobs``, so that a whole answer has them even when it is empty)."""
+        tokens = self._held.pop(index, [])
+        tokens += (_token_logprob(t) for t in delta.logprobs)
         if delta.text:
-            yield ChatCompletionChunk(**self.head, choices=[ChunkChoice(index=index,
-                                                                        delta=ChoiceDelta(content=delta.text))])
+            yield ChatCompletionChunk(**self.head, choices=[ChunkChoice(
+                index=index, delta=ChoiceDelta(content=delta.text),
+                logprobs=ChoiceLogprobs(content=tokens) if self.logprobs else None)])
+            tokens = []
         if delta.finish_reason is None:
+            if tokens:
+                self._held[index] = tokens
             return
         self.finished += 1
         self.prompt_tokens = delta.prompt_tokens
         self.cached_tokens = max(self.cached_tokens, delta.cached_tokens)
         self.completion_tokens += delta.completion_tokens
-        finish = ChunkChoice(index=index, finish_reason=delta.finish_reason)
+        finish = ChunkChoice(index=index, finish_reason=delta.finish_reason,
+                             logprobs=ChoiceLogprobs(content=tokens) if self.logprobs else None)
         if self.n == 1:
             yield ChatCompletionChunk(**self.head, choices=[finish], usage=self._usage())
             return
@@ -290,6 +303,17 @@ class _Answer:
         for chunk in chunks:
             merged.add(chunk)
         return merged.completion()
+
+
+def _token_logprob(token: TokenLogprob) -> ChatCompletionTokenLogprob:
+    return ChatCompletionTokenLogprob(
+        **_shown(token.text), logprob=token.logprob,
+        top_logprobs=[TopLogprob(**_shown(text), logprob=lp) for _, text, lp in token.top])
+
+
+def _shown(text: bytes) -> dict[str, Any]:
+    """OpenAI's token fields: the text (a byte that is part of a character as ``"\\xe2"``) and its bytes."""
+    return {"token": text.decode("utf-8", errors="backslashreplace"), "bytes": list(text)}
 
 
 class LocalCore:
@@ -333,7 +357,7 @@ class LocalCore:
     def chunks(self, request: ChatRequest) -> Iterator[ChatCompletionChunk]:
         tickets = self.start(request)
         try:
-            answer = _Answer(request.model, len(tickets))
+            answer = _Answer(request.model, len(tickets), bool(request.params.get("logprobs")))
             yield answer.first()
             live = dict(enumerate(tickets))
             while live:  # every step gives each running choice a token, so taking them in turn never stalls
@@ -418,7 +442,7 @@ class AsyncLocalBackend:
             waker = _Waker()
             for ticket in started:
                 ticket.listen(waker.wake)
-            answer = _Answer(request.model, len(started))
+            answer = _Answer(request.model, len(started), bool(request.params.get("logprobs")))
             yield answer.first()
             live = dict(enumerate(started))
             while live:

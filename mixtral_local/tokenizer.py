@@ -59,6 +59,7 @@ class MixtralTokenizer:
         self.eos_id: int = self.sp.eos_id()
         self.vocab_size: int = self.sp.vocab_size()
         self._bytes = {i: int(self.sp.id_to_piece(i)[3:5], 16) for i in range(self.vocab_size) if self.sp.IsByte(i)}
+        self._pieces: list[bytes] | None = None  # token_bytes(), built on first use
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike[str] | None = None) -> MixtralTokenizer:
@@ -127,6 +128,20 @@ class MixtralTokenizer:
     def byte_value(self, token_id: int) -> int | None:
         """The byte a byte-fallback token (``<0xE2>``) stands for; None for other tokens."""
         return self._bytes.get(token_id)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The UTF-8 bytes a token stands for in a text (its "▁" a space); b"" for a control token (EOS)."""
+        if self._pieces is None:
+            self._pieces = [self._piece_bytes(i) for i in range(self.vocab_size)]
+        return self._pieces[token_id]
+
+    def _piece_bytes(self, token_id: int) -> bytes:
+        byte = self.byte_value(token_id)
+        if byte is not None:
+            return bytes([byte])
+        if self.sp.IsControl(token_id) or self.sp.IsUnknown(token_id):
+            return b""
+        return self.sp.id_to_piece(token_id).replace("\u2581", " ").encode()
 
     def detokenizer(self) -> IncrementalDetokenizer:
         return IncrementalDetokenizer(self)

@@ -36,6 +36,7 @@ from mixtral_client.types import (
     ChatCompletionChunk,
     ChatCompletionMessageParam,
     ChoiceDeltaToolCall,
+    Logprobs,
     ToolCallParam,
     Usage,
 )
@@ -150,6 +151,11 @@ def _parse_tool_calls(raw: Sequence[Any]) -> tuple[list[ToolCall], list[InvalidT
     return calls, invalid
 
 
+def _json(logprobs: Logprobs) -> dict[str, Any]:
+    """Log probabilities as the JSON the host sent (what ChatOpenAI puts in ``response_metadata``)."""
+    return logprobs if isinstance(logprobs, dict) else logprobs.model_dump()
+
+
 def to_chat_result(completion: ChatCompletion, requested_model: str) -> ChatResult:
     """One ``ChatGeneration`` per choice; usage and metadata on every generation's message."""
     model = completion.model or requested_model
@@ -167,7 +173,7 @@ def to_chat_result(completion: ChatCompletion, requested_model: str) -> ChatResu
         )
         info: dict[str, Any] = {"finish_reason": choice.finish_reason}
         if choice.logprobs is not None:
-            info["logprobs"] = choice.logprobs
+            info["logprobs"] = _json(choice.logprobs)
         generations.append(ChatGeneration(message=message, generation_info=info))
     llm_output = {"model_name": model, "id": completion.id,
                   "token_usage": completion.usage.model_dump() if completion.usage is not None else {}}
@@ -206,7 +212,7 @@ class ChunkConverter:
         if not delta.content and not tool_chunks and choice.logprobs is None:
             return None
         message = AIMessageChunk(content=delta.content or "", id=self._id or None, tool_call_chunks=tool_chunks)
-        info = {"logprobs": choice.logprobs} if choice.logprobs is not None else None
+        info = {"logprobs": _json(choice.logprobs)} if choice.logprobs is not None else None
         return ChatGenerationChunk(message=message, generation_info=info)
 
     def last(self) -> ChatGenerationChunk:

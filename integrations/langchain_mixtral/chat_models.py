@@ -118,6 +118,10 @@ class ChatMixtral(BaseChatModel):
     max_tokens: int | None = None
     stop: list[str] | None = None
     seed: int | None = None
+    logprobs: bool | None = None
+    """Return each answer token's log probability (``response_metadata["logprobs"]``, as ChatOpenAI does)."""
+    top_logprobs: int | None = None
+    """With ``logprobs``: how many of the most likely tokens to list at each position (0-20)."""
     timeout: float | Timeout | None = None
     """Seconds for the whole call (retries included), or a ``mixtral_client.Timeout``."""
     max_retries: int = 2
@@ -202,7 +206,8 @@ class ChatMixtral(BaseChatModel):
 
     def _default_params(self) -> dict[str, Any]:
         params = {"temperature": self.temperature, "top_p": self.top_p, "max_tokens": self.max_tokens,
-                  "seed": self.seed, **self.model_kwargs}
+                  "seed": self.seed, "logprobs": self.logprobs, "top_logprobs": self.top_logprobs,
+                  **self.model_kwargs}
         return {k: v for k, v in params.items() if v is not None}
 
     def _create_params(self, messages: list[BaseMessage], stop: list[str] | None, stream: bool, /,

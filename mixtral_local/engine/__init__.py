@@ -1,7 +1,7 @@
 """Generation: a growable KV cache, pure sampling functions, stop strings, the prefill/decode loop, and the
 scheduler that decodes concurrent requests in one running batch."""
 
-from .engine import Completion, Delta, Engine
+from .engine import Completion, Delta, Engine, TokenLogprob
 from .kv_cache import KVCache
 from .sampling import SamplingParams, apply_penalties, logits_to_probs, sample
 from .scheduler import Scheduler, Ticket
@@ -16,6 +16,7 @@ __all__ = [
     "Scheduler",
     "StopMatcher",
     "Ticket",
+    "TokenLogprob",
     "apply_penalties",
     "logits_to_probs",
     "sample",

@@ -33,7 +33,21 @@ from .sampling import SamplingParams, sample
 from .scheduler import Scheduler, Ticket
 from .stops import StopMatcher
 
-__all__ = ["Completion", "Delta", "Engine"]
+__all__ = ["Completion", "Delta", "Engine", "TokenLogprob"]
+
+
+@dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    """A generated token's log probability under the model (its raw logits: before penalties, temperature,
+    top-k / top-p and any grammar), and the ``SamplingParams.logprobs`` most likely tokens at its position,
+    most likely first. ``text`` is what the token adds to the answer's text: the first token of an answer loses
+    the space sentencepiece puts before a word (the answer's text has none), so the tokens' texts add up to
+    the answer's, stop strings aside."""
+
+    token_id: int
+    text: bytes
+    logprob: float
+    top: tuple[tuple[int, bytes, float], ...] = ()  # (token id, text, log probability)
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +60,7 @@ class Delta:
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int = 0  # prompt positions taken from the prefix cache rather than computed
+    logprobs: tuple[TokenLogprob, ...] = ()  # with ``SamplingParams.logprobs``: this step's token (not EOS)
 
 
 @dataclass(slots=True)
@@ -54,6 +69,7 @@ class Completion:
     finish_reason: str | None
     prompt_tokens: int
     token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # with ``SamplingParams.logprobs``
 
     @property
     def completion_tokens(self) -> int:
@@ -165,6 +181,7 @@ class Engine:
         for delta in self._run(rows, None):
             out[delta.index].text += delta.text
             out[delta.index].finish_reason = delta.finish_reason
+            out[delta.index].logprobs.extend(delta.logprobs)
         for row, completion in zip(rows, out, strict=True):
             completion.token_ids = row.tokens
         return out
@@ -245,19 +262,45 @@ class Engine:
         A grammar that fails ends its row alone: finish ``"error"``, with the reason in ``row.error``.
         """
         if row.constraint is None:
-            return self._accept(row, sample(logits, row.params, row.counts, row.generator))
+            token = sample(logits, row.params, row.counts, row.generator)
+            logprob = self._logprob(row, logits, token)
+            delta = self._accept(row, token)
+            return delta if logprob is None else dataclasses.replace(delta, logprobs=(logprob,))
         try:
             token = sample(row.constraint.mask(logits), row.params, row.counts, row.generator)
             row.constraint.accept(token)
         except GrammarError as exc:
             row.finish, row.error = "error", exc
             return Delta(row.index, "", "error", len(row.prompt), len(row.tokens), row.cached)
+        logprob = self._logprob(row, logits, token)
         delta = self._accept(row, token, last=row.constraint.done and token != self.tokenizer.eos_id)
         if not row.shown:  # the space a grammar lets an answer open with is not part of it
             text = delta.text.lstrip(" ")
             row.shown = bool(text)
             delta = dataclasses.replace(delta, text=text)
-        return delta
+        return delta if logprob is None else dataclasses.replace(delta, logprobs=(logprob,))
+
+    def _logprob(self, row: _Row, logits: torch.Tensor, token: int) -> TokenLogprob | None:
+        """``token``'s log probability and the most likely tokens at its position (``row.params.logprobs`` of
+        them), from the raw logits [V]; None when the row did not ask or the token is EOS (no text: not shown).
+        Call it before the token is accepted: the texts depend on what the answer has shown so far."""
+        k = row.params.logprobs
+        if k is None or token == self.tokenizer.eos_id:
+            return None
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        top = torch.topk(logprobs, k) if k else None
+        # the answer's text opens without the space that starts its first token (sentencepiece decodes so), and
+        # a constrained answer's text without any space the grammar let it open with
+        if row.constraint is not None and not row.shown:
+            shown = _drop_spaces
+        elif not row.tokens:
+            shown = _drop_space
+        else:
+            shown = _as_is
+        text = self.tokenizer.token_bytes
+        alternatives = () if top is None else tuple(
+            (i, shown(text(i)), lp) for i, lp in zip(top.indices.tolist(), top.values.tolist(), strict=True))
+        return TokenLogprob(token, shown(text(token)), float(logprobs[token]), alternatives)
 
     def _run(self, rows: list[_Row], should_stop: Callable[[], bool] | None) -> Iterator[Delta]:
         if should_stop is not None and should_stop():
@@ -272,6 +315,18 @@ class Engine:
                 return
             for row, delta in batch.step():
                 yield _checked(row, delta)
+
+
+def _drop_space(text: bytes) -> bytes:
+    return text[1:] if text.startswith(b" ") else text
+
+
+def _drop_spaces(text: bytes) -> bytes:
+    return text.lstrip(b" ")
+
+
+def _as_is(text: bytes) -> bytes:
+    return text
 
 
 def _checked(row: _Row, delta: Delta) -> Delta:

@@ -12,7 +12,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["SamplingParams", "apply_penalties", "logits_to_probs", "sample"]
+__all__ = ["MAX_LOGPROBS", "SamplingParams", "apply_penalties", "logits_to_probs", "sample"]
+
+MAX_LOGPROBS = 20  # the most alternatives a token's log probabilities list (OpenAI's top_logprobs limit)
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,6 +31,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     grammar: str | None = None  # an llguidance grammar the answer must follow (see ``grammar.py``)
     lazy_marker: str | None = None  # the grammar holds only while the answer may open with this (``Constraint``)
+    logprobs: int | None = None  # None: none; k: each token's log probability and the k most likely (0-20)
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.temperature) and self.temperature >= 0):
@@ -39,6 +42,8 @@ class SamplingParams:
             raise ValueError(f"top_k must be >= 0 (0: off), got {self.top_k}")
         if self.max_tokens is not None and self.max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise ValueError(f"logprobs must be between 0 and {MAX_LOGPROBS}, got {self.logprobs}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise ValueError(f"stop strings must be non-empty strings, got {self.stop!r}")
 

@@ -7,6 +7,7 @@ from typing import Any
 
 from mixtral_client import ChatCompletionChunk
 from mixtral_client._accumulate import ChunkAccumulator
+from mixtral_client.types import ChoiceLogprobs
 from tests.client.conftest import chunk, tool_delta
 
 
@@ -145,7 +146,21 @@ def test_logprobs_content_is_concatenated() -> None:
 
     result = merged(first, second)
 
-    assert [t["token"] for t in result.choices[0].logprobs["content"]] == ["a", "b"]
+    logprobs = result.choices[0].logprobs
+    assert isinstance(logprobs, ChoiceLogprobs)  # typed, as each piece was
+    assert [(t.token, t.logprob) for t in logprobs.content or []] == [("a", -0.1), ("b", -0.2)]
+
+
+def test_logprobs_without_openais_shape_are_kept_as_they_came() -> None:
+    first = {**chunk("a")}
+    first["choices"][0]["logprobs"] = {"content": [{"token": "a", "logprob": None}], "extra": 1}
+    second = {**chunk("b")}
+    second["choices"][0]["logprobs"] = {"content": [{"token": "b", "logprob": -0.2, "bytes": [98]}]}
+
+    logprobs = merged(first, second).choices[0].logprobs
+
+    assert logprobs == {"content": [{"token": "a", "logprob": None},
+                                    {"token": "b", "logprob": -0.2, "bytes": [98], "top_logprobs": []}]}
 
 
 def test_null_index_whole_calls_in_one_delta_stay_apart() -> None:

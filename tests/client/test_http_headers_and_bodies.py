@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from mixtral_client import InternalServerError, MixtralClient, RateLimitError
+from mixtral_client.types import ChoiceLogprobs
 from tests.client.conftest import MESSAGES, Driver, completion, replying
 from tests.loopback import LoopbackServer
 
@@ -70,3 +71,22 @@ def test_a_stream_request_answered_with_a_json_choice_error_raises_it(driver: Dr
 
     with pytest.raises(InternalServerError, match="provider went away"):
         driver.chunks(server, client={"max_retries": 0})
+
+
+def test_a_hosts_logprobs_are_typed_and_a_stranger_shape_is_kept(driver: Driver, serve) -> None:
+    answer = completion("Hi")
+    answer["choices"][0]["logprobs"] = {"content": [{"token": "Hi", "logprob": -0.5, "bytes": [72, 105],
+                                                     "top_logprobs": [{"token": "Hi", "logprob": -0.5},
+                                                                      {"token": "Hey", "logprob": -1.5}]}]}
+    server = serve(replying(200, answer))
+
+    logprobs = driver.complete(server, logprobs=True, top_logprobs=2).choices[0].logprobs
+
+    assert server.requests[0].json()["top_logprobs"] == 2
+    assert isinstance(logprobs, ChoiceLogprobs) and logprobs.content is not None
+    assert [(t.token, t.logprob) for t in logprobs.content[0].top_logprobs] == [("Hi", -0.5), ("Hey", -1.5)]
+
+    legacy = {"tokens": ["Hi"], "token_logprobs": [-0.5], "top_logprobs": None}  # old completions shape
+    answer["choices"][0]["logprobs"] = {"content": [{"token": "Hi", "logprob": None}], **legacy}
+    strange = driver.complete(serve(replying(200, answer)), logprobs=True).choices[0].logprobs
+    assert strange == {"content": [{"token": "Hi", "logprob": None}], **legacy}

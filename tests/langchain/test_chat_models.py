@@ -332,8 +332,12 @@ def test_the_stream_switch_of_invoke_is_not_sent_as_a_body_field(llm: ChatMixtra
 
 
 def test_logprobs_reach_the_generation_info(host: ScriptedHost) -> None:
-    message = model_on(host, model_kwargs={"logprobs": True}).invoke("hi")
+    llm = model_on(host, logprobs=True, top_logprobs=2)
+    message = llm.invoke("hi")
     assert message.response_metadata["logprobs"]["content"][0]["token"] == "Hello!"
+    assert (host.requests[-1]["logprobs"], host.requests[-1]["top_logprobs"]) == (True, 2)
+    assert "logprobs" not in model_on(host).invoke("hi").response_metadata
+    assert "logprobs" not in host.requests[-1]
 
 
 # --------------------------------------------------------------------------- errors

@@ -57,6 +57,22 @@ def test_greedy_invoke_and_stream_give_the_same_text(local_llm: ChatMixtral) -> 
     assert streamed == invoked.content
 
 
+def test_logprobs_come_in_response_metadata_whole_and_streamed(tiny_checkpoint: str) -> None:
+    llm = ChatMixtral(provider="local", model_path=tiny_checkpoint, temperature=0, max_tokens=MAX_TOKENS,
+                      logprobs=True, top_logprobs=2)
+    try:
+        invoked = llm.invoke("Hello")
+        streamed = None
+        for chunk in llm.stream("Hello"):
+            streamed = chunk if streamed is None else streamed + chunk
+    finally:
+        llm.close()
+    tokens = invoked.response_metadata["logprobs"]["content"]
+    assert len(tokens) == MAX_TOKENS and "".join(t["token"] for t in tokens) == invoked.content
+    assert all(len(t["top_logprobs"]) == 2 for t in tokens)
+    assert streamed is not None and streamed.response_metadata["logprobs"]["content"] == tokens
+
+
 async def test_greedy_ainvoke_and_astream_give_the_same_text(local_llm: ChatMixtral) -> None:
     invoked = await local_llm.ainvoke("Hello")
     streamed = "".join([str(chunk.content) async for chunk in local_llm.astream("Hello")])

@@ -14,7 +14,7 @@ import torch
 
 from mixtral_client._backends.base import AsyncBackend, SyncBackend
 from mixtral_client._config import ClientConfig, resolve_config
-from mixtral_client._exceptions import ConfigurationError, InvalidRequestError, UnsupportedFeatureError
+from mixtral_client._exceptions import ConfigurationError, InvalidRequestError
 from mixtral_client._request import ChatRequest
 from mixtral_client.types import ChatCompletion
 from mixtral_local.backend import AsyncLocalBackend, LocalBackend
@@ -79,11 +79,6 @@ def test_top_k_comes_through_extra_body(backend: LocalBackend, make_request: Mak
 def test_unknown_extra_body_is_refused(backend: LocalBackend, make_request: MakeRequest) -> None:
     with pytest.raises(InvalidRequestError, match="min_p"):
         backend.complete(make_request(HELLO, extra_body={"min_p": 0.1}))
-
-
-def test_logprobs_are_refused(backend: LocalBackend, make_request: MakeRequest) -> None:
-    with pytest.raises(UnsupportedFeatureError, match="logprobs"):
-        backend.complete(make_request(HELLO, logprobs=True))
 
 
 def test_too_long_a_prompt_is_refused_before_the_first_chunk(backend: LocalBackend,

@@ -121,10 +121,25 @@ def test_a_streamed_required_call_accumulates_in_the_openai_sdk(sdk: openai.Open
     assert set(json.loads(call.function.arguments)) == {"city"}
 
 
+def test_logprobs_reach_the_openai_sdk_whole_and_streamed(sdk: openai.OpenAI, tiny_dir: Path) -> None:
+    params: dict[str, Any] = {"temperature": 0, "max_tokens": 8, "logprobs": True, "top_logprobs": 3}
+    whole = sdk.chat.completions.create(model="mixtral-local", messages=MESSAGES, **params)
+    expected = in_process(tiny_dir, **params).choices[0].logprobs
+    tokens = whole.choices[0].logprobs.content
+    assert [(t.token, t.bytes, t.logprob) for t in tokens] == [(t.token, t.bytes, t.logprob) for t in expected.content]
+    assert [[a.token for a in t.top_logprobs] for t in tokens] == [
+        [a.token for a in t.top_logprobs] for t in expected.content]
+    assert "".join(t.token for t in tokens) == whole.choices[0].message.content
+    streamed = [t for chunk in sdk.chat.completions.create(model="mixtral-local", messages=MESSAGES, stream=True,
+                                                           **params)
+                for c in chunk.choices if c.logprobs is not None for t in c.logprobs.content]
+    assert [(t.token, t.logprob) for t in streamed] == [(t.token, t.logprob) for t in tokens]
+
+
 @pytest.mark.parametrize(("body", "param"), [
     ({"temperature": 9}, "temperature"),
     ({"messages": [{"role": "robot", "content": "x"}]}, "messages[0]"),
-    ({"logprobs": True}, "logprobs"),
+    ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
     ({"stream_options": {"include_usage": True}}, "stream_options"),
 ])
 def test_refused_request_is_a_bad_request_naming_the_parameter(sdk: openai.OpenAI, body: dict[str, Any],
