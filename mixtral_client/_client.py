@@ -50,6 +50,7 @@ class ParseParams(TypedDict, total=False):
     frequency_penalty: float
     logprobs: bool
     top_logprobs: int
+    logit_bias: Mapping[str | int, float]
     tools: list[ChatCompletionToolParam]
     tool_choice: str | dict[str, Any]
     parallel_tool_calls: bool

@@ -73,7 +73,7 @@ ERROR_STATUS: Mapping[str, int] = {
 }
 
 #: request parameters Converse cannot carry for Mixtral (sending them would be silently ignored at best)
-_UNSUPPORTED = ("seed", "presence_penalty", "frequency_penalty", "logprobs", "top_logprobs")
+_UNSUPPORTED = ("seed", "presence_penalty", "frequency_penalty", "logprobs", "top_logprobs", "logit_bias")
 #: parameters with no effect on Bedrock that are dropped: n is at most 1 (checked by the preset),
 #: usage is always streamed, ``user`` has no Converse field
 _IGNORED = frozenset({"n", "stream_options", "user"})

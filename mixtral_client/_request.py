@@ -209,6 +209,27 @@ def _check_tools(tools: Any, tool_choice: Any, preset: ProviderPreset) -> None:
             raise _fail(f"must be a string or a dict, got {tool_choice!r}", "tool_choice", preset)
 
 
+LOGIT_BIAS_MAX = 300  # the most tokens one request may bias (OpenAI's limit)
+
+
+def _logit_bias(value: Any, preset: ProviderPreset) -> dict[str, float]:
+    """``{token id: bias}`` with ids as OpenAI's JSON has them (strings of digits), each bias in -100..100."""
+    if not isinstance(value, Mapping):
+        raise _fail(f"must be a dict of token id -> bias, got {value!r}", "logit_bias", preset)
+    if len(value) > LOGIT_BIAS_MAX:
+        raise _fail(f"biases at most {LOGIT_BIAS_MAX} tokens, got {len(value)}", "logit_bias", preset)
+    checked: dict[str, float] = {}
+    for key, bias in value.items():
+        token = str(key)
+        if isinstance(key, bool) or not token.isdigit():
+            raise _fail(f"keys are token ids (integers >= 0), got {key!r}", "logit_bias", preset)
+        if isinstance(bias, bool) or not isinstance(bias, int | float) or not -100 <= bias <= 100:
+            raise _fail(f"token {token}: the bias must be a number from -100 to 100, got {bias!r}", "logit_bias",
+                        preset)
+        checked[str(int(token))] = bias
+    return checked
+
+
 def build_request(
     preset: ProviderPreset,
     *,
@@ -256,6 +277,8 @@ def build_request(
         _number(given["top_logprobs"], "top_logprobs", preset, *limits.top_logprobs, integer=True)
         if not given.get("logprobs"):
             raise _fail("needs logprobs=True", "top_logprobs", preset)
+    if "logit_bias" in given:
+        given["logit_bias"] = _logit_bias(given["logit_bias"], preset)
     _check_tools(given.get("tools"), given.get("tool_choice"), preset)
     if "parallel_tool_calls" in given:
         if not isinstance(given["parallel_tool_calls"], bool):

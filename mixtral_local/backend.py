@@ -238,6 +238,7 @@ def _sampling(request: ChatRequest) -> SamplingParams:
             grammar=grammar,
             lazy_marker=lazy,
             logprobs=int(p.get("top_logprobs") or 0) if p.get("logprobs") else None,
+            logit_bias=tuple((int(token), float(bias)) for token, bias in p.get("logit_bias", {}).items()),
         )
     except ValueError as exc:
         raise InvalidRequestError(str(exc), provider="local") from None
@@ -322,11 +323,12 @@ class LocalCore:
     def __init__(self, config: ClientConfig) -> None:
         self.options = LocalOptions.from_config(config)
         try:
-            check_checkpoint(self.options.path, dtype=self.options.dtype, device=self.options.device,
-                             moe_backend=self.options.moe_backend, quantize=self.options.quantize)
+            plan = check_checkpoint(self.options.path, dtype=self.options.dtype, device=self.options.device,
+                                    moe_backend=self.options.moe_backend, quantize=self.options.quantize)
         except ValueError as exc:  # an unusable moe_backend for the device
             raise ConfigurationError(f"{config.local_option_source('moe_backend')}: {exc}") from None
         MixtralTokenizer.from_pretrained(self.options.path)
+        self.vocab_size = plan.config.vocab_size
         self._engine: Engine | None = None
 
     @property
@@ -348,6 +350,10 @@ class LocalCore:
         choice ``i`` samples with ``seed + i``: the choices differ, and each is what one request with that seed
         gives."""
         params = _sampling(request)
+        outside = [token for token, _ in params.logit_bias if token >= self.vocab_size]
+        if outside:
+            raise InvalidRequestError(f"logit_bias: token {outside[0]} is not in the model's vocabulary "
+                                      f"({self.vocab_size} tokens)", param="logit_bias", provider="local")
         engine = self.load(cancel)
         prompt = engine.tokenizer.encode_chat(request.messages)
         per_choice = [params if params.seed is None else dataclasses.replace(params, seed=params.seed + i)

@@ -122,6 +122,8 @@ class ChatMixtral(BaseChatModel):
     """Return each answer token's log probability (``response_metadata["logprobs"]``, as ChatOpenAI does)."""
     top_logprobs: int | None = None
     """With ``logprobs``: how many of the most likely tokens to list at each position (0-20)."""
+    logit_bias: dict[int, float] | None = None
+    """Token id -> a bias from -100 (never) to 100 (always) added to its logit before sampling."""
     timeout: float | Timeout | None = None
     """Seconds for the whole call (retries included), or a ``mixtral_client.Timeout``."""
     max_retries: int = 2
@@ -207,6 +209,7 @@ class ChatMixtral(BaseChatModel):
     def _default_params(self) -> dict[str, Any]:
         params = {"temperature": self.temperature, "top_p": self.top_p, "max_tokens": self.max_tokens,
                   "seed": self.seed, "logprobs": self.logprobs, "top_logprobs": self.top_logprobs,
+                  "logit_bias": self.logit_bias,
                   **self.model_kwargs}
         return {k: v for k, v in params.items() if v is not None}
 

@@ -29,7 +29,7 @@ from mixtral_local.tokenizer import IncrementalDetokenizer, MixtralTokenizer
 from .grammar import Constraint, GrammarError, token_table
 from .kv_cache import KVCache
 from .prefix_cache import MIN_REUSE, PREFIX_CACHE_TOKENS, Prefix, PrefixCache, common_prefix
-from .sampling import SamplingParams, sample
+from .sampling import SamplingParams, bias_vector, sample
 from .scheduler import Scheduler, Ticket
 from .stops import StopMatcher
 
@@ -89,6 +89,7 @@ class _Row:
     generator: torch.Generator | None
     counts: torch.Tensor | None
     constraint: Constraint | None = None  # the grammar the answer must follow
+    bias: torch.Tensor | None = None  # [V] added to the logits before sampling (``logit_bias``)
     tokens: list[int] = field(default_factory=list)
     finish: str | None = None
     error: BaseException | None = None  # why the row ended, when its finish is "error"
@@ -223,9 +224,10 @@ class Engine:
             counts = torch.zeros(self.model.config.vocab_size, device=self.device) if p.penalized else None
             max_new = self.budget(len(prompt), p.max_tokens)
             constraint = self._constraint(p.grammar, p.lazy_marker) if p.grammar is not None else None
+            bias = bias_vector(p, self.model.config.vocab_size, self.device)
             prefix, cached = self.prefix_cache.match(prompt)
             rows.append(_Row(i, list(prompt), p, max_new, self.tokenizer.detokenizer(), StopMatcher(p.stop),
-                             generator, counts, constraint, prefix=prefix, cached=cached))
+                             generator, counts, constraint, bias, prefix=prefix, cached=cached))
         return rows
 
     def _forward(self, ids: list[list[int]], positions: list[list[int]], cache: Sequence[tuple[torch.Tensor, ...]],
@@ -262,12 +264,12 @@ class Engine:
         A grammar that fails ends its row alone: finish ``"error"``, with the reason in ``row.error``.
         """
         if row.constraint is None:
-            token = sample(logits, row.params, row.counts, row.generator)
+            token = sample(logits, row.params, row.counts, row.generator, row.bias)
             logprob = self._logprob(row, logits, token)
             delta = self._accept(row, token)
             return delta if logprob is None else dataclasses.replace(delta, logprobs=(logprob,))
         try:
-            token = sample(row.constraint.mask(logits), row.params, row.counts, row.generator)
+            token = sample(row.constraint.mask(logits), row.params, row.counts, row.generator, row.bias)
             row.constraint.accept(token)
         except GrammarError as exc:
             row.finish, row.error = "error", exc

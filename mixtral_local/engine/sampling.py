@@ -1,7 +1,7 @@
 """Sampling as side-effect-free functions of one row of logits.
 
-Order: penalties on the raw logits, then temperature, top-k, top-p, and a draw from the request's own
-generator (so a seeded request samples the same tokens alone or in a batch). Temperature 0 is greedy.
+Order: penalties and ``logit_bias`` on the raw logits, then temperature, top-k, top-p, and a draw from the
+request's own generator (so a seeded request samples the same tokens alone or in a batch). Temperature 0 is greedy.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["MAX_LOGPROBS", "SamplingParams", "apply_penalties", "logits_to_probs", "sample"]
+__all__ = ["MAX_LOGPROBS", "SamplingParams", "apply_penalties", "bias_vector", "logits_to_probs", "sample"]
 
 MAX_LOGPROBS = 20  # the most alternatives a token's log probabilities list (OpenAI's top_logprobs limit)
 
@@ -32,6 +32,7 @@ class SamplingParams:
     grammar: str | None = None  # an llguidance grammar the answer must follow (see ``grammar.py``)
     lazy_marker: str | None = None  # the grammar holds only while the answer may open with this (``Constraint``)
     logprobs: int | None = None  # None: none; k: each token's log probability and the k most likely (0-20)
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit), -100 to 100
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.temperature) and self.temperature >= 0):
@@ -44,6 +45,9 @@ class SamplingParams:
             raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
             raise ValueError(f"logprobs must be between 0 and {MAX_LOGPROBS}, got {self.logprobs}")
+        for token, bias in self.logit_bias:
+            if token < 0 or not -100 <= bias <= 100:
+                raise ValueError(f"logit_bias: token {token}, bias {bias}: ids are >= 0, biases -100 to 100")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise ValueError(f"stop strings must be non-empty strings, got {self.stop!r}")
 
@@ -78,11 +82,26 @@ def logits_to_probs(logits: Tensor, temperature: float, top_k: int = 0, top_p: f
     return probs
 
 
+def bias_vector(params: SamplingParams, vocab_size: int, device: torch.device | str = "cpu") -> Tensor | None:
+    """``params.logit_bias`` as a [V] float32 vector to add to the logits; None when there is none."""
+    if not params.logit_bias:
+        return None
+    ids, values = zip(*params.logit_bias, strict=True)
+    if max(ids) >= vocab_size:
+        raise ValueError(f"logit_bias: token {max(ids)} is not in the vocabulary ({vocab_size} tokens)")
+    vector = torch.zeros(vocab_size, dtype=torch.float32)
+    vector[list(ids)] = torch.tensor(values, dtype=torch.float32)
+    return vector.to(device)
+
+
 def sample(logits: Tensor, params: SamplingParams, counts: Tensor | None = None,
-           generator: torch.Generator | None = None) -> int:
-    """The next token for one row of logits [V]; ``counts`` [V]: how often each token was generated so far."""
+           generator: torch.Generator | None = None, bias: Tensor | None = None) -> int:
+    """The next token for one row of logits [V]; ``counts`` [V]: how often each token was generated so far;
+    ``bias`` [V]: added to the logits (``bias_vector(params)``: OpenAI's ``logit_bias``)."""
     if counts is not None and params.penalized:
         logits = apply_penalties(logits, counts, params.presence_penalty, params.frequency_penalty)
+    if bias is not None:
+        logits = logits.float() + bias
     if params.greedy:
         return int(torch.argmax(logits))
     probs = logits_to_probs(logits, params.temperature, params.top_k, params.top_p)

@@ -153,7 +153,7 @@ def test_other_extra_body_keys_are_merged_into_the_body() -> None:
 
 
 @pytest.mark.parametrize("param", [{"seed": 1}, {"presence_penalty": 0.5}, {"frequency_penalty": 0.5},
-                                   {"logprobs": True}])
+                                   {"logprobs": True}, {"logit_bias": {"7": 5}}])
 def test_parameters_converse_cannot_carry_are_unsupported(param: dict[str, Any]) -> None:
     with pytest.raises(UnsupportedFeatureError) as info:
         converse_body(_request(**param))

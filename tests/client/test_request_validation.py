@@ -116,7 +116,7 @@ def test_unknown_keyword_is_a_type_error_and_sends_nothing(driver: Driver, serve
 
 @pytest.mark.parametrize("kwargs", [
     {"temperature": 3.0}, {"messages": []}, {"messages": [{"role": "robot", "content": "x"}]},
-    {"max_tokens": 0}, {"model": ""}, {"timeout": -1},
+    {"max_tokens": 0}, {"model": ""}, {"timeout": -1}, {"logit_bias": {"7": 101}},
 ])
 def test_invalid_input_sends_nothing(kwargs: dict[str, Any], driver: Driver, serve) -> None:
     server = serve(replying(200, completion()))
@@ -181,6 +181,22 @@ def test_wrong_types_are_refused(param: str, value: Any) -> None:
 def test_top_logprobs_needs_logprobs() -> None:
     assert refused(top_logprobs=2).param == "top_logprobs"
     assert refused(top_logprobs=21, logprobs=True).param == "top_logprobs"
+
+
+@pytest.mark.parametrize("bias", [
+    [(7, 1)], {"a": 1}, {"-3": 1}, {True: 1}, {7: 100.5}, {7: -101}, {7: "1"}, {7: float("nan")}, {7: True},
+    {i: 1 for i in range(301)},
+])
+def test_bad_logit_bias_is_refused(bias: Any) -> None:
+    assert refused(logit_bias=bias).param == "logit_bias"
+
+
+def test_logit_bias_goes_out_with_openais_string_keys(driver: Driver, serve) -> None:
+    server = serve(replying(200, completion()))
+
+    driver.complete(server, logit_bias={5592: 100, "1770": -12.5})
+
+    assert server.requests[0].json()["logit_bias"] == {"5592": 100, "1770": -12.5}
 
 
 def test_stream_options_need_a_stream() -> None:

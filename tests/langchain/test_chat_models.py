@@ -340,6 +340,11 @@ def test_logprobs_reach_the_generation_info(host: ScriptedHost) -> None:
     assert "logprobs" not in host.requests[-1]
 
 
+def test_logit_bias_is_sent_with_openais_string_keys(host: ScriptedHost) -> None:
+    model_on(host, logit_bias={5592: 10}).invoke("hi")
+    assert host.requests[-1]["logit_bias"] == {"5592": 10}
+
+
 # --------------------------------------------------------------------------- errors
 
 

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from mixtral_client._config import ClientConfig
+from mixtral_client._exceptions import InvalidRequestError
 from mixtral_client._request import ChatRequest
 from mixtral_client.types import ChoiceLogprobs
 from mixtral_local.backend import LocalBackend
@@ -172,6 +173,39 @@ def test_an_answer_held_to_json_has_tokens_that_add_up_to_it(backend: LocalBacke
     choice = answer.choices[0]
     assert (choice.message.content or "").startswith("{")
     assert _texts(choice.logprobs) == choice.message.content
+
+
+def test_logit_bias_of_minus_100_takes_the_greedy_token_away(backend: LocalBackend,
+                                                              make_request: MakeRequest) -> None:
+    """The greedy first token, banned, gives way to the runner-up that ``top_logprobs`` named; the reported
+    log probabilities stay the model's (the bias changes the draw, not them)."""
+    engine = backend._core.engine
+    plain = engine.generate([engine.tokenizer.encode_chat(PROMPT)],
+                            SamplingParams(temperature=0, max_tokens=1, logprobs=2))[0].logprobs[0]
+    (best, _, _), (second, text, logprob) = plain.top
+    biased = backend.complete(make_request(PROMPT, temperature=0, max_tokens=1, logprobs=True,
+                                           logit_bias={best: -100}))
+    token = biased.choices[0].logprobs.content[0]  # type: ignore[union-attr]
+    assert (bytes(token.bytes or []), token.logprob) == (text, pytest.approx(logprob, abs=1e-5))
+
+
+def test_logit_bias_of_100_makes_sampling_pick_the_token_every_time(backend: LocalBackend,
+                                                                     make_request: MakeRequest,
+                                                                     tokenizer: MixtralTokenizer) -> None:
+    yes = tokenizer.sp.piece_to_id("\u2581Yes")
+    answer = backend.complete(make_request(PROMPT, temperature=1.0, seed=0, max_tokens=5, n=2,
+                                           logit_bias={str(yes): 100}))
+    assert [c.message.content for c in answer.choices] == ["Yes Yes Yes Yes Yes"] * 2
+    nudged = backend.complete(make_request(PROMPT, temperature=0, max_tokens=5, logit_bias={str(yes): 0.5}))
+    assert nudged.choices[0].message.content != "Yes Yes Yes Yes Yes"  # a small bias is a nudge, not a ban
+
+
+def test_logit_bias_outside_the_vocabulary_is_refused_before_loading(local_config: ClientConfig,
+                                                                      make_request: MakeRequest) -> None:
+    fresh = LocalBackend(local_config)
+    with pytest.raises(InvalidRequestError, match="token 32000 is not in the model's vocabulary") as info:
+        fresh.complete(make_request(PROMPT, logit_bias={"32000": 1}))
+    assert info.value.param == "logit_bias" and fresh._core._engine is None
 
 
 def test_logprobs_beyond_twenty_are_refused() -> None:

@@ -136,10 +136,18 @@ def test_logprobs_reach_the_openai_sdk_whole_and_streamed(sdk: openai.OpenAI, ti
     assert [(t.token, t.logprob) for t in streamed] == [(t.token, t.logprob) for t in tokens]
 
 
+def test_logit_bias_reaches_local_weights(sdk: openai.OpenAI) -> None:
+    yes = 5592  # "▁Yes" in the v1 tokenizer
+    answer = sdk.chat.completions.create(model="mixtral-local", messages=MESSAGES, max_tokens=3, seed=1,
+                                         logit_bias={str(yes): 100})
+    assert answer.choices[0].message.content == "Yes Yes Yes"
+
+
 @pytest.mark.parametrize(("body", "param"), [
     ({"temperature": 9}, "temperature"),
     ({"messages": [{"role": "robot", "content": "x"}]}, "messages[0]"),
     ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+    ({"logit_bias": {"99999": 5}}, "logit_bias"),
     ({"stream_options": {"include_usage": True}}, "stream_options"),
 ])
 def test_refused_request_is_a_bad_request_naming_the_parameter(sdk: openai.OpenAI, body: dict[str, Any],
