@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import math
 import threading
 import time
 import uuid
@@ -61,7 +62,7 @@ __all__ = ["AsyncLocalBackend", "LocalBackend", "LocalCore", "LocalOptions", "cl
 
 log = logging.getLogger("mixtral_local")
 
-_EXTRA_BODY = frozenset({"top_k"})
+_EXTRA_BODY = frozenset({"top_k", "min_p", "repetition_penalty"})  # the sampling knobs OpenRouter and AIML take
 _engines: weakref.WeakValueDictionary[tuple[str, str, str, str, str], Engine] = weakref.WeakValueDictionary()
 _engines_lock = threading.Lock()
 
@@ -222,6 +223,13 @@ def _sampling(request: ChatRequest) -> SamplingParams:
                                   f"(it accepts {', '.join(sorted(_EXTRA_BODY))})", param="extra_body",
                                   provider="local")
     stop = p.get("stop", ())
+    min_p, repetition = request.extra("min_p"), request.extra("repetition_penalty")
+    if min_p is not None and not (_is_number(min_p) and 0 <= min_p <= 1):
+        raise InvalidRequestError(f"min_p must be a number from 0 to 1, got {min_p!r}", param="min_p",
+                                  provider="local")
+    if repetition is not None and not (_is_number(repetition) and 0 < repetition <= 2):
+        raise InvalidRequestError(f"repetition_penalty must be a number above 0 and at most 2 (1: off), got "
+                                  f"{repetition!r}", param="repetition_penalty", provider="local")
     grammar, calls = _grammar(request), request.prompted_calls
     # under "auto" without a format the grammar is calls or any text: it lets go once the answer cannot be calls
     lazy = calls.marker if calls is not None and not calls.required and _format_schema(request) is None else None
@@ -230,6 +238,8 @@ def _sampling(request: ChatRequest) -> SamplingParams:
             temperature=float(p.get("temperature", 1.0)),
             top_p=float(p.get("top_p", 1.0)),
             top_k=int(request.extra("top_k") or 0),
+            min_p=float(min_p or 0.0),
+            repetition_penalty=float(1.0 if repetition is None else repetition),
             seed=p.get("seed"),
             presence_penalty=float(p.get("presence_penalty", 0.0)),
             frequency_penalty=float(p.get("frequency_penalty", 0.0)),
@@ -242,6 +252,10 @@ def _sampling(request: ChatRequest) -> SamplingParams:
         )
     except ValueError as exc:
         raise InvalidRequestError(str(exc), provider="local") from None
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 class _Answer:

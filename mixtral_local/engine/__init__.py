@@ -3,7 +3,14 @@ scheduler that decodes concurrent requests in one running batch."""
 
 from .engine import Completion, Delta, Engine, TokenLogprob
 from .kv_cache import KVCache
-from .sampling import SamplingParams, apply_penalties, bias_vector, logits_to_probs, sample
+from .sampling import (
+    SamplingParams,
+    apply_penalties,
+    apply_repetition_penalty,
+    bias_vector,
+    logits_to_probs,
+    sample,
+)
 from .scheduler import Scheduler, Ticket
 from .stops import StopMatcher
 
@@ -18,6 +25,7 @@ __all__ = [
     "Ticket",
     "TokenLogprob",
     "apply_penalties",
+    "apply_repetition_penalty",
     "bias_vector",
     "logits_to_probs",
     "sample",

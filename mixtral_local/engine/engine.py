@@ -90,6 +90,7 @@ class _Row:
     counts: torch.Tensor | None
     constraint: Constraint | None = None  # the grammar the answer must follow
     bias: torch.Tensor | None = None  # [V] added to the logits before sampling (``logit_bias``)
+    seen: torch.Tensor | None = None  # bool [V]: tokens of the prompt and the answer (``repetition_penalty``)
     tokens: list[int] = field(default_factory=list)
     finish: str | None = None
     error: BaseException | None = None  # why the row ended, when its finish is "error"
@@ -225,9 +226,13 @@ class Engine:
             max_new = self.budget(len(prompt), p.max_tokens)
             constraint = self._constraint(p.grammar, p.lazy_marker) if p.grammar is not None else None
             bias = bias_vector(p, self.model.config.vocab_size, self.device)
+            seen = None
+            if p.repetition_penalty != 1:
+                seen = torch.zeros(self.model.config.vocab_size, dtype=torch.bool, device=self.device)
+                seen[torch.tensor(prompt, device=self.device)] = True
             prefix, cached = self.prefix_cache.match(prompt)
             rows.append(_Row(i, list(prompt), p, max_new, self.tokenizer.detokenizer(), StopMatcher(p.stop),
-                             generator, counts, constraint, bias, prefix=prefix, cached=cached))
+                             generator, counts, constraint, bias, seen, prefix=prefix, cached=cached))
         return rows
 
     def _forward(self, ids: list[list[int]], positions: list[list[int]], cache: Sequence[tuple[torch.Tensor, ...]],
@@ -243,6 +248,8 @@ class Engine:
         row.tokens.append(token)
         if row.counts is not None:
             row.counts[token] += 1
+        if row.seen is not None:
+            row.seen[token] = True
         text = ""
         if token == self.tokenizer.eos_id:
             row.finish = "stop"
@@ -264,12 +271,12 @@ class Engine:
         A grammar that fails ends its row alone: finish ``"error"``, with the reason in ``row.error``.
         """
         if row.constraint is None:
-            token = sample(logits, row.params, row.counts, row.generator, row.bias)
+            token = sample(logits, row.params, row.counts, row.generator, row.bias, row.seen)
             logprob = self._logprob(row, logits, token)
             delta = self._accept(row, token)
             return delta if logprob is None else dataclasses.replace(delta, logprobs=(logprob,))
         try:
-            token = sample(row.constraint.mask(logits), row.params, row.counts, row.generator, row.bias)
+            token = sample(row.constraint.mask(logits), row.params, row.counts, row.generator, row.bias, row.seen)
             row.constraint.accept(token)
         except GrammarError as exc:
             row.finish, row.error = "error", exc

@@ -76,9 +76,36 @@ def test_top_k_comes_through_extra_body(backend: LocalBackend, make_request: Mak
     assert top1.choices[0].message.content == greedy
 
 
+def test_min_p_of_one_keeps_only_the_most_likely_token(backend: LocalBackend, make_request: MakeRequest) -> None:
+    greedy = backend.complete(make_request(HELLO, temperature=0, max_tokens=6)).choices[0].message.content
+    sampled = backend.complete(make_request(HELLO, temperature=1.5, seed=3, max_tokens=6, extra_body={"min_p": 1}))
+    loose = backend.complete(make_request(HELLO, temperature=1.5, seed=3, max_tokens=6, extra_body={"min_p": 0}))
+    assert sampled.choices[0].message.content == greedy != loose.choices[0].message.content
+
+
+def test_repetition_penalty_changes_a_greedy_answer(backend: LocalBackend, make_request: MakeRequest) -> None:
+    greedy = backend.complete(make_request(HELLO, temperature=0, max_tokens=12)).choices[0].message.content
+    penalized = backend.complete(make_request(HELLO, temperature=0, max_tokens=12,
+                                              extra_body={"repetition_penalty": 0.5}))  # < 1: repeats favoured
+    assert penalized.choices[0].message.content != greedy
+
+
+@pytest.mark.parametrize(("extra", "param"), [
+    ({"min_p": 1.5}, "min_p"), ({"min_p": "0.1"}, "min_p"), ({"min_p": True}, "min_p"),
+    ({"repetition_penalty": 0}, "repetition_penalty"), ({"repetition_penalty": 2.5}, "repetition_penalty"),
+    ({"repetition_penalty": float("nan")}, "repetition_penalty"),
+])
+def test_bad_min_p_and_repetition_penalty_are_refused(backend: LocalBackend, make_request: MakeRequest,
+                                                      extra: dict[str, Any], param: str) -> None:
+    with pytest.raises(InvalidRequestError) as info:
+        backend.complete(make_request(HELLO, extra_body=extra))
+    assert info.value.param == param
+
+
 def test_unknown_extra_body_is_refused(backend: LocalBackend, make_request: MakeRequest) -> None:
-    with pytest.raises(InvalidRequestError, match="min_p"):
-        backend.complete(make_request(HELLO, extra_body={"min_p": 0.1}))
+    with pytest.raises(InvalidRequestError, match="top_a") as info:
+        backend.complete(make_request(HELLO, extra_body={"top_a": 0.1}))
+    assert "min_p, repetition_penalty, top_k" in str(info.value)
 
 
 def test_too_long_a_prompt_is_refused_before_the_first_chunk(backend: LocalBackend,

@@ -52,6 +52,21 @@ def test_greedy_generation_matches_transformers_generate(tiny_dir: Path, engine:
     assert ours.token_ids == out[0, len(prompt):].tolist()
 
 
+@pytest.mark.parametrize("penalty", [0.5, 0.3])  # below 1 (seen tokens favoured): the random model's greedy
+# answer never repeats a token, so only a penalty that favours the prompt's tokens changes it
+def test_greedy_generation_with_a_repetition_penalty_matches_transformers(
+        tiny_dir: Path, engine: Engine, hf_model: Callable[..., Any], tokenizer: MixtralTokenizer,
+        penalty: float) -> None:
+    prompt = tokenizer.encode_chat([{"role": "user", "content": "Say it again and again: again again again."}])
+    ours = engine.generate([prompt], SamplingParams(temperature=0, max_tokens=24, repetition_penalty=penalty))[0]
+    plain = engine.generate([prompt], SamplingParams(temperature=0, max_tokens=24))[0]
+    with torch.no_grad():
+        out = hf_model(tiny_dir).generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=24,
+                                          repetition_penalty=penalty, pad_token_id=tokenizer.eos_id)
+    assert ours.token_ids == out[0, len(prompt):].tolist()
+    assert ours.token_ids != plain.token_ids  # the penalty changed the answer
+
+
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 

@@ -7,7 +7,14 @@ import math
 import pytest
 import torch
 
-from mixtral_local.engine import SamplingParams, StopMatcher, apply_penalties, logits_to_probs, sample
+from mixtral_local.engine import (
+    SamplingParams,
+    StopMatcher,
+    apply_penalties,
+    apply_repetition_penalty,
+    logits_to_probs,
+    sample,
+)
 
 LOGITS = torch.tensor([1.0, 3.0, 2.0, 0.5, 2.5])
 
@@ -59,6 +66,39 @@ def test_a_seeded_generator_samples_reproducibly() -> None:
 def test_sampling_params_refuse_bad_values(bad: dict[str, object]) -> None:
     with pytest.raises(ValueError):
         SamplingParams(**bad)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("penalty", [0.6, 1.3, 2.0])
+def test_repetition_penalty_is_transformers(penalty: float) -> None:
+    transformers = pytest.importorskip("transformers")
+    logits = torch.randn(1, 300, generator=torch.Generator().manual_seed(1)) * 3
+    ids = torch.tensor([[5, 17, 17, 250, 3]])
+    seen = torch.zeros(300, dtype=torch.bool)
+    seen[ids[0]] = True
+    expected = transformers.RepetitionPenaltyLogitsProcessor(penalty)(ids, logits.clone())[0]
+    ours = apply_repetition_penalty(logits[0], seen, penalty)
+    assert torch.allclose(ours, expected) and not torch.equal(ours, logits[0])
+
+
+@pytest.mark.parametrize(("min_p", "temperature"), [(0.05, 1.0), (0.3, 0.7), (0.5, 3.0)])
+def test_min_p_is_transformers(min_p: float, temperature: float) -> None:
+    transformers = pytest.importorskip("transformers")
+    logits = torch.randn(1, 300, generator=torch.Generator().manual_seed(2)) * 2
+    ids = torch.tensor([[1]])
+    warped = transformers.MinPLogitsWarper(min_p)(ids, transformers.TemperatureLogitsWarper(temperature)(
+        ids, logits.clone()))
+    expected = torch.softmax(warped[0], -1)
+    ours = logits_to_probs(logits[0], temperature, min_p=min_p)
+    assert torch.equal(ours > 0, expected > 0) and 1 < int((ours > 0).sum()) < 300
+    assert torch.allclose(ours, expected, atol=1e-6)
+
+
+def test_repetition_penalty_in_sample_moves_the_greedy_choice_off_seen_tokens() -> None:
+    seen = torch.zeros(5, dtype=torch.bool)
+    seen[1] = True  # the best token (3.0) was seen: 3.0 / 1.5 = 2.0 < 2.5
+    params = SamplingParams(temperature=0, repetition_penalty=1.5)
+    assert sample(LOGITS, params, seen=seen) == 4
+    assert sample(LOGITS, SamplingParams(temperature=0), seen=seen) == 1
 
 
 def test_stop_matcher_finds_a_stop_split_over_deltas() -> None:
