@@ -37,7 +37,8 @@ STRUCTURED_OUTPUT = ("auto", "native", "prompt")
 #: every ``local_options`` key and the environment variable that supplies it when the argument does not
 LOCAL_OPTION_VARS: Mapping[str, str] = {
     name: f"MIXTRAL_LOCAL_{name.upper()}"
-    for name in ("dtype", "device", "moe_backend", "quantize", "progress", "max_batch", "prefix_cache")
+    for name in ("dtype", "device", "moe_backend", "quantize", "progress", "max_batch", "prefix_cache",
+                 "kv_cache_memory")
 }
 _INT_OPTIONS = ("max_batch", "prefix_cache")
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")

@@ -24,6 +24,7 @@ import contextlib
 import dataclasses
 import logging
 import math
+import re
 import threading
 import time
 import uuid
@@ -34,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio.to_thread
+import torch
 
 from mixtral_client._accumulate import ChunkAccumulator
 from mixtral_client._config import ClientConfig
@@ -53,6 +55,7 @@ from mixtral_client.types import (
 
 from .engine import Delta, Engine, SamplingParams, Ticket, TokenLogprob
 from .engine.grammar import GrammarError, check_grammar, json_grammar, tool_calls_grammar
+from .engine.kv_cache import KVCache
 from .engine.prefix_cache import PREFIX_CACHE_TOKENS
 from .loader import check_checkpoint, load_model, resolve_device, resolve_dtype, resolve_quantize
 from .model import MixtralModel
@@ -79,6 +82,7 @@ class LocalOptions:
     progress: bool | None = None
     max_batch: int = 16
     prefix_cache: int = PREFIX_CACHE_TOKENS
+    kv_cache_memory: int | None = None  # bytes the running batch's KV cache may hold; None: "auto"
 
     @classmethod
     def from_config(cls, config: ClientConfig) -> LocalOptions:
@@ -89,7 +93,9 @@ class LocalOptions:
         max_batch = _int_option(opts, "max_batch", 16, 1, source("max_batch"))
         prefix_cache = _int_option(opts, "prefix_cache", PREFIX_CACHE_TOKENS, 0, source("prefix_cache"),
                                    " (tokens of finished requests kept for reuse; 0: off)")
+        kv_cache_memory = _memory_option(opts, "kv_cache_memory", source("kv_cache_memory"))
         options = cls(Path(config.model_path), max_batch=max_batch, prefix_cache=prefix_cache,
+                      kv_cache_memory=kv_cache_memory,
                       **{k: v if k in ("progress", "quantize") else str(v) for k, v in opts.items()})
         for name, check in (("device", lambda: resolve_device(options.device)),
                             ("dtype", lambda: resolve_dtype(options.dtype, resolve_device(options.device))),
@@ -112,6 +118,56 @@ def _int_option(opts: dict[str, Any], name: str, default: int, minimum: int, sou
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ConfigurationError(f"{source}: {name} must be an integer >= {minimum}{meaning}, got {value!r}")
     return value
+
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_MEMORY = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-z]*)\s*$", re.IGNORECASE)
+
+
+def _memory_option(opts: dict[str, Any], name: str, source: str) -> int | None:
+    """Take ``name`` out of ``opts``: bytes as an integer or a text such as ``"24GiB"`` or ``"512MB"``; None for
+    ``"auto"`` (the default)."""
+    value = opts.pop(name, "auto")
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return None
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    match = _MEMORY.match(value) if isinstance(value, str) else None
+    if match is not None and match.group(2).lower() in _UNITS:
+        size = int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+        if size > 0:
+            return size
+    raise ConfigurationError(f"{source}: {name} must be 'auto', a number of bytes or a size such as '24GiB' or "
+                             f"'512MB', got {value!r}")
+
+
+#: what ``kv_cache_memory="auto"`` leaves of a GPU's free memory after the weights are loaded: for one prefill
+#: pass's activations (about 3 GiB at 4096 tokens: attention scores, MoE intermediates) and allocator slack
+AUTO_KV_HEADROOM = 3 * 2**30
+AUTO_KV_FRACTION = 0.9
+
+
+def _kv_cache_bytes(options: LocalOptions, model: MixtralModel) -> int | None:
+    """The running batch's KV-cache bound: the option, or with "auto" on a GPU, what the free memory leaves
+    after the prefix cache's share and ``AUTO_KV_HEADROOM``; on a CPU "auto" sets no bound."""
+    if options.kv_cache_memory is not None:
+        return options.kv_cache_memory
+    device = model.output.weight.device
+    if device.type != "cuda":
+        return None
+
+    free, _ = torch.cuda.mem_get_info(device)
+    prefix = options.prefix_cache * KVCache.nbytes(model.config, 1, 1, model.output.weight.dtype)
+    bound = int(free * AUTO_KV_FRACTION) - prefix - AUTO_KV_HEADROOM
+    if bound <= 0:
+        raise ConfigurationError(f"{device}: {free / 2**30:.1f} GiB free after loading the weights leaves no room "
+                                 f"for the KV cache (the prefix cache takes {prefix / 2**30:.1f} GiB): set "
+                                 "local_options kv_cache_memory, or a smaller prefix_cache, or quantize='int8'")
+    log.info("%s: the KV cache may hold %.1f GiB (kv_cache_memory='auto': %.0f%% of %.1f GiB free, less the "
+             "prefix cache and %.0f GiB of headroom)", device, bound / 2**30, AUTO_KV_FRACTION * 100, free / 2**30,
+             AUTO_KV_HEADROOM / 2**30)
+    return bound
 
 
 def _load_in_own_thread(options: LocalOptions, cancel: threading.Event | None = None) -> MixtralModel:
@@ -155,15 +211,18 @@ def _engine_for(options: LocalOptions, cancel: threading.Event | None = None) ->
     """The process-wide engine for these options, loading the model on first use.
 
     Clients sharing an engine share its running batch; its row limit is the largest ``max_batch`` asked, its
-    prefix cache the largest ``prefix_cache``.
+    prefix cache the largest ``prefix_cache``; its KV-cache bound is the first client's ``kv_cache_memory``.
     """
     key = options.key()
     with _engines_lock:
         engine = _engines.get(key)
         if engine is None:
             model = _load_in_own_thread(options, cancel)
-            engine = Engine(model, MixtralTokenizer.from_pretrained(options.path), max_batch=options.max_batch,
-                            prefix_cache=options.prefix_cache)
+            try:
+                engine = Engine(model, MixtralTokenizer.from_pretrained(options.path), max_batch=options.max_batch,
+                                prefix_cache=options.prefix_cache, kv_cache_bytes=_kv_cache_bytes(options, model))
+            except ValueError as exc:  # a bound too small for one request
+                raise ConfigurationError(f"kv_cache_memory: {exc}") from None
             if model.config.random_weights:
                 log.info("%s holds RANDOM weights (a tiny test checkpoint): its text is nonsense", options.path)
             _engines[key] = engine

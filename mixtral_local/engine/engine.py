@@ -99,6 +99,11 @@ class _Row:
     cached: int = 0
 
     @property
+    def reach(self) -> int:
+        """The most positions the row may occupy: its prompt and every token it may generate."""
+        return len(self.prompt) + self.max_new
+
+    @property
     def computed(self) -> list[int]:
         """The tokens whose keys and values the row's slot holds: the prompt, and every answer token but the
         last (which no step has fed to the model yet)."""
@@ -129,10 +134,14 @@ class Engine:
     ``max_batch`` bounds how many submitted requests decode together; more wait for a free row.
     ``prefix_cache`` is how many positions of finished requests' keys and values are kept for later prompts
     that start with the same tokens (``prefix_cache.py``); 0 turns reuse off.
+    ``kv_cache_bytes`` bounds the running batch's KV cache (None: no bound). Requests are admitted only while
+    every admitted request could reach its last position (prompt + ``max_tokens``) within it, so the cache
+    never grows past it: a request that does not fit waits for rows to finish, and one whose prompt and
+    ``max_tokens`` alone exceed it is refused (without ``max_tokens``, it may generate as far as the bound).
     """
 
     def __init__(self, model: MixtralModel, tokenizer: MixtralTokenizer, *, max_batch: int = 16,
-                 prefix_cache: int = PREFIX_CACHE_TOKENS) -> None:
+                 prefix_cache: int = PREFIX_CACHE_TOKENS, kv_cache_bytes: int | None = None) -> None:
         if tokenizer.vocab_size > model.config.vocab_size:
             raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens, the model only "
                              f"{model.config.vocab_size}")
@@ -140,6 +149,16 @@ class Engine:
         self.context = model.config.max_position_embeddings
         self.device = model.output.weight.device
         self.dtype = model.output.weight.dtype
+        #: slot-positions the KV cache may hold (one position of one row: ``KVCache.nbytes(config, 1, 1)``)
+        self.kv_cells: int | None = None
+        if kv_cache_bytes is not None:
+            per_position = KVCache.nbytes(model.config, 1, 1, self.dtype)
+            self.kv_cells = kv_cache_bytes // per_position
+            if self.kv_cells < 2:
+                raise ValueError(f"a KV cache of {kv_cache_bytes} bytes holds {self.kv_cells} positions "
+                                 f"({per_position} bytes each): a request needs at least 2")
+        #: the most positions one request may reach: the model's context, or what the KV-cache bound holds
+        self.max_positions = self.context if self.kv_cells is None else min(self.context, self.kv_cells)
         self.scheduler = Scheduler(self, max_batch)
         self.prefix_cache = PrefixCache(prefix_cache)
         self._grammar_table: Any = None  # llguidance's view of the vocabulary, built with the first grammar
@@ -160,20 +179,28 @@ class Engine:
         return compiled.fresh(lazy_marker=lazy_marker)
 
     def budget(self, prompt_len: int, max_tokens: int | None) -> int:
-        """How many tokens a request may generate; refuses a prompt that does not fit the context."""
+        """How many tokens a request may generate; refuses a prompt that does not fit the context (or the
+        KV-cache bound)."""
         if prompt_len == 0:
             raise InvalidRequestError("the prompt is empty", param="messages", provider="local")
-        if prompt_len >= self.context:
-            raise InvalidRequestError(
-                f"the prompt is {prompt_len} tokens; the model's context is {self.context} tokens, "
-                "leaving no room for a completion", param="messages", provider="local")
+        limit = self.max_positions
+        what = (f"the model's context is {limit} tokens" if limit == self.context else
+                f"the KV cache (local_options kv_cache_memory) holds {limit} positions")
+        if prompt_len >= limit:
+            raise InvalidRequestError(f"the prompt is {prompt_len} tokens; {what}, leaving no room for a completion",
+                                      param="messages", provider="local")
         if max_tokens is None:
-            return self.context - prompt_len
-        if prompt_len + max_tokens > self.context:
+            return limit - prompt_len
+        if prompt_len + max_tokens > limit:
             raise InvalidRequestError(
                 f"the prompt ({prompt_len} tokens) plus max_tokens ({max_tokens}) is {prompt_len + max_tokens} "
-                f"tokens; the model's context is {self.context} tokens", param="max_tokens", provider="local")
+                f"tokens; {what}", param="max_tokens", provider="local")
         return max_tokens
+
+    def fits(self, limits: Sequence[int]) -> bool:
+        """Whether rows that may reach ``limits`` positions can decode together within the KV-cache bound:
+        the cache is one block of rows x their longest reach."""
+        return self.kv_cells is None or not limits or len(limits) * max(limits) <= self.kv_cells
 
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams],
                  ) -> list[Completion]:
@@ -312,6 +339,10 @@ class Engine:
         return TokenLogprob(token, shown(text(token)), float(logprobs[token]), alternatives)
 
     def _run(self, rows: list[_Row], should_stop: Callable[[], bool] | None) -> Iterator[Delta]:
+        if not self.fits([r.reach for r in rows]):
+            raise ValueError(f"{len(rows)} prompts reaching up to {max(r.reach for r in rows)} positions do not fit "
+                             f"the KV-cache bound ({self.kv_cells} slot-positions) together: pass fewer, or "
+                             "submit() them (the scheduler admits them as room frees)")
         if should_stop is not None and should_stop():
             return
         batch = _Batch(self, slots=len(rows))
@@ -429,9 +460,19 @@ class _Batch:
             return
         have_b, have_t = (cache.batch, cache.length) if cache is not None else (0, 0)
         held = [*self.rows, *([self.filling] if self.filling is not None else [])]
-        limit = max(len(r.prompt) + r.max_new for r in held)
+        limit = max(r.reach for r in held)
         b = have_b if slots <= have_b else min(self.slots, max(slots, 2 * have_b))
         t = have_t if positions <= have_t else min(limit, max(positions, 2 * have_t, _MIN_LENGTH))
+        cells = self.engine.kv_cells
+        if cells is not None and b * t > cells:
+            # growing by doubling would pass the bound: hold only the rows there are, and as many positions as
+            # the bound leaves them (at least what they hold now; admission keeps that within the bound)
+            used = max([positions, self.filled, *(len(r.prompt) + len(r.tokens) for r in self.rows)])
+            b = max(slots, self.size)
+            t = max(used, min(t, cells // b))
+            if cache is not None:
+                cache.resize(b, t)
+                return
         if cache is None:
             config = self.engine.model.config
             self.cache = KVCache(config, b, t, dtype=self.engine.dtype, device=self.engine.device)

@@ -43,6 +43,19 @@ class KVCache:
             self.layers[i] = (new_k, new_v)  # the old pair is freed here, one layer at a time
         self.batch, self.length = batch, length
 
+    def resize(self, batch: int, length: int) -> None:
+        """Exactly ``batch`` slots of ``length`` positions, keeping the first slots and positions that fit: a
+        cache grown for rows that have left gives back the slots they held (the live rows are the first)."""
+        if (batch, length) == (self.batch, self.length):
+            return
+        keep_b, keep_t = min(batch, self.batch), min(length, self.length)
+        for i, (k, v) in enumerate(self.layers):
+            new_k, new_v = self._zeros(batch, length)
+            new_k[:keep_b, :, :keep_t] = k[:keep_b, :, :keep_t]
+            new_v[:keep_b, :, :keep_t] = v[:keep_b, :, :keep_t]
+            self.layers[i] = (new_k, new_v)
+        self.batch, self.length = batch, length
+
     def move(self, src: int, dst: int, length: int) -> None:
         """Copy the first ``length`` positions of slot ``src`` into slot ``dst``."""
         for k, v in self.layers:

@@ -156,8 +156,10 @@ class Scheduler:
                 self._last = self._thread
         return tickets
 
-    def _take_waiting(self, room: int, owned: dict[int, Ticket]) -> list[Ticket] | None:
-        """Up to ``room`` waiting tickets; None when there is nothing to do."""
+    def _take_waiting(self, room: int, owned: dict[int, Ticket], held: list[int],
+                      engine: Engine) -> list[Ticket] | None:
+        """Up to ``room`` waiting tickets, in order, while the KV cache can hold them beside the rows that may
+        reach ``held`` positions (``Engine.fits``); None when there is nothing to do."""
         with self._cond:
             if self._closing:
                 closed = _shut_down()
@@ -168,7 +170,13 @@ class Scheduler:
             if not self._waiting and not owned:
                 return None
             taken: list[Ticket] = []
+            reach = list(held)
             while self._waiting and len(taken) < room:
+                ticket = self._waiting[0]
+                if not ticket.cancelled:  # a cancelled one is taken to be dropped, whatever its size
+                    if not engine.fits([*reach, ticket.row.reach]):
+                        break  # first come, first served: it waits for rows to finish, and the later ones too
+                    reach.append(ticket.row.reach)
                 taken.append(self._waiting.popleft())
             return taken
 
@@ -236,7 +244,9 @@ class Scheduler:
                 long.remove(ticket)
                 del owned[id(ticket.row)]
             batch.slots = self.max_rows  # it may have been raised by a client sharing the engine
-            taken = self._take_waiting(self.max_rows - batch.size - len(long), owned)
+            held = [r.reach for r in [*batch.rows, *([batch.filling] if batch.filling else []),
+                                      *(t.row for t in long)]]
+            taken = self._take_waiting(self.max_rows - batch.size - len(long), owned, held, engine)
             if taken is None:
                 return
             short = []
