@@ -90,7 +90,7 @@ class _ChoiceParts:
 class ChunkAccumulator:
     """Feed chunks with ``add``; read the merged completion with ``completion()`` at any time."""
 
-    __slots__ = ("_choices", "created", "extra", "id", "model", "usage")
+    __slots__ = ("_choices", "created", "extra", "id", "model", "request_id", "usage")
 
     def __init__(self) -> None:
         self._choices: dict[int, _ChoiceParts] = {}
@@ -99,10 +99,13 @@ class ChunkAccumulator:
         self.created = 0
         self.usage: Usage | None = None
         self.extra: dict[str, Any] = {}
+        self.request_id: str | None = None
 
     def add(self, chunk: ChatCompletionChunk) -> None:
         if not self.id and chunk.id:
             self.id = chunk.id
+        if self.request_id is None:
+            self.request_id = chunk._request_id
         if not self.model and chunk.model:
             self.model = chunk.model
         if not self.created and chunk.created:
@@ -163,6 +166,7 @@ class ChunkAccumulator:
         completion = ChatCompletion(
             id=self.id, created=self.created, model=self.model, choices=choices, usage=self.usage, **self.extra
         )
+        completion._request_id = self.request_id
         return completion
 
 

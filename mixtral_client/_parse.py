@@ -88,5 +88,6 @@ def parsed(completion: ChatCompletion, model: type[ParsedT]) -> ParsedChatComple
                     f"{_first_error(exc)}): {_clip(message.content or '')!r}", completion=completion, choice=i,
                 ) from exc
         choices.append({**choice.model_dump(), "message": {**message.model_dump(), "parsed": value}})
-    return cast("ParsedChatCompletion[ParsedT]",
-                ParsedChatCompletion.model_validate({**completion.model_dump(), "choices": choices}))
+    result: ParsedChatCompletion[Any] = ParsedChatCompletion.model_validate({**completion.model_dump(), "choices": choices})
+    result._request_id = completion._request_id
+    return cast("ParsedChatCompletion[ParsedT]", result)

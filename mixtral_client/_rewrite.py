@@ -54,7 +54,9 @@ def held_chunk(last: ChatCompletionChunk | None, choices: Sequence[Mapping[str, 
     """One chunk giving what was held when the chunks ended (none when nothing was), named as ``last``."""
     if last is None or not choices:
         return []
-    return [ChatCompletionChunk(id=last.id, created=last.created, model=last.model, choices=list(choices))]
+    held = ChatCompletionChunk(id=last.id, created=last.created, model=last.model, choices=list(choices))
+    held._request_id = last._request_id
+    return [held]
 
 
 def rewrite_stream(chunks: Iterator[ChatCompletionChunk], rewrite: ChunkRewrite) -> Iterator[ChatCompletionChunk]:

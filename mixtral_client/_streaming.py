@@ -81,6 +81,11 @@ class Stream:
                  tb: TracebackType | None) -> None:
         self.close()
 
+    @property
+    def request_id(self) -> str | None:
+        """The host's id for the stream's HTTP request (known once ``create()`` returns); None without one."""
+        return self._first._request_id if self._first is not _NOTHING else self._accumulator.request_id
+
     def get_final_completion(self) -> ChatCompletion:
         """Read what is left of the stream and return every chunk merged (text, tool calls, usage)."""
         if not self._consumed:
@@ -159,6 +164,11 @@ class AsyncStream:
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                         tb: TracebackType | None) -> None:
         await self.aclose()
+
+    @property
+    def request_id(self) -> str | None:
+        """The host's id for the stream's HTTP request (known once ``create()`` returns); None without one."""
+        return self._first._request_id if self._first is not _NOTHING else self._accumulator.request_id
 
     async def get_final_completion(self) -> ChatCompletion:
         if not self._consumed:

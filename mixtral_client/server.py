@@ -23,6 +23,7 @@ import importlib
 import logging
 import secrets
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -64,6 +65,12 @@ def _failure(exc: Exception) -> tuple[int, dict[str, Any], dict[str, str]]:
     if status >= 500:
         log.error("answering with %d: %s", status, body["error"]["message"], exc_info=status == 500)
     return status, body, headers
+
+
+def _request_id(upstream: str | None) -> str:
+    """The ``x-request-id`` of an answer: the host's own when the backend is one (so a caller can quote it to
+    the host's support), else a fresh one."""
+    return upstream or f"req_{uuid.uuid4().hex}"
 
 
 def _error(exc: Exception) -> JSONResponse:
@@ -163,8 +170,9 @@ def create_app(client: AsyncMixtralClient, *, api_key: str | None = None, model_
             return Response(status_code=499)
         if isinstance(answer, AsyncStream):
             return StreamingResponse(_events(answer, served_request.include_usage), media_type="text/event-stream",
-                                     headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
-        return JSONResponse(answer.model_dump(mode="json"))
+                                     headers={"cache-control": "no-cache", "x-accel-buffering": "no",
+                                              "x-request-id": _request_id(answer.request_id)})
+        return JSONResponse(answer.model_dump(mode="json"), headers={"x-request-id": _request_id(answer._request_id)})
 
     listing = {"id": name, "object": "model", "created": created, "owned_by": config.provider}
 

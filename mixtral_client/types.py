@@ -11,7 +11,7 @@ import secrets
 import string
 from typing import Any, Generic, Literal, Required, TypeAlias, TypedDict, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator
 
 __all__ = [
     "ChatCompletion",
@@ -170,6 +170,10 @@ class ChatCompletion(_Model):
     model: str = ""
     choices: list[Choice]
     usage: Usage | None = None
+    #: the host's id for the HTTP request that answered (``x-request-id``, NVIDIA's ``nvcf-reqid``, Bedrock's
+    #: ``x-amzn-requestid``, ...): what a host's support asks for. None when there was none (local weights).
+    #: Not part of the JSON, as in openai-python
+    _request_id: str | None = PrivateAttr(default=None)
 
 
 class ChoiceDeltaToolCallFunction(_Model):
@@ -204,6 +208,7 @@ class ChatCompletionChunk(_Model):
     model: str = ""
     choices: list[ChunkChoice] = []
     usage: Usage | None = None
+    _request_id: str | None = PrivateAttr(default=None)  # the stream's HTTP request id (``ChatCompletion``'s)
 
 
 # --------------------------------------------------------------------------- parsed answers (chat.completions.parse)

@@ -433,6 +433,7 @@ class _StreamReader:
             if chunk is None:
                 self.done = True
                 break
+            chunk._request_id = self.rid
             if not self.finished:
                 for choice in chunk.choices:
                     if choice.finish_reason is not None:
@@ -513,7 +514,9 @@ class HTTPBackend:
                 raw = response.read()
         finally:
             response.close()
-        return self.core.parse_completion(response, raw)
+        completion = self.core.parse_completion(response, raw)
+        completion._request_id = self.core.request_id(response.headers)
+        return completion
 
     def complete(self, request: ChatRequest) -> ChatCompletion:
         deadline = Deadline(request.options.timeout.total)
@@ -687,7 +690,9 @@ class AsyncHTTPBackend:
                 raw = await response.aread()
         finally:
             await _aclose(response)
-        return self.core.parse_completion(response, raw)
+        completion = self.core.parse_completion(response, raw)
+        completion._request_id = self.core.request_id(response.headers)
+        return completion
 
     async def complete(self, request: ChatRequest) -> ChatCompletion:
         deadline = Deadline(request.options.timeout.total)

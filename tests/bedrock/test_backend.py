@@ -74,7 +74,7 @@ def check_answer(completion: ChatCompletion, bedrock: BedrockStandIn, auth: dict
     assert completion.usage is not None
     assert (completion.usage.prompt_tokens, completion.usage.completion_tokens, completion.usage.total_tokens) \
         == (12, 3, 15)
-    assert (completion.model, completion.id) == (MODEL, call.request_id)
+    assert (completion.model, completion.id, completion._request_id) == (MODEL, call.request_id, call.request_id)
     assert (call.auth, call.stream, call.model) == ("api-key" if "api_key" in auth else "sigv4", stream, MODEL)
     assert call.json()["messages"] == WIRE_MESSAGES
     assert bedrock.refused == []

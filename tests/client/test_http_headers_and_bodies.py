@@ -90,3 +90,44 @@ def test_a_hosts_logprobs_are_typed_and_a_stranger_shape_is_kept(driver: Driver,
     answer["choices"][0]["logprobs"] = {"content": [{"token": "Hi", "logprob": None}], **legacy}
     strange = driver.complete(serve(replying(200, answer)), logprobs=True).choices[0].logprobs
     assert strange == {"content": [{"token": "Hi", "logprob": None}], **legacy}
+
+
+def test_the_hosts_request_id_is_on_the_answer(driver: Driver, serve) -> None:
+    server = serve(replying(200, completion("ok"), {"x-request-id": "req-123"}))
+
+    assert driver.complete(server)._request_id == "req-123"
+    assert driver.complete(serve(replying(200, completion("ok"))))._request_id is None
+
+
+def test_the_hosts_request_id_is_on_every_chunk_the_stream_and_its_final_completion(driver: Driver, serve) -> None:
+    from tests.client.conftest import streaming, text_stream
+
+    server = serve(streaming(text_stream("Bon", "jour"), headers={"x-request-id": "req-9"}))
+
+    assert [c._request_id for c in driver.chunks(server)] == ["req-9"] * len(driver.seen)
+    assert driver.final(server)._request_id == "req-9"
+    with MixtralClient(base_url=server.url, api_key="sk-test") as client:
+        stream = client.chat.completions.create(messages=MESSAGES, stream=True)
+        with stream:
+            assert stream.request_id == "req-9"  # known as soon as create() returns
+            assert "".join(stream.text()) == "Bonjour"
+        assert stream.request_id == "req-9"
+
+
+def test_nvidias_request_id_survives_prompted_tools_and_parse(serve) -> None:
+    """NVIDIA names it ``nvcf-reqid``; the rewrites (tools in the prompt) and ``parse()`` keep it."""
+    from pydantic import BaseModel
+
+    class Answer(BaseModel):
+        city: str
+
+    calls = serve(replying(200, completion('[TOOL_CALLS] [{"name": "f", "arguments": {}}]'), {"nvcf-reqid": "n-1"}))
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    with MixtralClient(provider="nvidia", base_url=calls.url, api_key="nvapi-test") as client:
+        answer = client.chat.completions.create(messages=MESSAGES, tools=tools)
+    assert answer.choices[0].finish_reason == "tool_calls" and answer._request_id == "n-1"
+
+    parsed = serve(replying(200, completion('{"city": "Paris"}'), {"nvcf-reqid": "n-2"}))
+    with MixtralClient(provider="nvidia", base_url=parsed.url, api_key="nvapi-test") as client:
+        result = client.chat.completions.parse(messages=MESSAGES, response_format=Answer)
+    assert result.choices[0].message.parsed == Answer(city="Paris") and result._request_id == "n-2"

@@ -51,6 +51,8 @@ def test_whole_answer_is_the_in_process_clients(sdk: openai.OpenAI, tiny_dir: Pa
     assert answer.choices[0].message.content == expected.choices[0].message.content
     assert answer.choices[0].finish_reason == "length"
     assert (answer.usage.prompt_tokens, answer.usage.completion_tokens) == (expected.usage.prompt_tokens, 12)
+    assert expected._request_id is None  # local weights: no host, no host request id; the server makes one
+    assert answer._request_id.startswith("req_") and len(answer._request_id) == 36
 
 
 def test_stream_carries_usage_in_a_last_chunk_only_when_asked(sdk: openai.OpenAI) -> None:
