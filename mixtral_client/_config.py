@@ -25,7 +25,7 @@ import httpx
 
 from ._exceptions import ConfigurationError, InvalidRequestError
 from ._providers import ProviderPreset, get_preset
-from ._timeouts import Timeout, coerce_timeout
+from ._timeouts import DEFAULT_TIMEOUT, NO_TIMEOUT, Timeout, coerce_timeout
 
 __all__ = ["LOCAL_OPTION_VARS", "STRUCTURED_OUTPUT", "TOOL_CALLING", "ClientConfig", "resolve_config"]
 
@@ -170,7 +170,7 @@ def resolve_config(
     if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
         raise ConfigurationError(f"max_retries must be an integer >= 0, got {max_retries!r}")
     try:
-        client_timeout = coerce_timeout(timeout)
+        client_timeout = coerce_timeout(timeout, NO_TIMEOUT if preset.kind == "local" else DEFAULT_TIMEOUT)
     except InvalidRequestError as exc:  # the same check as per request, but this is the client's setting
         raise ConfigurationError(str(exc)) from exc
 

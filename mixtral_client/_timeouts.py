@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from ._exceptions import InvalidRequestError
 
-__all__ = ["DEFAULT_TIMEOUT", "Deadline", "Timeout", "coerce_timeout"]
+__all__ = ["DEFAULT_TIMEOUT", "NO_TIMEOUT", "Deadline", "Timeout", "coerce_timeout"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,6 +32,8 @@ class Timeout:
 
 
 DEFAULT_TIMEOUT = Timeout()
+#: local weights' default: no deadline (a long answer on a CPU may take many minutes); one given is honoured
+NO_TIMEOUT = Timeout(connect=None, idle=None, total=None)
 
 
 def coerce_timeout(value: float | Timeout | None, default: Timeout = DEFAULT_TIMEOUT) -> Timeout:

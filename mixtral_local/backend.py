@@ -39,8 +39,9 @@ import torch
 
 from mixtral_client._accumulate import ChunkAccumulator
 from mixtral_client._config import ClientConfig
-from mixtral_client._exceptions import ConfigurationError, InvalidRequestError
+from mixtral_client._exceptions import APITimeoutError, ConfigurationError, InvalidRequestError
 from mixtral_client._request import ChatRequest
+from mixtral_client._timeouts import Deadline
 from mixtral_client.types import (
     ChatCompletion,
     ChatCompletionChunk,
@@ -390,6 +391,30 @@ def _shown(text: bytes) -> dict[str, Any]:
     return {"token": text.decode("utf-8", errors="backslashreplace"), "bytes": list(text)}
 
 
+class _Clock:
+    """A request's deadlines on local weights, from when it is queued (a first load is not counted): ``idle``,
+    the longest wait for a token (the first one's wait for a row and its prefill included), and ``total``."""
+
+    def __init__(self, request: ChatRequest) -> None:
+        self.limits = request.options.timeout
+        self.deadline = Deadline(self.limits.total)
+
+    def wait(self) -> float | None:
+        """How long the next token may take."""
+        return self.deadline.cap(self.limits.idle)
+
+    def check(self) -> None:
+        if self.deadline.expired():
+            raise self.expired()
+
+    def expired(self) -> APITimeoutError:
+        if self.deadline.expired():
+            return APITimeoutError(f"the total deadline ({self.limits.total:g} s) passed while the local model "
+                                   "was answering", provider="local")
+        return APITimeoutError(f"no token from the local model for {self.limits.idle:g} s (idle deadline)",
+                               provider="local")
+
+
 class LocalCore:
     """Request in, a ticket in the engine's running batch out; the engine's thread does the work."""
 
@@ -435,13 +460,18 @@ class LocalCore:
 
     def chunks(self, request: ChatRequest) -> Iterator[ChatCompletionChunk]:
         tickets = self.start(request)
+        clock = _Clock(request)
         try:
             answer = _Answer(request.model, len(tickets), bool(request.params.get("logprobs")))
             yield answer.first()
             live = dict(enumerate(tickets))
             while live:  # every step gives each running choice a token, so taking them in turn never stalls
                 for index, ticket in list(live.items()):
-                    delta = ticket.get()
+                    try:
+                        delta = ticket.get(clock.wait())
+                    except TimeoutError:
+                        raise clock.expired() from None
+                    clock.check()
                     yield from answer.chunks(delta, index)
                     if delta.finish_reason is not None:
                         del live[index]
@@ -521,14 +551,20 @@ class AsyncLocalBackend:
             waker = _Waker()
             for ticket in started:
                 ticket.listen(waker.wake)
+            clock = _Clock(request)
             answer = _Answer(request.model, len(started), bool(request.params.get("logprobs")))
             yield answer.first()
             live = dict(enumerate(started))
             while live:
                 ready = [(index, delta) for index, ticket in live.items() if (delta := ticket.poll()) is not None]
                 if not ready:
-                    await waker.wait()
+                    wait = clock.wait()
+                    with anyio.move_on_after(math.inf if wait is None else wait) as waited:
+                        await waker.wait()
+                    if waited.cancelled_caught:
+                        raise clock.expired()
                     continue
+                clock.check()
                 for index, delta in ready:
                     for chunk in answer.chunks(delta, index):
                         yield chunk
