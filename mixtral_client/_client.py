@@ -8,6 +8,7 @@ rewrite the request and read the calls and the JSON back out of the answer.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import os
 from collections.abc import Mapping, Sequence
@@ -18,7 +19,7 @@ import httpx
 
 from ._backends.base import AsyncBackend, SyncBackend
 from ._config import ClientConfig, resolve_config
-from ._exceptions import ConfigurationError
+from ._exceptions import ConfigurationError, InvalidRequestError
 from ._logging import setup_logging
 from ._parse import format_for, parsed
 from ._request import ChatRequest, RequestOptions, build_request
@@ -225,10 +226,44 @@ class _ClientArgs(TypedDict, total=False):
     structured_output: Literal["auto", "native", "prompt"]
 
 
+def _with_options(config: ClientConfig, timeout: float | Timeout | None, max_retries: int | None,
+                  default_headers: Mapping[str, str] | None) -> ClientConfig:
+    """``config`` with another default timeout, retry count, or more default headers (checked as the
+    client's own are)."""
+    changes: dict[str, Any] = {}
+    if timeout is not None:
+        try:
+            changes["timeout"] = coerce_timeout(timeout, config.timeout)
+        except InvalidRequestError as exc:
+            raise ConfigurationError(str(exc)) from exc
+    if max_retries is not None:
+        if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
+            raise ConfigurationError(f"max_retries must be an integer >= 0, got {max_retries!r}")
+        changes["max_retries"] = max_retries
+    if default_headers:
+        changes["default_headers"] = {**config.default_headers, **default_headers}
+    return dataclasses.replace(config, **changes)
+
+
+def _backend_sharing(backend: Any, config: ClientConfig, asynchronous: bool) -> Any:
+    """A backend for ``config`` over ``backend``'s connection pool (the local one itself: same engine)."""
+    if config.preset.kind == "local":
+        return backend
+    pool = backend._client
+    backend_class = _backend_class(config, asynchronous)
+    shared = backend_class(dataclasses.replace(config, **{"async_http_client" if asynchronous else "http_client": pool}))
+    if backend._owns_client and hasattr(shared.core, "own"):  # a pool the client made: keep the fast path
+        shared.core.own(pool)
+    return shared
+
+
 class _Shell:
     """What the sync and async clients share beyond ``_ClientCore``: construction from the environment."""
 
     config: ClientConfig
+    _core: _ClientCore
+    _backend: Any
+    _borrowed = False  # a with_options() copy: the pool (or engine) is the original client's to close
 
     if TYPE_CHECKING:  # each client defines its own; this is the part from_env relies on
 
@@ -265,8 +300,22 @@ class MixtralClient(_Shell):
         self._backend: SyncBackend = _backend_class(self.config, asynchronous=False)(self.config)
         self.chat = _Chat(Completions(self._core, self._backend))
 
+    def with_options(self, *, timeout: float | Timeout | None = None, max_retries: int | None = None,
+                     default_headers: Mapping[str, str] | None = None) -> Self:
+        """A client like this one with another default ``timeout``, ``max_retries``, or more default headers,
+        as openai-python's ``with_options``: ``client.with_options(timeout=5, max_retries=0).chat...``. It
+        shares this client's connection pool (local weights: its engine); closing the copy closes nothing."""
+        config = _with_options(self.config, timeout, max_retries, default_headers)
+        clone = object.__new__(type(self))
+        clone.config, clone._core = config, _ClientCore(config)
+        clone._backend = _backend_sharing(self._backend, config, asynchronous=False)
+        clone.chat = _Chat(Completions(clone._core, clone._backend))
+        clone._borrowed = True
+        return clone
+
     def close(self) -> None:
-        self._backend.close()
+        if not self._borrowed:
+            self._backend.close()
 
     def __enter__(self) -> Self:
         return self
@@ -286,8 +335,22 @@ class AsyncMixtralClient(_Shell):
         self._backend: AsyncBackend = _backend_class(self.config, asynchronous=True)(self.config)
         self.chat = _Chat(AsyncCompletions(self._core, self._backend))
 
+    def with_options(self, *, timeout: float | Timeout | None = None, max_retries: int | None = None,
+                     default_headers: Mapping[str, str] | None = None) -> Self:
+        """A client like this one with another default ``timeout``, ``max_retries``, or more default headers,
+        as openai-python's ``with_options``. It shares this client's connection pool (local weights: its
+        engine); closing the copy closes nothing."""
+        config = _with_options(self.config, timeout, max_retries, default_headers)
+        clone = object.__new__(type(self))
+        clone.config, clone._core = config, _ClientCore(config)
+        clone._backend = _backend_sharing(self._backend, config, asynchronous=True)
+        clone.chat = _Chat(AsyncCompletions(clone._core, clone._backend))
+        clone._borrowed = True
+        return clone
+
     async def aclose(self) -> None:
-        await self._backend.aclose()
+        if not self._borrowed:
+            await self._backend.aclose()
 
     async def __aenter__(self) -> Self:
         return self
