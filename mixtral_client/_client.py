@@ -13,7 +13,7 @@ import importlib
 import os
 from collections.abc import Mapping, Sequence
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Literal, Self, TypedDict, Unpack, overload
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Self, TypedDict, Unpack, overload
 
 import httpx
 
@@ -264,11 +264,27 @@ class _Shell:
     _core: _ClientCore
     _backend: Any
     _borrowed = False  # a with_options() copy: the pool (or engine) is the original client's to close
+    _asynchronous: ClassVar[bool]
+    _completions: ClassVar[type[Completions] | type[AsyncCompletions]]
+    chat: _Chat
 
     if TYPE_CHECKING:  # each client defines its own; this is the part from_env relies on
 
         def __init__(self, provider: str | None = None, *, env: Mapping[str, str] | None = None,
                      **kwargs: Unpack[_ClientArgs]) -> None: ...
+
+    def with_options(self, *, timeout: float | Timeout | None = None, max_retries: int | None = None,
+                     default_headers: Mapping[str, str] | None = None) -> Self:
+        """A client like this one with another default ``timeout``, ``max_retries``, or more default headers,
+        as openai-python's ``with_options``: ``client.with_options(timeout=5, max_retries=0).chat...``. It
+        shares this client's connection pool (local weights: its engine); closing the copy closes nothing."""
+        config = _with_options(self.config, timeout, max_retries, default_headers)
+        clone = object.__new__(type(self))
+        clone.config, clone._core = config, _ClientCore(config)
+        clone._backend = _backend_sharing(self._backend, config, self._asynchronous)
+        clone.chat = _Chat(self._completions(clone._core, clone._backend))
+        clone._borrowed = True
+        return clone
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **kwargs: Unpack[_ClientArgs]) -> Self:
@@ -293,25 +309,15 @@ class MixtralClient(_Shell):
     ``MIXTRAL_MODEL``, ``MIXTRAL_MODEL_PATH`` and, for local weights, ``MIXTRAL_LOCAL_<KEY>`` (``local_options``).
     """
 
+    _asynchronous = False
+    _completions = Completions
+
     def __init__(self, provider: str | None = None, *, http_client: httpx.Client | None = None,
                  env: Mapping[str, str] | None = None, **kwargs: Unpack[_ClientArgs]) -> None:
         self.config = _configure(provider, env, http_client=http_client, **kwargs)
         self._core = _ClientCore(self.config)
         self._backend: SyncBackend = _backend_class(self.config, asynchronous=False)(self.config)
         self.chat = _Chat(Completions(self._core, self._backend))
-
-    def with_options(self, *, timeout: float | Timeout | None = None, max_retries: int | None = None,
-                     default_headers: Mapping[str, str] | None = None) -> Self:
-        """A client like this one with another default ``timeout``, ``max_retries``, or more default headers,
-        as openai-python's ``with_options``: ``client.with_options(timeout=5, max_retries=0).chat...``. It
-        shares this client's connection pool (local weights: its engine); closing the copy closes nothing."""
-        config = _with_options(self.config, timeout, max_retries, default_headers)
-        clone = object.__new__(type(self))
-        clone.config, clone._core = config, _ClientCore(config)
-        clone._backend = _backend_sharing(self._backend, config, asynchronous=False)
-        clone.chat = _Chat(Completions(clone._core, clone._backend))
-        clone._borrowed = True
-        return clone
 
     def close(self) -> None:
         if not self._borrowed:
@@ -328,25 +334,15 @@ class MixtralClient(_Shell):
 class AsyncMixtralClient(_Shell):
     """The asynchronous client (asyncio or trio). Close it with ``async with`` or ``await client.aclose()``."""
 
+    _asynchronous = True
+    _completions = AsyncCompletions
+
     def __init__(self, provider: str | None = None, *, http_client: httpx.AsyncClient | None = None,
                  env: Mapping[str, str] | None = None, **kwargs: Unpack[_ClientArgs]) -> None:
         self.config = _configure(provider, env, async_http_client=http_client, **kwargs)
         self._core = _ClientCore(self.config)
         self._backend: AsyncBackend = _backend_class(self.config, asynchronous=True)(self.config)
         self.chat = _Chat(AsyncCompletions(self._core, self._backend))
-
-    def with_options(self, *, timeout: float | Timeout | None = None, max_retries: int | None = None,
-                     default_headers: Mapping[str, str] | None = None) -> Self:
-        """A client like this one with another default ``timeout``, ``max_retries``, or more default headers,
-        as openai-python's ``with_options``. It shares this client's connection pool (local weights: its
-        engine); closing the copy closes nothing."""
-        config = _with_options(self.config, timeout, max_retries, default_headers)
-        clone = object.__new__(type(self))
-        clone.config, clone._core = config, _ClientCore(config)
-        clone._backend = _backend_sharing(self._backend, config, asynchronous=True)
-        clone.chat = _Chat(AsyncCompletions(clone._core, clone._backend))
-        clone._borrowed = True
-        return clone
 
     async def aclose(self) -> None:
         if not self._borrowed:
