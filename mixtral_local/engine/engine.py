@@ -97,11 +97,23 @@ class _Row:
     shown: bool = False  # a constrained row has given text
     prefix: Prefix | _LiveRow | None = None  # a prefix-cache entry or a decoding row sharing ``cached`` tokens
     cached: int = 0
+    order: int = 0  # when the scheduler took it: under a KV-cache bound the latest is set aside first
 
     @property
     def reach(self) -> int:
         """The most positions the row may occupy: its prompt and every token it may generate."""
         return len(self.prompt) + self.max_new
+
+    @property
+    def need(self) -> int:
+        """The positions the row's next step needs: its prompt and, once decoding, every token so far."""
+        return len(self.prompt) + max(len(self.tokens), 1)
+
+    @property
+    def need_ahead(self) -> int:
+        """``need`` and ``LOOKAHEAD`` more positions (at most its ``reach``): what admitting it under a KV-cache
+        bound counts, so that it does not have to be set aside again a few steps later."""
+        return min(self.reach, self.need + LOOKAHEAD)
 
     @property
     def computed(self) -> list[int]:
@@ -134,10 +146,12 @@ class Engine:
     ``max_batch`` bounds how many submitted requests decode together; more wait for a free row.
     ``prefix_cache`` is how many positions of finished requests' keys and values are kept for later prompts
     that start with the same tokens (``prefix_cache.py``); 0 turns reuse off.
-    ``kv_cache_bytes`` bounds the running batch's KV cache (None: no bound). Requests are admitted only while
-    every admitted request could reach its last position (prompt + ``max_tokens``) within it, so the cache
-    never grows past it: a request that does not fit waits for rows to finish, and one whose prompt and
-    ``max_tokens`` alone exceed it is refused (without ``max_tokens``, it may generate as far as the bound).
+    ``kv_cache_bytes`` bounds the running batch's KV cache (None: no bound), which never grows past it. A
+    submitted request joins when the batch has room for what it needs now and ``LOOKAHEAD`` positions more;
+    when the rows grow past the bound, the latest taken are set aside (their keys and values in host memory)
+    and come back, ahead of new requests, when rows finish. A request whose prompt and ``max_tokens`` alone
+    exceed the bound is refused (without ``max_tokens``, it may generate as far as the bound). ``generate()``
+    refuses prompts that could not all reach their end together.
     """
 
     def __init__(self, model: MixtralModel, tokenizer: MixtralTokenizer, *, max_batch: int = 16,
@@ -377,6 +391,7 @@ def _checked(row: _Row, delta: Delta) -> Delta:
 
 
 GRAMMAR_CACHE = 32  # compiled grammars an engine keeps for the requests that ask for them again
+LOOKAHEAD = 128  # positions of growth a request must have room for to join a batch under a KV-cache bound
 
 _MIN_LENGTH = 256  # positions a fresh cache holds at least (when the rows may need that many)
 PREFILL_TOKENS = 4096  # the most (padded) prompt tokens one prefill pass takes, unless one prompt is longer
@@ -658,6 +673,57 @@ class _Batch:
         """Take ``row`` out (its keys and values kept in the prefix cache); the last row moves into its slot."""
         b = next(i for i, r in enumerate(self.rows) if r is row)
         self._keep(row, b)
+        self._vacate(row, b)
+
+    def needs(self, chunk: int = PREFILL_CHUNK) -> tuple[int, int]:
+        """(slots, positions) the next fill and step need: every row held, and the longest of the decoding
+        rows' next positions and the filling row's next chunk."""
+        positions = max((len(r.prompt) + len(r.tokens) for r in self.rows), default=0)
+        if self.filling is not None:
+            positions = max(positions, min(len(self.filling.prompt), self.filled + chunk))
+        return self.size, positions
+
+    @torch.inference_mode()
+    def set_aside(self) -> list[tuple[_Row, Prefix]]:
+        """Under a KV-cache bound, take decoding rows out, the latest taken first, until the next fill and step
+        fit the bound; each with its keys and values (in host memory), to be ``restore``d when room frees."""
+        cells = self.engine.kv_cells
+        out: list[tuple[_Row, Prefix]] = []
+        while cells is not None and self.rows and self.needs()[0] * self.needs()[1] > cells:
+            row = max(self.rows, key=lambda r: r.order)
+            b = next(i for i, r in enumerate(self.rows) if r is row)
+            assert self.cache is not None
+            n = len(row.computed)
+            kv = torch.stack([torch.stack((k[b, :, :n], v[b, :, :n])) for k, v in self.cache.layers])
+            out.append((row, Prefix(tuple(row.computed), kv.cpu() if kv.is_cuda else kv)))
+            self._vacate(row, b)
+        return out
+
+    @torch.inference_mode()
+    def restore(self, row: _Row, saved: Prefix) -> None:
+        """Put a row that was set aside back among the decoding rows, its keys and values copied in: it goes on
+        from its last token as if it had never left."""
+        if self.size + 1 > self.slots:
+            raise RuntimeError(f"the batch is full ({self.slots} rows)")
+        b, n = len(self.rows), len(saved.tokens)
+        self.rows.append(row)
+        moved = False
+        try:
+            self._reserve(self.size, max(n + 1, self.filled))
+            assert self.cache is not None
+            if self.filling is not None:  # it keeps the slot after the decoding rows
+                self.cache.move(b, b + 1, self.filled)
+                moved = True
+            saved.copy_into(self.cache.layers, b, n)
+        except BaseException:
+            del self.rows[b]
+            if moved:
+                assert self.cache is not None
+                self.cache.move(b + 1, b, self.filled)
+            raise
+
+    def _vacate(self, row: _Row, b: int) -> None:
+        """Take ``row`` out of slot ``b``: the last decoding row moves into it, the filling row down one."""
         last = self.rows[-1]
         if last is not row:
             assert self.cache is not None

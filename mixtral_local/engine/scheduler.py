@@ -30,6 +30,7 @@ import torch
 
 if TYPE_CHECKING:
     from .engine import Delta, Engine, _Row
+    from .prefix_cache import Prefix
 
 __all__ = ["Scheduler", "Ticket"]
 
@@ -158,8 +159,8 @@ class Scheduler:
 
     def _take_waiting(self, room: int, owned: dict[int, Ticket], held: list[int],
                       engine: Engine) -> list[Ticket] | None:
-        """Up to ``room`` waiting tickets, in order, while the KV cache can hold them beside the rows that may
-        reach ``held`` positions (``Engine.fits``); None when there is nothing to do."""
+        """Up to ``room`` waiting tickets, in order, while the KV cache can hold them beside the rows that
+        need ``held`` positions (``Engine.fits`` of ``need_ahead``); None when there is nothing to do."""
         with self._cond:
             if self._closing:
                 closed = _shut_down()
@@ -174,9 +175,9 @@ class Scheduler:
             while self._waiting and len(taken) < room:
                 ticket = self._waiting[0]
                 if not ticket.cancelled:  # a cancelled one is taken to be dropped, whatever its size
-                    if not engine.fits([*reach, ticket.row.reach]):
+                    if not engine.fits([*reach, ticket.row.need_ahead]):
                         break  # first come, first served: it waits for rows to finish, and the later ones too
-                    reach.append(ticket.row.reach)
+                    reach.append(ticket.row.need_ahead)
                 taken.append(self._waiting.popleft())
             return taken
 
@@ -221,6 +222,8 @@ class Scheduler:
             torch.cuda.set_device(engine.device)
         batch = _Batch(engine, self.max_rows)
         long: collections.deque[Ticket] = collections.deque()  # taken, waiting to be filled
+        aside: collections.deque[tuple[Ticket, Prefix]] = collections.deque()  # set aside for the KV-cache bound
+        taken_so_far = 0
 
         def deliver(row: _Row, delta: Delta) -> None:
             if row.error is not None:  # its grammar failed; the row has left the batch
@@ -243,16 +246,27 @@ class Scheduler:
             for ticket in [t for t in long if t.cancelled]:
                 long.remove(ticket)
                 del owned[id(ticket.row)]
+            for item in [a for a in aside if a[0].cancelled]:
+                aside.remove(item)
+                del owned[id(item[0].row)]
             batch.slots = self.max_rows  # it may have been raised by a client sharing the engine
-            held = [r.reach for r in [*batch.rows, *([batch.filling] if batch.filling else []),
-                                      *(t.row for t in long)]]
-            taken = self._take_waiting(self.max_rows - batch.size - len(long), owned, held, engine)
+            held = [r.need_ahead for r in [*batch.rows, *([batch.filling] if batch.filling else []),
+                                           *(t.row for t in long)]]
+            while aside and batch.size + len(long) < batch.slots \
+                    and engine.fits([*held, aside[0][0].row.need_ahead]):  # those set aside come back first
+                ticket, saved = aside.popleft()
+                batch.restore(ticket.row, saved)
+                held.append(ticket.row.need_ahead)
+            room = 0 if aside else self.max_rows - batch.size - len(long)  # nobody overtakes a row set aside
+            taken = self._take_waiting(room, owned, held, engine)
             if taken is None:
                 return
             short = []
             for ticket in taken:
                 if ticket.cancelled:
                     continue
+                taken_so_far += 1
+                ticket.row.order = taken_so_far
                 owned[id(ticket.row)] = ticket
                 row = ticket.row
                 batch.share(row)  # a long one looks again when its turn to fill comes
@@ -261,6 +275,10 @@ class Scheduler:
                 deliver(row, delta)
             if batch.filling is None and long and batch.size < batch.slots:
                 batch.start_filling(long.popleft().row)
+            for row, saved in batch.set_aside():  # the KV-cache bound: the latest rows wait, keys and values kept
+                aside.append((owned[id(row)], saved))
+            if aside:
+                log.debug("KV cache bound: %d request(s) set aside until rows finish", len(aside))
             if batch.filling is not None:
                 row = batch.filling
                 try:

@@ -103,6 +103,67 @@ def test_requests_wait_for_room_and_the_cache_stays_within_the_bound(model: Any,
     assert unbounded["rows"] == len(prompts) and unbounded["cells"] > cells
 
 
+@contextmanager
+def set_aside_count(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, int]]:
+    """How many rows were set aside and restored."""
+    from mixtral_local.engine.engine import _Batch
+
+    counts = {"aside": 0, "restored": 0}
+    aside, restore = _Batch.set_aside, _Batch.restore
+
+    def counting_aside(self: Any) -> Any:
+        out = aside(self)
+        counts["aside"] += len(out)
+        return out
+
+    def counting_restore(self: Any, row: Any, saved: Any) -> None:
+        counts["restored"] += 1
+        restore(self, row, saved)
+
+    monkeypatch.setattr(_Batch, "set_aside", counting_aside)
+    monkeypatch.setattr(_Batch, "restore", counting_restore)
+    yield counts
+
+
+def test_rows_that_outgrow_the_bound_are_set_aside_and_resume_exactly(
+        model: Any, tokenizer: MixtralTokenizer, prompts: list[list[int]], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Requests are admitted for what they need now (plus ``LOOKAHEAD``), not for all they may reach: more run
+    together. As they grow past the bound the latest taken are set aside, their keys and values kept in host
+    memory, and come back when rows finish: each answer, greedy or seeded, is what it is alone."""
+    tokens = 300
+    params = [SamplingParams(temperature=0, max_tokens=tokens) if i % 2 else
+              SamplingParams(temperature=0.9, seed=i, max_tokens=tokens) for i in range(len(prompts))]
+    reach = max(len(p) for p in prompts) + tokens
+    cells = 2 * reach  # admitting for the whole reach, only two would run at a time
+    solo = [engine_with(model, tokenizer, None).generate([p], s)[0].token_ids
+            for p, s in zip(prompts, params, strict=True)]
+    bounded = engine_with(model, tokenizer, cells)
+    with cache_peaks(bounded) as peaks, set_aside_count(monkeypatch) as counts:
+        answers = run_all(bounded, prompts, params)
+    assert answers == solo
+    assert peaks["cells"] <= cells and peaks["rows"] > 2
+    assert counts["aside"] > 0 and counts["restored"] == counts["aside"]
+
+
+def test_a_request_cancelled_while_set_aside_leaves_and_the_rest_finish(
+        model: Any, tokenizer: MixtralTokenizer, prompts: list[list[int]], monkeypatch: pytest.MonkeyPatch) -> None:
+    params = SamplingParams(temperature=0, max_tokens=300)
+    bounded = engine_with(model, tokenizer, 2 * (max(len(p) for p in prompts) + 300))
+    with set_aside_count(monkeypatch) as counts:
+        with bounded.scheduler._cond:
+            tickets = [bounded.submit(p, params) for p in prompts]
+        last = tickets[-1]  # the latest taken: the first set aside
+        first = [tickets[0].get()]
+        while counts["aside"] == 0:
+            first.append(tickets[0].get(timeout=10))  # a step at a time, until rows are set aside
+        last.cancel()
+        while first[-1].finish_reason is None:
+            first.append(tickets[0].get(timeout=10))
+        done = [_tokens(t) for t in tickets[1:-1]]
+    assert len(first) == 300 and all(len(d) == 300 for d in done)
+    assert bounded.generate([prompts[0]], SamplingParams(temperature=0, max_tokens=3))[0].finish_reason == "length"
+
+
 def test_a_long_request_waits_until_the_short_ones_leave_and_gets_their_slots_back(
         model: Any, tokenizer: MixtralTokenizer, prompts: list[list[int]]) -> None:
     """Short rows grow the cache to many slots; the long row that follows fits only alone: the cache gives back
