@@ -13,7 +13,9 @@ they need; a row that finishes leaves its slot to the last row, so a step only e
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
+import math
 import random
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -509,7 +511,7 @@ class _Batch:
         and computes only the rest. A row's ``cached`` becomes what it did reuse."""
         if self.size + len(rows) > self.slots:
             raise RuntimeError(f"the batch is full ({self.slots} rows)")
-        b, n = len(self.rows), len(rows)
+        b = len(self.rows)
         start = min(r.cached for r in rows)
         source: dict[tuple[int, ...], int] = {}  # prompt -> its computed row's place in the pass
         place: list[int] = []  # each row's computed row
@@ -526,14 +528,9 @@ class _Batch:
         u = len(computed)
         lengths = [len(r.prompt) for r in computed]
         s = max(lengths)
-        self.rows.extend([*computed, *(row for row, _ in copies)])  # the pass writes slots b .. b + u - 1
-        moved = False
-        try:
-            self._reserve(self.size, max(s, self.filled))
+        # the pass writes slots b .. b + u - 1
+        with self._joining([*computed, *(row for row, _ in copies)], s):
             assert self.cache is not None
-            if self.filling is not None:  # it keeps the slot after the decoding rows
-                self.cache.move(b, b + n, self.filled)
-                moved = True
             cache = self.cache.slots(b, u)
             if start:
                 for i, row in enumerate(computed):
@@ -547,12 +544,6 @@ class _Batch:
             for row in rows:
                 row.cached = start  # what it did reuse (its prefix may reach further)
             deltas = [self.engine._next_token(row, logits[place[i]]) for i, row in enumerate(rows)]
-        except BaseException:
-            del self.rows[b:]
-            if moved:
-                assert self.cache is not None
-                self.cache.move(b + n, b, self.filled)
-            raise
         for row in rows:
             if row.finish is not None:
                 self.drop(row)
@@ -689,7 +680,7 @@ class _Batch:
         fit the bound; each with its keys and values (in host memory), to be ``restore``d when room frees."""
         cells = self.engine.kv_cells
         out: list[tuple[_Row, Prefix]] = []
-        while cells is not None and self.rows and self.needs()[0] * self.needs()[1] > cells:
+        while cells is not None and self.rows and math.prod(self.needs()) > cells:
             row = max(self.rows, key=lambda r: r.order)
             b = next(i for i, r in enumerate(self.rows) if r is row)
             assert self.cache is not None
@@ -706,20 +697,29 @@ class _Batch:
         if self.size + 1 > self.slots:
             raise RuntimeError(f"the batch is full ({self.slots} rows)")
         b, n = len(self.rows), len(saved.tokens)
-        self.rows.append(row)
+        with self._joining([row], n + 1):
+            assert self.cache is not None
+            saved.copy_into(self.cache.layers, b, n)
+
+    @contextlib.contextmanager
+    def _joining(self, rows: list[_Row], positions: int) -> Iterator[None]:
+        """``rows`` appended to the decoding rows, in the next slots, with the cache grown for ``positions``
+        and the filling row moved past them; all undone if the body fails."""
+        b, n = len(self.rows), len(rows)
+        self.rows.extend(rows)
         moved = False
         try:
-            self._reserve(self.size, max(n + 1, self.filled))
+            self._reserve(self.size, max(positions, self.filled))
             assert self.cache is not None
             if self.filling is not None:  # it keeps the slot after the decoding rows
-                self.cache.move(b, b + 1, self.filled)
+                self.cache.move(b, b + n, self.filled)
                 moved = True
-            saved.copy_into(self.cache.layers, b, n)
+            yield
         except BaseException:
-            del self.rows[b]
+            del self.rows[b:]
             if moved:
                 assert self.cache is not None
-                self.cache.move(b + 1, b, self.filled)
+                self.cache.move(b + n, b, self.filled)
             raise
 
     def _vacate(self, row: _Row, b: int) -> None:
