@@ -28,6 +28,8 @@ class Limits:
     top_logprobs: tuple[int, int] = (0, 20)
     penalty: tuple[float, float] = (-2.0, 2.0)
     top_k: tuple[int, int | None] | None = None
+    min_p: tuple[float, float] | None = None  # extra_body sampling keys, where the host documents a range
+    repetition_penalty: tuple[float, float] | None = None  # above the first bound (excluded), up to the second
     n_max: int | None = None
 
 
@@ -85,6 +87,7 @@ PROVIDERS: Mapping[str, ProviderPreset] = {
             base_url="https://openrouter.ai/api/v1",
             model="mistralai/mixtral-8x7b-instruct",
             api_key_env="OPENROUTER_API_KEY",
+            limits=Limits(min_p=(0.0, 1.0), repetition_penalty=(0.0, 2.0)),
             extra_body_keys=frozenset({"provider", "models", "route", "transforms", "top_k", "min_p",
                                        "repetition_penalty", "top_a", "usage", "reasoning"}),
             request_id_headers=("x-request-id", "x-generation-id"),
@@ -124,7 +127,7 @@ PROVIDERS: Mapping[str, ProviderPreset] = {
             base_url=None,
             model="mixtral-local",
             api_key_env=None,
-            limits=Limits(top_k=(1, None), seed=(0, None), n_max=64),
+            limits=Limits(top_k=(1, None), seed=(0, None), n_max=64, min_p=(0.0, 1.0), repetition_penalty=(0.0, 2.0)),
             tools="prompt",
             kind="local",
         ),

@@ -90,14 +90,17 @@ def _fail(message: str, param: str, preset: ProviderPreset) -> InvalidRequestErr
 
 
 def _number(value: Any, param: str, preset: ProviderPreset, lo: float, hi: float | None,
-            integer: bool = False) -> None:
+            integer: bool = False, above: bool = False) -> None:
+    """``value`` is a finite number (an integer with ``integer``) from ``lo`` (excluded with ``above``) to
+    ``hi``."""
     if isinstance(value, bool) or not isinstance(value, int | float) or (integer and not isinstance(value, int)):
         kind = "an integer" if integer else "a number"
         raise _fail(f"must be {kind}, got {value!r}", param, preset)
     if isinstance(value, float) and not math.isfinite(value):
         raise _fail(f"must be finite, got {value!r}", param, preset)
-    if value < lo or (hi is not None and value > hi):
-        rng = f"between {lo:g} and {hi:g}" if hi is not None else f">= {lo:g}"
+    if value < lo or (above and value == lo) or (hi is not None and value > hi):
+        rng = f"between {lo:g}{' (excluded)' if above else ''} and {hi:g}" if hi is not None else \
+            f"{'>' if above else '>='} {lo:g}"
         raise _fail(f"{preset.name} accepts {rng}, got {value!r}", param, preset)
 
 
@@ -312,6 +315,12 @@ def build_request(
     top_k = options.extra_body.get("top_k")
     if top_k is not None and limits.top_k is not None:
         _number(top_k, "top_k", preset, *limits.top_k, integer=True)
+    min_p = options.extra_body.get("min_p")
+    if min_p is not None and limits.min_p is not None:
+        _number(min_p, "min_p", preset, *limits.min_p)
+    repetition = options.extra_body.get("repetition_penalty")
+    if repetition is not None and limits.repetition_penalty is not None:
+        _number(repetition, "repetition_penalty", preset, *limits.repetition_penalty, above=True)
 
     return ChatRequest(
         provider=preset,

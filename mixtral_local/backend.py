@@ -283,13 +283,7 @@ def _sampling(request: ChatRequest) -> SamplingParams:
                                   f"(it accepts {', '.join(sorted(_EXTRA_BODY))})", param="extra_body",
                                   provider="local")
     stop = p.get("stop", ())
-    min_p, repetition = request.extra("min_p"), request.extra("repetition_penalty")
-    if min_p is not None and not (_is_number(min_p) and 0 <= min_p <= 1):
-        raise InvalidRequestError(f"min_p must be a number from 0 to 1, got {min_p!r}", param="min_p",
-                                  provider="local")
-    if repetition is not None and not (_is_number(repetition) and 0 < repetition <= 2):
-        raise InvalidRequestError(f"repetition_penalty must be a number above 0 and at most 2 (1: off), got "
-                                  f"{repetition!r}", param="repetition_penalty", provider="local")
+    min_p, repetition = request.extra("min_p"), request.extra("repetition_penalty")  # checked by the preset's limits
     grammar, calls = _grammar(request), request.prompted_calls
     # under "auto" without a format the grammar is calls or any text: it lets go once the answer cannot be calls
     lazy = calls.marker if calls is not None and not calls.required and _format_schema(request) is None else None
@@ -312,10 +306,6 @@ def _sampling(request: ChatRequest) -> SamplingParams:
         )
     except ValueError as exc:
         raise InvalidRequestError(str(exc), provider="local") from None
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 class _Answer:

@@ -160,6 +160,17 @@ def test_top_k_in_extra_body_is_checked_where_the_host_has_a_limit() -> None:
     assert build("aimlapi", extra_body={"top_k": 5}).extra("top_k") == 5
 
 
+@pytest.mark.parametrize("provider", ["openrouter", "local"])
+def test_min_p_and_repetition_penalty_in_extra_body_are_checked_where_ranges_are_known(provider: str) -> None:
+    assert refused(provider, extra_body={"min_p": 1.5}).param == "min_p"
+    assert "between 0 (excluded) and 2" in str(refused(provider, extra_body={"repetition_penalty": 0}))
+    assert refused(provider, extra_body={"repetition_penalty": 2.5}).param == "repetition_penalty"
+    assert refused(provider, extra_body={"min_p": "0.1"}).param == "min_p"
+    ok = build(provider, extra_body={"min_p": 0.05, "repetition_penalty": 1.1})
+    assert (ok.extra("min_p"), ok.extra("repetition_penalty")) == (0.05, 1.1)
+    assert build("aimlapi", extra_body={"repetition_penalty": 3}).extra("repetition_penalty") == 3  # no known range
+
+
 def test_aimlapi_accepts_at_most_four_stop_sequences() -> None:
     assert "at most 4" in str(refused("aimlapi", stop=["a", "b", "c", "d", "e"]))
     assert build("aimlapi", stop=["a", "b", "c", "d"]).params["stop"] == ["a", "b", "c", "d"]
