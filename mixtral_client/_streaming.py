@@ -22,7 +22,19 @@ __all__ = ["AsyncStream", "Stream"]
 _NOTHING: Any = object()
 
 
-class Stream:
+class _Chunks:
+    """What both streams hold: the chunk read ahead and the accumulator."""
+
+    _first: ChatCompletionChunk
+    _accumulator: ChunkAccumulator
+
+    @property
+    def request_id(self) -> str | None:
+        """The host's id for the stream's HTTP request (known once ``create()`` returns); None without one."""
+        return self._first._request_id if self._first is not _NOTHING else self._accumulator.request_id
+
+
+class Stream(_Chunks):
     """A synchronous stream of ``ChatCompletionChunk``; use it in ``with`` and iterate it once."""
 
     def __init__(self, chunks: Iterator[ChatCompletionChunk]) -> None:
@@ -81,11 +93,6 @@ class Stream:
                  tb: TracebackType | None) -> None:
         self.close()
 
-    @property
-    def request_id(self) -> str | None:
-        """The host's id for the stream's HTTP request (known once ``create()`` returns); None without one."""
-        return self._first._request_id if self._first is not _NOTHING else self._accumulator.request_id
-
     def get_final_completion(self) -> ChatCompletion:
         """Read what is left of the stream and return every chunk merged (text, tool calls, usage)."""
         if not self._consumed:
@@ -100,7 +107,7 @@ class Stream:
                 yield piece
 
 
-class AsyncStream:
+class AsyncStream(_Chunks):
     """An asynchronous stream of ``ChatCompletionChunk``; use it in ``async with`` and iterate it once.
 
     Unlike ``Stream`` it is its own iterator rather than an async generator: an async generator left
@@ -164,11 +171,6 @@ class AsyncStream:
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                         tb: TracebackType | None) -> None:
         await self.aclose()
-
-    @property
-    def request_id(self) -> str | None:
-        """The host's id for the stream's HTTP request (known once ``create()`` returns); None without one."""
-        return self._first._request_id if self._first is not _NOTHING else self._accumulator.request_id
 
     async def get_final_completion(self) -> ChatCompletion:
         if not self._consumed:
