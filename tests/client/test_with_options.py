@@ -34,7 +34,7 @@ def test_a_copy_retries_as_told_and_the_original_as_before(serve) -> None:
 
 def test_a_copy_has_its_own_timeout(serve) -> None:
     def slow(req: Received, conn: Conn) -> None:
-        conn.pause(0.6)
+        conn.pause(1.5)
         conn.respond(200, completion("late"))
 
     server = serve(slow)
@@ -42,7 +42,7 @@ def test_a_copy_has_its_own_timeout(serve) -> None:
         started = time.monotonic()
         with pytest.raises(APITimeoutError):
             client.with_options(timeout=0.2).chat.completions.create(messages=MESSAGES)
-        assert time.monotonic() - started < 0.55
+        assert time.monotonic() - started < 1.2  # the copy gave up at 0.2 s; the host answers at 1.5 s
         assert client.chat.completions.create(messages=MESSAGES).choices[0].message.content == "late"
 
 
