@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from mixtral_client._client import AsyncMixtralClient, MixtralClient
+from mixtral_client._config import LOCAL_OPTION_VARS, _local_option
 from mixtral_client._exceptions import APIError, ConfigurationError, InvalidRequestError, MixtralError
 from mixtral_client._providers import PROVIDERS
 
@@ -37,6 +38,22 @@ _TINY_MAX_TOKENS = 48
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"mixtral: {message} (see `{self.prog} --help`)\n")
+
+
+_LOCAL_HELP = (f"a local_options key ({', '.join(LOCAL_OPTION_VARS)}), e.g. --local max_batch=32 "
+               "--local kv_cache_memory=40GiB; repeatable; wins over its MIXTRAL_LOCAL_<KEY> variable")
+
+
+def _local_options(pairs: Sequence[str]) -> dict[str, Any]:
+    """``--local KEY=VALUE`` pairs as ``local_options``, each value typed as its variable's would be."""
+    options: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        key = key.strip()
+        if not sep or key not in LOCAL_OPTION_VARS:
+            raise ConfigurationError(f"--local {pair}: expected KEY=VALUE with KEY one of {', '.join(LOCAL_OPTION_VARS)}")
+        options[key] = _local_option(key, f"--local {key}", raw.strip())
+    return options
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -52,6 +69,7 @@ def _parser() -> argparse.ArgumentParser:
     chat.add_argument("--model", help="model id (default: the provider's Mixtral id)")
     chat.add_argument("--base-url", help="an OpenAI-compatible base URL (provider openai)")
     chat.add_argument("--model-path", help="a local checkpoint directory (provider local)")
+    chat.add_argument("--local", action="append", default=[], metavar="KEY=VALUE", help=_LOCAL_HELP)
     chat.add_argument("--system", help="a system prompt")
     chat.add_argument("--temperature", type=float)
     chat.add_argument("--max-tokens", type=int)
@@ -62,6 +80,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--model", help="model id sent to the provider (default: its Mixtral id)")
     serve.add_argument("--base-url", help="an OpenAI-compatible base URL (provider openai)")
     serve.add_argument("--model-path", help="a local checkpoint directory (provider local)")
+    serve.add_argument("--local", action="append", default=[], metavar="KEY=VALUE", help=_LOCAL_HELP)
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--api-key", help="require this bearer key from callers (default: MIXTRAL_SERVER_API_KEY)")
@@ -94,11 +113,12 @@ def _local_cli() -> Any:
 
 def _configured(args: argparse.Namespace, env: Mapping[str, str]) -> dict[str, Any] | None:
     """The client arguments the command line gives, or None when neither it nor the environment names a backend."""
-    kwargs = {name: getattr(args, name) for name in ("provider", "base_url", "model_path", "model")
-              if getattr(args, name)}
+    kwargs: dict[str, Any] = {name: getattr(args, name) for name in ("provider", "base_url", "model_path", "model")
+                              if getattr(args, name)}
+    local = _local_options(args.local)
     if kwargs.keys() - {"model"} or any(env.get(k) for k in ("MIXTRAL_PROVIDER", "MIXTRAL_BASE_URL",
                                                               "MIXTRAL_MODEL_PATH")):
-        return kwargs
+        return {**kwargs, "local_options": local} if local else kwargs
     return None
 
 
@@ -129,7 +149,7 @@ def _chat(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         print(f"mixtral: no provider configured, so this is a tiny local Mixtral with RANDOM weights ({path}): "
               "its answer is noise. For real answers set MIXTRAL_PROVIDER and a key, e.g. "
               "MIXTRAL_PROVIDER=nvidia NVIDIA_API_KEY=nvapi-... (docs/providers.md).", file=sys.stderr)
-        kwargs.update(provider="local", model_path=str(path))
+        kwargs.update(provider="local", model_path=str(path), local_options=_local_options(args.local))
         max_tokens = max_tokens if max_tokens is not None else _TINY_MAX_TOKENS
         if args.model:
             kwargs["model"] = args.model

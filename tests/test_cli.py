@@ -155,3 +155,28 @@ def test_no_prompt_anywhere_exits_2_with_one_line(monkeypatch: pytest.MonkeyPatc
     code = main(["chat", "--base-url", "http://127.0.0.1:9/v1"], env={"MIXTRAL_API_KEY": "k"})
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "-i" in err
+
+
+def test_local_options_come_from_the_command_line_typed_as_their_variables(
+        tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``--local kv_cache_memory=...`` reaches the engine: a bound of 64 positions refuses a longer answer."""
+    main(["local", "init-tiny", str(tmp_path / "tiny")], env={})
+    capsys.readouterr()
+    args = ["chat", "Hello there", "--model-path", str(tmp_path / "tiny"), "--local", "dtype=float32",
+            "--local", "device=cpu", "--max-tokens", "200"]
+    code = main([*args, "--local", "kv_cache_memory=32KiB"], env={})  # 512 bytes a position here: 64 positions
+    assert code == 2
+    assert "the KV cache (local_options kv_cache_memory) holds 64 positions" in capsys.readouterr().err
+    assert main([*args, "--local", "max_batch=4", "--no-stream"], env={}) == 0
+
+
+@pytest.mark.parametrize(("pair", "message"), [
+    ("max_batch", "--local max_batch: expected KEY=VALUE"),
+    ("colour=red", "expected KEY=VALUE with KEY one of dtype"),
+    ("max_batch=lots", "--local max_batch must be an integer, got 'lots'"),
+    ("progress=maybe", "--local progress must be one of"),
+])
+def test_a_bad_local_option_exits_2_with_one_line(pair: str, message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["chat", "hi", "--model-path", "/nonexistent", "--local", pair], env={})
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
