@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal, Self, TypedDict, Unpac
 import httpx
 
 from ._backends.base import AsyncBackend, SyncBackend
-from ._config import ClientConfig, resolve_config
-from ._exceptions import ConfigurationError, InvalidRequestError
+from ._config import ClientConfig, check_max_retries, client_default_timeout, resolve_config
+from ._exceptions import ConfigurationError
 from ._logging import setup_logging
 from ._parse import format_for, parsed
 from ._request import ChatRequest, RequestOptions, build_request
@@ -232,13 +232,9 @@ def _with_options(config: ClientConfig, timeout: float | Timeout | None, max_ret
     client's own are)."""
     changes: dict[str, Any] = {}
     if timeout is not None:
-        try:
-            changes["timeout"] = coerce_timeout(timeout, config.timeout)
-        except InvalidRequestError as exc:
-            raise ConfigurationError(str(exc)) from exc
+        changes["timeout"] = client_default_timeout(timeout, config.timeout)
     if max_retries is not None:
-        if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
-            raise ConfigurationError(f"max_retries must be an integer >= 0, got {max_retries!r}")
+        check_max_retries(max_retries)
         changes["max_retries"] = max_retries
     if default_headers:
         changes["default_headers"] = {**config.default_headers, **default_headers}

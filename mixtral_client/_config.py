@@ -133,6 +133,19 @@ def _local_options_from_env(env: Mapping[str, str], given: Mapping[str, Any]) ->
     return found
 
 
+def check_max_retries(value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigurationError(f"max_retries must be an integer >= 0, got {value!r}")
+
+
+def client_default_timeout(value: float | Timeout | None, default: Timeout) -> Timeout:
+    """A client's default ``timeout`` (a number is the total deadline, capping the others of ``default``)."""
+    try:
+        return coerce_timeout(value, default)
+    except InvalidRequestError as exc:  # the same check as per request, but this is the client's setting
+        raise ConfigurationError(str(exc)) from exc
+
+
 def resolve_config(
     env: Mapping[str, str],
     *,
@@ -167,12 +180,8 @@ def resolve_config(
                 "or set MIXTRAL_PROVIDER / MIXTRAL_BASE_URL / MIXTRAL_MODEL_PATH"
             )
     preset = get_preset(name.strip().lower())
-    if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
-        raise ConfigurationError(f"max_retries must be an integer >= 0, got {max_retries!r}")
-    try:
-        client_timeout = coerce_timeout(timeout, NO_TIMEOUT if preset.kind == "local" else DEFAULT_TIMEOUT)
-    except InvalidRequestError as exc:  # the same check as per request, but this is the client's setting
-        raise ConfigurationError(str(exc)) from exc
+    check_max_retries(max_retries)
+    client_timeout = client_default_timeout(timeout, NO_TIMEOUT if preset.kind == "local" else DEFAULT_TIMEOUT)
 
     if preset.kind == "http":
         base_url = base_url or preset.base_url
