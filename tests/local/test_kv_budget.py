@@ -249,3 +249,45 @@ def test_auto_sets_no_bound_on_cpu_and_leaves_headroom_on_a_gpu(tiny_dir: Path, 
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (2 * gib, 141 * gib))
     with pytest.raises(ConfigurationError, match="leaves no room for the KV cache"):
         backend_module._kv_cache_bytes(opts, on_gpu)  # type: ignore[arg-type]
+
+
+def test_rows_set_aside_and_restored_while_a_long_prompt_fills_in_chunks(
+        model: Any, tokenizer: MixtralTokenizer, prompts: list[list[int]]) -> None:
+    """The filling row sits in the slot after the decoding rows: setting rows aside moves it down, restoring
+    them moves it up, and every answer (the long prompt's too) is still what it is alone."""
+    from mixtral_local.engine.engine import PREFILL_CHUNK, _Batch
+
+    engine = engine_with(model, tokenizer, None)
+    long_prompt = tokenizer.encode_chat([{"role": "user", "content": "word " * 700}])
+    assert PREFILL_CHUNK < len(long_prompt) < 2 * PREFILL_CHUNK
+    short = SamplingParams(temperature=0, max_tokens=30)
+    solo = [engine.generate([p], short)[0].token_ids for p in prompts[:4]]
+    long_solo = engine.generate([long_prompt], SamplingParams(temperature=0, max_tokens=10))[0].token_ids
+
+    rows = engine._rows(prompts[:4], short)
+    for order, row in enumerate(rows, 1):
+        row.order = order
+    long_row = engine._rows([long_prompt], SamplingParams(temperature=0, max_tokens=10))[0]
+    batch = _Batch(engine, slots=8)
+    list(batch.admit_all(rows))
+    for _ in range(5):
+        batch.step()
+    batch.start_filling(long_row)
+    assert batch.fill(PREFILL_CHUNK) is None  # one chunk in, one to go
+    slots, positions = batch.needs()
+    engine.kv_cells = (slots - 2) * positions  # two rows too many: the two latest go
+    aside = batch.set_aside()
+    assert [row.order for row, _ in aside] == [4, 3] and batch.size == 3 and batch.filling is long_row
+    engine.kv_cells = None
+    assert batch.cache is not None
+    with torch.inference_mode():  # a free slot may hold anything: what was moved out of it is not there
+        for k, v in batch.cache.layers:
+            k[batch.size:] = 3.0
+            v[batch.size:] = -3.0
+    batch.step()  # the two left decode while the others wait
+    for row, saved in aside:
+        batch.restore(row, saved)
+    assert batch.fill(PREFILL_CHUNK) is not None  # the long prompt's first token: it joins the decoding rows
+    while batch.rows:
+        batch.step()
+    assert [row.tokens for row in rows] == solo and long_row.tokens == long_solo
