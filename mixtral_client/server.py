@@ -2,7 +2,7 @@
 
     POST /v1/chat/completions   OpenAI's chat completions: whole answers, and SSE streams ending in [DONE]
     GET  /v1/models             the one model served (and /v1/models/{id})
-    GET  /health                200 once the backend is ready
+    GET  /health                200 once the backend is ready; on local weights, what the batch is doing
 
 One ``AsyncMixtralClient`` answers every request, so what the client does the server does: validation
 before anything is sent or computed, tools and ``response_format`` on every backend, retries and
@@ -192,7 +192,11 @@ def create_app(client: AsyncMixtralClient, *, api_key: str | None = None, model_
         return JSONResponse({**listing, "id": asked})
 
     async def health(_request: Request) -> Response:
-        return JSONResponse({"status": "ok", "provider": config.provider, "model": name})
+        body: dict[str, Any] = {"status": "ok", "provider": config.provider, "model": name}
+        stats = getattr(client._backend, "stats", None)  # local weights: the running batch
+        if stats is not None:
+            body["local"] = stats()
+        return JSONResponse(body)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: Starlette) -> AsyncIterator[None]:

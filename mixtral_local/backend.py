@@ -432,6 +432,10 @@ class LocalCore:
     def close(self) -> None:
         self._engine = None
 
+    def stats(self) -> dict[str, Any]:
+        """``Engine.stats()`` once the model is loaded; before, only that it is not."""
+        return {"loaded": False} if self._engine is None else {"loaded": True, **self._engine.stats()}
+
     def start(self, request: ChatRequest, cancel: threading.Event | None = None) -> list[Ticket]:
         """Check the request, load the model on first use (``cancel`` stops that load), and queue the prompt
         once per choice (``n``), all in the running batch (blocking work: a thread's). With a ``seed``,
@@ -481,6 +485,9 @@ class LocalBackend:
 
     def stream(self, request: ChatRequest) -> Iterator[ChatCompletionChunk]:
         return self._core.chunks(request)
+
+    def stats(self) -> dict[str, Any]:
+        return self._core.stats()
 
     def close(self) -> None:
         self._core.close()
@@ -565,6 +572,9 @@ class AsyncLocalBackend:
             for ticket in started:
                 ticket.listen(None)
                 ticket.cancel()
+
+    def stats(self) -> dict[str, Any]:
+        return self._core.stats()
 
     async def aclose(self) -> None:
         self._core.close()

@@ -194,6 +194,13 @@ class Engine:
                 self._grammars.popitem(last=False)
         return compiled.fresh(lazy_marker=lazy_marker)
 
+    def stats(self) -> dict[str, Any]:
+        """The running batch (``Scheduler.load()``) and the engine's limits, for a health check."""
+        per_position = KVCache.nbytes(self.model.config, 1, 1, self.dtype)
+        return {**self.scheduler.load(), "max_batch": self.scheduler.max_rows,
+                "kv_cache_bound_bytes": None if self.kv_cells is None else self.kv_cells * per_position,
+                "prefix_cache_tokens": self.prefix_cache.tokens, "decode_steps": self.scheduler.steps}
+
     def budget(self, prompt_len: int, max_tokens: int | None) -> int:
         """How many tokens a request may generate; refuses a prompt that does not fit the context (or the
         KV-cache bound)."""

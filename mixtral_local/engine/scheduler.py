@@ -130,6 +130,9 @@ class Scheduler:
         self._thread: threading.Thread | None = None  # the serving thread, until it has nothing left to do
         self._last: threading.Thread | None = None  # the latest serving thread, until it has ended
         self.steps = 0  # decode steps run (for tests and benchmarks: rows per step = tokens / steps)
+        #: the running batch as of the last turn: rows decoding, prompts prefilling or queued to be, rows set
+        #: aside for the KV-cache bound, bytes of KV cache held (all 0 while no batch runs)
+        self._running: tuple[int, int, int, int] = (0, 0, 0, 0)
         self._closing = False
         weakref.finalize(engine, _wake, self._cond)  # a thread waiting for work ends with its engine
         _schedulers.add(self)
@@ -142,6 +145,13 @@ class Scheduler:
             thread = self._last  # also a thread that is over but still unwinding (freeing its KV cache)
         if thread is not None:
             thread.join(timeout)
+
+    def load(self) -> dict[str, int]:
+        """What the engine is doing, for a health check: requests decoding, prefilling (a long prompt being
+        filled, or queued to be), set aside (KV-cache bound), waiting for a row; KV-cache bytes held."""
+        decoding, prefilling, aside, kv_bytes = self._running
+        return {"decoding": decoding, "prefilling": prefilling, "set_aside": aside, "waiting": len(self._waiting),
+                "kv_cache_bytes": kv_bytes}
 
     def submit(self, rows: Sequence[_Row]) -> list[Ticket]:
         """Queue ``rows`` together: the serving thread takes them in one turn when the batch has room."""
@@ -201,7 +211,8 @@ class Scheduler:
         owned: dict[int, Ticket] = {}  # id(row) -> ticket, for every request taken and not yet over
         try:
             self._loop(engine, owned)
-        except BaseException as exc:  # a bug or a broken device: fail everyone rather than leave them waiting
+        except BaseException as exc:
+            self._running = (0, 0, 0, 0)  # a bug or a broken device: fail everyone rather than leave them waiting
             log.exception("the batch scheduler stopped")
             with self._cond:
                 waiting = list(self._waiting)
@@ -217,6 +228,7 @@ class Scheduler:
         ones queued to be prefilled a chunk at a time), prefill one chunk of the long prompt in progress,
         and run one decode step."""
         from .engine import PREFILL_CHUNK, _Batch  # the engine module imports this one
+        from .kv_cache import KVCache
 
         if engine.device.type == "cuda":
             torch.cuda.set_device(engine.device)
@@ -235,6 +247,12 @@ class Scheduler:
 
         def fail(row: _Row, exc: BaseException) -> None:
             owned.pop(id(row))._put(exc)
+
+        def publish() -> None:
+            cache = batch.cache
+            kv_bytes = 0 if cache is None else KVCache.nbytes(engine.model.config, cache.batch, cache.length,
+                                                              engine.dtype)
+            self._running = (len(batch.rows), (batch.filling is not None) + len(long), len(aside), kv_bytes)
 
         while True:
             for row in [r for r in batch.rows if owned[id(r)].cancelled]:
@@ -260,6 +278,7 @@ class Scheduler:
             room = 0 if aside else self.max_rows - batch.size - len(long)  # nobody overtakes a row set aside
             taken = self._take_waiting(room, owned, held, engine)
             if taken is None:
+                self._running = (0, 0, 0, 0)
                 return
             short = []
             for ticket in taken:
@@ -289,6 +308,7 @@ class Scheduler:
                     if delta is not None:
                         deliver(row, delta)
             if not batch.rows:
+                publish()
                 continue
             try:
                 out = batch.step()
@@ -304,6 +324,7 @@ class Scheduler:
             self.steps += 1
             for row, delta in out:
                 deliver(row, delta)
+            publish()
 
 
 _schedulers: weakref.WeakSet[Scheduler] = weakref.WeakSet()

@@ -668,3 +668,24 @@ def test_cancelling_a_filling_prompt_frees_its_slot(engine: Engine, prompts: lis
     assert tokens(running) == alone(engine, prompts[0], SamplingParams(temperature=0, max_tokens=60))
     assert no_batch_thread(engine)
     assert filling.row.tokens == [] or len(filling.row.tokens) < GREEDY.max_tokens
+
+
+def test_stats_show_what_the_batch_is_doing(engine: Engine, prompts: list[list[int]]) -> None:
+    assert engine.stats() | {"prefix_cache_tokens": 0} == {
+        "decoding": 0, "prefilling": 0, "set_aside": 0, "waiting": 0, "kv_cache_bytes": 0, "max_batch": 8,
+        "kv_cache_bound_bytes": None, "prefix_cache_tokens": 0, "decode_steps": 0}
+    tickets = [engine.submit(p, SamplingParams(temperature=0, max_tokens=LONG)) for p in prompts[:3]]
+    for ticket in tickets:
+        ticket.get(timeout=10)
+    deadline = time.monotonic() + 5
+    while engine.stats()["decoding"] < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    busy = engine.stats()
+    assert busy["decoding"] == 3 and busy["kv_cache_bytes"] > 0 and busy["decode_steps"] > 0
+    for ticket in tickets:
+        ticket.cancel()
+    deadline = time.monotonic() + 5
+    while engine.stats()["decoding"] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    idle = engine.stats()
+    assert (idle["decoding"], idle["kv_cache_bytes"]) == (0, 0)

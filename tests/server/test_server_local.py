@@ -166,6 +166,23 @@ def test_unknown_model_is_not_found(sdk: openai.OpenAI) -> None:
     assert caught.value.code == "model_not_found"
 
 
+def test_health_shows_the_local_batch_at_work(sdk: openai.OpenAI, local_url: str) -> None:
+    health = local_url.removesuffix("/v1") + "/health"
+    calm = httpx.get(health).json()
+    assert calm["status"] == "ok" and calm["local"]["loaded"] is True and calm["local"]["decoding"] == 0
+    stream = sdk.chat.completions.create(model="mixtral-local", messages=MESSAGES, max_tokens=900, stream=True)
+    next(iter(stream))
+    deadline = time.monotonic() + 5
+    while (busy := httpx.get(health).json()["local"])["decoding"] != 1 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    stream.close()
+    assert busy["decoding"] == 1 and busy["kv_cache_bytes"] > 0 and busy["max_batch"] == 16
+    deadline = time.monotonic() + 5
+    while httpx.get(health).json()["local"]["decoding"] and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert httpx.get(health).json()["local"]["decoding"] == 0
+
+
 def test_models_lists_the_served_name(sdk: openai.OpenAI) -> None:
     assert [m.id for m in sdk.models.list()] == ["mixtral-local"]
     assert sdk.models.retrieve("mixtral-local").owned_by == "local"
