@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import tempfile
 import time
@@ -27,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from local_cpu import SHAPE, _cpu_name
 
 from mixtral_local.engine import Engine, KVCache, SamplingParams
 from mixtral_local.engine import engine as engine_module
@@ -35,9 +35,6 @@ from mixtral_local.loader import load_model
 from mixtral_local.tiny import write_tiny_checkpoint
 from mixtral_local.tokenizer import MixtralTokenizer
 
-SHAPE = {"hidden_size": 256, "intermediate_size": 896, "num_hidden_layers": 4, "num_attention_heads": 8,
-         "num_key_value_heads": 2, "head_dim": 32, "num_local_experts": 8, "num_experts_per_tok": 2,
-         "vocab_size": 32000, "max_position_embeddings": 4096}
 POLICIES = {"need now + set aside": engine_module.LOOKAHEAD, "whole reach (static)": 10**9}
 
 
@@ -135,7 +132,7 @@ def main() -> None:
                    f"--cap {args.cap} --bound-rows {args.bound_rows} --repeats {args.repeats} "
                    f"--threads {args.threads}",
         "stops": stops, "tokens_generated": runs["need now + set aside"][0]["tokens"],
-        "machine": platform.processor() or platform.machine(), "threads": args.threads, "torch": torch.__version__,
+        "cpu": _cpu_name(), "threads": args.threads, "torch": torch.__version__,
         "model": SHAPE, "bound_cells": cells, "lookahead": default_lookahead, "policies": table,
         "tokens_s_ratio": ours["tokens_s"] / static["tokens_s"],
         "runs": {name: [{k: v for k, v in r.items() if k != "answers"} for r in rs] for name, rs in runs.items()},
