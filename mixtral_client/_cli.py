@@ -68,7 +68,8 @@ def _parser() -> argparse.ArgumentParser:
     chat.add_argument("--provider", choices=sorted(PROVIDERS), help="default: MIXTRAL_PROVIDER, else local")
     chat.add_argument("--model", help="model id (default: the provider's Mixtral id)")
     chat.add_argument("--base-url", help="an OpenAI-compatible base URL (provider openai)")
-    chat.add_argument("--model-path", help="a local checkpoint directory (provider local)")
+    chat.add_argument("--model-path", help="a local checkpoint directory, or a model id in the Hugging Face cache "
+                      "(provider local)")
     chat.add_argument("--local", action="append", default=[], metavar="KEY=VALUE", help=_LOCAL_HELP)
     chat.add_argument("--system", help="a system prompt")
     chat.add_argument("--temperature", type=float)
@@ -79,7 +80,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--provider", choices=sorted(PROVIDERS), help="default: MIXTRAL_PROVIDER")
     serve.add_argument("--model", help="model id sent to the provider (default: its Mixtral id)")
     serve.add_argument("--base-url", help="an OpenAI-compatible base URL (provider openai)")
-    serve.add_argument("--model-path", help="a local checkpoint directory (provider local)")
+    serve.add_argument("--model-path", help="a local checkpoint directory, or a model id in the Hugging Face cache "
+                       "(provider local)")
     serve.add_argument("--local", action="append", default=[], metavar="KEY=VALUE", help=_LOCAL_HELP)
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8000)

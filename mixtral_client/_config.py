@@ -24,6 +24,7 @@ from typing import Any
 import httpx
 
 from ._exceptions import ConfigurationError, InvalidRequestError
+from ._hub import resolve_model_path
 from ._providers import ProviderPreset, get_preset
 from ._timeouts import DEFAULT_TIMEOUT, NO_TIMEOUT, Timeout, coerce_timeout
 
@@ -206,11 +207,8 @@ def resolve_config(
             f"no API key for provider {preset.name!r}: pass api_key= or set {var}"
             + (" (or MIXTRAL_API_KEY)" if var != "MIXTRAL_API_KEY" else "")
         )
-    if preset.kind == "local" and model_path is None:
-        raise ConfigurationError(
-            "provider 'local' needs model_path= (or MIXTRAL_MODEL_PATH): a Hugging Face Mixtral checkpoint "
-            "directory; `mixtral local init-tiny DIR` writes a tiny random one"
-        )
+    if preset.kind == "local":
+        model_path = resolve_model_path(model_path, env)  # a directory, or a model already in the HF cache
     preset = _with_tool_calling(preset, tool_calling or env.get("MIXTRAL_TOOL_CALLING") or "auto")
     preset = _with_structured_output(preset, structured_output or env.get("MIXTRAL_STRUCTURED_OUTPUT") or "auto")
     local = dict(local_options or {})
