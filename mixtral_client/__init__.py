@@ -27,6 +27,7 @@ from ._exceptions import (
     UnsupportedFeatureError,
 )
 from ._providers import MODEL_ALIAS, PROVIDERS, ProviderPreset
+from ._response import RawResponse
 from ._retry import RetryPolicy
 from ._streaming import AsyncStream, Stream
 from ._timeouts import Timeout
@@ -58,6 +59,7 @@ __all__ = [
     "PermissionDeniedError",
     "ProviderPreset",
     "RateLimitError",
+    "RawResponse",
     "RetryPolicy",
     "Stream",
     "StructuredOutputError",

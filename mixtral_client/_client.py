@@ -13,7 +13,7 @@ import importlib
 import os
 from collections.abc import Mapping, Sequence
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, ClassVar, Literal, Self, TypedDict, Unpack, overload
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Self, TypedDict, TypeVar, Unpack, overload
 
 import httpx
 
@@ -23,6 +23,7 @@ from ._exceptions import ConfigurationError
 from ._logging import setup_logging
 from ._parse import format_for, parsed
 from ._request import ChatRequest, RequestOptions, build_request
+from ._response import RawResponse, ResponseRecord
 from ._rewrite import Rewrites
 from ._streaming import AsyncStream, Stream
 from ._timeouts import Timeout, coerce_timeout
@@ -34,7 +35,10 @@ from .types import (
     ParsedT,
 )
 
-__all__ = ["AsyncMixtralClient", "CompletionParams", "MixtralClient", "ParseParams"]
+__all__ = ["AsyncMixtralClient", "AsyncRawCompletions", "CompletionParams", "MixtralClient", "ParseParams",
+           "RawCompletions"]
+
+T = TypeVar("T")
 
 
 class ParseParams(TypedDict, total=False):
@@ -89,7 +93,7 @@ class _ClientCore:
         self.config = config
 
     def request(self, messages: Sequence[ChatCompletionMessageParam], stream: bool,
-                params: Mapping[str, Any]) -> ChatRequest:
+                params: Mapping[str, Any], record: ResponseRecord | None = None) -> ChatRequest:
         unknown = params.keys() - _KNOWN
         if unknown:
             raise TypeError(f"create() got unexpected keyword arguments: {', '.join(sorted(unknown))}")
@@ -99,6 +103,7 @@ class _ClientCore:
             extra_headers=params.get("extra_headers") or {},
             extra_query=params.get("extra_query") or {},
             extra_body=params.get("extra_body") or {},
+            record=record,
         )
         sampling = {k: v for k, v in params.items() if k not in _TRANSPORT}
         model = params.get("model")
@@ -157,10 +162,20 @@ class Completions:
 
         The request is validated first: invalid input raises ``InvalidRequestError`` and nothing is sent.
         """
-        rewrites = Rewrites.for_request(self._core.request(messages, stream, params))
+        return self._create(messages, stream, params)
+
+    def _create(self, messages: Sequence[ChatCompletionMessageParam], stream: bool, params: Mapping[str, Any],
+                record: ResponseRecord | None = None) -> ChatCompletion | Stream:
+        rewrites = Rewrites.for_request(self._core.request(messages, stream, params, record))
         if stream:
             return Stream(rewrites.stream(self._backend.stream(rewrites.request)))._open()
         return rewrites.completion(self._backend.complete(rewrites.request))
+
+    @property
+    def with_raw_response(self) -> RawCompletions:
+        """``create()`` / ``parse()`` that return a ``RawResponse``: status, headers, retries taken, and
+        ``parse()`` for the answer (openai-python's ``with_raw_response``)."""
+        return RawCompletions(self)
 
     def parse(self, *, messages: Sequence[ChatCompletionMessageParam], response_format: type[ParsedT],
               **params: Unpack[ParseParams]) -> ParsedChatCompletion[ParsedT]:
@@ -170,8 +185,14 @@ class Completions:
         where the backend can, asked for in the prompt where it cannot). An answer that does not validate
         raises ``StructuredOutputError``, with the completion on it.
         """
+        return self._parse(messages, response_format, params)
+
+    def _parse(self, messages: Sequence[ChatCompletionMessageParam], response_format: type[ParsedT],
+               params: Mapping[str, Any], record: ResponseRecord | None = None) -> ParsedChatCompletion[ParsedT]:
         fmt = _parse_format(response_format, params)
-        return parsed(self.create(messages=messages, response_format=fmt, **params), response_format)
+        completion = self._create(messages, False, {**params, "response_format": fmt}, record)
+        assert isinstance(completion, ChatCompletion)
+        return parsed(completion, response_format)
 
 
 class AsyncCompletions:
@@ -193,16 +214,94 @@ class AsyncCompletions:
 
     async def create(self, *, messages: Sequence[ChatCompletionMessageParam], stream: bool = False,
                      **params: Unpack[CompletionParams]) -> ChatCompletion | AsyncStream:
-        rewrites = Rewrites.for_request(self._core.request(messages, stream, params))
+        return await self._create(messages, stream, params)
+
+    async def _create(self, messages: Sequence[ChatCompletionMessageParam], stream: bool,
+                      params: Mapping[str, Any], record: ResponseRecord | None = None) -> ChatCompletion | AsyncStream:
+        rewrites = Rewrites.for_request(self._core.request(messages, stream, params, record))
         if stream:
             return await AsyncStream(rewrites.astream(self._backend.stream(rewrites.request)))._open()
         return rewrites.completion(await self._backend.complete(rewrites.request))
 
+    @property
+    def with_raw_response(self) -> AsyncRawCompletions:
+        """The async ``with_raw_response`` (see ``Completions.with_raw_response``)."""
+        return AsyncRawCompletions(self)
+
     async def parse(self, *, messages: Sequence[ChatCompletionMessageParam], response_format: type[ParsedT],
                     **params: Unpack[ParseParams]) -> ParsedChatCompletion[ParsedT]:
         """``create()`` with the answer validated into a pydantic model (see ``Completions.parse``)."""
+        return await self._parse(messages, response_format, params)
+
+    async def _parse(self, messages: Sequence[ChatCompletionMessageParam], response_format: type[ParsedT],
+                     params: Mapping[str, Any], record: ResponseRecord | None = None) -> ParsedChatCompletion[ParsedT]:
         fmt = _parse_format(response_format, params)
-        return parsed(await self.create(messages=messages, response_format=fmt, **params), response_format)
+        completion = await self._create(messages, False, {**params, "response_format": fmt}, record)
+        assert isinstance(completion, ChatCompletion)
+        return parsed(completion, response_format)
+
+
+def _raw(answer: T, record: ResponseRecord) -> RawResponse[T]:
+    request_id = answer.request_id if isinstance(answer, Stream | AsyncStream) else getattr(answer, "_request_id", None)
+    return RawResponse(answer, record, request_id)
+
+
+class RawCompletions:
+    """``client.chat.completions.with_raw_response``: the same calls, answered with a ``RawResponse``."""
+
+    def __init__(self, completions: Completions) -> None:
+        self._completions = completions
+
+    @overload
+    def create(self, *, messages: Sequence[ChatCompletionMessageParam], stream: Literal[False] = False,
+               **params: Unpack[CompletionParams]) -> RawResponse[ChatCompletion]: ...
+
+    @overload
+    def create(self, *, messages: Sequence[ChatCompletionMessageParam], stream: Literal[True],
+               **params: Unpack[CompletionParams]) -> RawResponse[Stream]: ...
+
+    @overload
+    def create(self, *, messages: Sequence[ChatCompletionMessageParam], stream: bool,
+               **params: Unpack[CompletionParams]) -> RawResponse[ChatCompletion | Stream]: ...
+
+    def create(self, *, messages: Sequence[ChatCompletionMessageParam], stream: bool = False,
+               **params: Unpack[CompletionParams]) -> RawResponse[Any]:
+        record = ResponseRecord()
+        return _raw(self._completions._create(messages, stream, params, record), record)
+
+    def parse(self, *, messages: Sequence[ChatCompletionMessageParam], response_format: type[ParsedT],
+              **params: Unpack[ParseParams]) -> RawResponse[ParsedChatCompletion[ParsedT]]:
+        record = ResponseRecord()
+        return _raw(self._completions._parse(messages, response_format, params, record), record)
+
+
+class AsyncRawCompletions:
+    """``async_client.chat.completions.with_raw_response``."""
+
+    def __init__(self, completions: AsyncCompletions) -> None:
+        self._completions = completions
+
+    @overload
+    async def create(self, *, messages: Sequence[ChatCompletionMessageParam], stream: Literal[False] = False,
+                     **params: Unpack[CompletionParams]) -> RawResponse[ChatCompletion]: ...
+
+    @overload
+    async def create(self, *, messages: Sequence[ChatCompletionMessageParam], stream: Literal[True],
+                     **params: Unpack[CompletionParams]) -> RawResponse[AsyncStream]: ...
+
+    @overload
+    async def create(self, *, messages: Sequence[ChatCompletionMessageParam], stream: bool,
+                     **params: Unpack[CompletionParams]) -> RawResponse[ChatCompletion | AsyncStream]: ...
+
+    async def create(self, *, messages: Sequence[ChatCompletionMessageParam], stream: bool = False,
+                     **params: Unpack[CompletionParams]) -> RawResponse[Any]:
+        record = ResponseRecord()
+        return _raw(await self._completions._create(messages, stream, params, record), record)
+
+    async def parse(self, *, messages: Sequence[ChatCompletionMessageParam], response_format: type[ParsedT],
+                    **params: Unpack[ParseParams]) -> RawResponse[ParsedChatCompletion[ParsedT]]:
+        record = ResponseRecord()
+        return _raw(await self._completions._parse(messages, response_format, params, record), record)
 
 
 class _Chat:

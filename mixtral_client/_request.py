@@ -15,6 +15,7 @@ from typing import Any
 
 from ._exceptions import InvalidRequestError, UnsupportedFeatureError
 from ._providers import ProviderPreset
+from ._response import ResponseRecord
 from ._timeouts import Timeout
 
 __all__ = ["ChatRequest", "RequestOptions", "build_request", "join_turns", "message_text"]
@@ -39,6 +40,7 @@ class RequestOptions:
     extra_headers: Mapping[str, str] = field(default_factory=dict)
     extra_query: Mapping[str, Any] = field(default_factory=dict)
     extra_body: Mapping[str, Any] = field(default_factory=dict)
+    record: ResponseRecord | None = None  # with_raw_response: the sender notes its attempts and the answering response
 
 
 @dataclass(frozen=True, slots=True)

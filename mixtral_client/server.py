@@ -24,7 +24,7 @@ import logging
 import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
 import anyio
@@ -71,6 +71,11 @@ def _request_id(upstream: str | None) -> str:
     """The ``x-request-id`` of an answer: the host's own when the backend is one (so a caller can quote it to
     the host's support), else a fresh one."""
     return upstream or f"req_{uuid.uuid4().hex}"
+
+
+def _passed(headers: Mapping[str, str]) -> dict[str, str]:
+    """The host's rate-limit headers (``x-ratelimit-*``), passed on so that a caller paces itself by the host."""
+    return {name: value for name, value in headers.items() if name.lower().startswith("x-ratelimit-")}
 
 
 def _error(exc: Exception) -> JSONResponse:
@@ -162,17 +167,18 @@ def create_app(client: AsyncMixtralClient, *, api_key: str | None = None, model_
             return denied
         try:
             served_request = read_body(await _body(request, max_body_bytes), served)
-            answer = await _unless_gone(request, lambda: client.chat.completions.create(
+            raw = await _unless_gone(request, lambda: client.chat.completions.with_raw_response.create(
                 messages=served_request.messages, stream=served_request.stream, **served_request.params))
         except Exception as exc:  # every refusal or failure before the first byte is an HTTP error status
             return _error(exc)
-        if answer is None:  # the caller hung up while the answer was being made: it was cancelled
+        if raw is None:  # the caller hung up while the answer was being made: it was cancelled
             return Response(status_code=499)
+        headers = {**_passed(raw.headers), "x-request-id": _request_id(raw.request_id)}
+        answer = raw.parse()
         if isinstance(answer, AsyncStream):
             return StreamingResponse(_events(answer, served_request.include_usage), media_type="text/event-stream",
-                                     headers={"cache-control": "no-cache", "x-accel-buffering": "no",
-                                              "x-request-id": _request_id(answer.request_id)})
-        return JSONResponse(answer.model_dump(mode="json"), headers={"x-request-id": _request_id(answer._request_id)})
+                                     headers={"cache-control": "no-cache", "x-accel-buffering": "no", **headers})
+        return JSONResponse(answer.model_dump(mode="json"), headers=headers)
 
     listing = {"id": name, "object": "model", "created": created, "owned_by": config.provider}
 

@@ -183,8 +183,9 @@ def to_chat_result(completion: ChatCompletion, requested_model: str) -> ChatResu
 class ChunkConverter:
     """Converts the chunks of one stream (first choice only); ``last()`` gives the closing chunk."""
 
-    def __init__(self, requested_model: str) -> None:
+    def __init__(self, requested_model: str, headers: dict[str, str] | None = None) -> None:
         self._model = requested_model
+        self._headers = headers  # include_response_headers: for the first chunk that goes out
         self._id = ""
         self._finish_reason: str | None = None
         self._usage: Usage | None = None
@@ -213,7 +214,14 @@ class ChunkConverter:
             return None
         message = AIMessageChunk(content=delta.content or "", id=self._id or None, tool_call_chunks=tool_chunks)
         info = {"logprobs": _json(choice.logprobs)} if choice.logprobs is not None else None
-        return ChatGenerationChunk(message=message, generation_info=info)
+        return ChatGenerationChunk(message=message, generation_info=self._first(info))
+
+    def _first(self, info: dict[str, Any] | None) -> dict[str, Any] | None:
+        """``info`` with the response headers, if they have not gone out yet."""
+        if self._headers is None:
+            return info
+        headers, self._headers = self._headers, None
+        return {**(info or {}), "headers": headers}
 
     def last(self) -> ChatGenerationChunk:
         """The closing chunk: the only one with usage, finish reason and model name."""
@@ -224,7 +232,7 @@ class ChunkConverter:
             response_metadata=_response_metadata(self._id, self._model, self._finish_reason),
             chunk_position="last",
         )
-        return ChatGenerationChunk(message=message, generation_info={"finish_reason": self._finish_reason})
+        return ChatGenerationChunk(message=message, generation_info=self._first({"finish_reason": self._finish_reason}))
 
     def _tool_call_chunk(self, call: ChoiceDeltaToolCall) -> ToolCallChunk:
         if call.index is not None and call.index in self._by_index:

@@ -32,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SecretStr, model
 from mixtral_client import (
     PROVIDERS,
     AsyncMixtralClient,
+    ChatCompletion,
     CompletionParams,
     MixtralClient,
     ProviderPreset,
@@ -137,6 +138,9 @@ class ChatMixtral(BaseChatModel):
     structured_output: Literal["auto", "native", "prompt"] | None = None
     """How ``response_format`` (``json_mode``, ``json_schema``) reaches the model: the provider's way, the host's
     field, or the prompt. Default: ``MIXTRAL_STRUCTURED_OUTPUT``, else ``auto``."""
+    include_response_headers: bool = False
+    """Put the host's HTTP response headers (rate limits, request id) in ``response_metadata["headers"]``: on
+    the answer of ``invoke``, on the first chunk of a stream (as ChatOpenAI does). Empty on local weights."""
     model_kwargs: dict[str, Any] = Field(default_factory=dict)
     """Other ``create()`` parameters (``n``, ``presence_penalty``, ...); unknown ones go to ``extra_body``."""
 
@@ -273,21 +277,30 @@ class ChatMixtral(BaseChatModel):
                   run_manager: CallbackManagerForLLMRun | None = None,  # noqa: ARG002 (part of the interface)
                   **kwargs: Any) -> ChatResult:
         params = self._create_params(messages, stop, False, **kwargs)
-        completion = self._client().chat.completions.create(**params)
-        return to_chat_result(completion, params.get("model") or self._model_name)
+        raw = self._client().chat.completions.with_raw_response.create(**params)
+        return self._result(raw.parse(), params, raw.headers)
 
     async def _agenerate(self, messages: list[BaseMessage], stop: list[str] | None = None,
                          run_manager: AsyncCallbackManagerForLLMRun | None = None,  # noqa: ARG002 (part of the interface)
                          **kwargs: Any) -> ChatResult:
         params = self._create_params(messages, stop, False, **kwargs)
-        completion = await (await self._aclient()).chat.completions.create(**params)
-        return to_chat_result(completion, params.get("model") or self._model_name)
+        raw = await (await self._aclient()).chat.completions.with_raw_response.create(**params)
+        return self._result(raw.parse(), params, raw.headers)
+
+    def _result(self, completion: ChatCompletion, params: Mapping[str, Any], headers: Mapping[str, str]) -> ChatResult:
+        result = to_chat_result(completion, params.get("model") or self._model_name)
+        if self.include_response_headers:  # LangChain moves generation_info into the message's response_metadata
+            for generation in result.generations:
+                generation.generation_info = {**(generation.generation_info or {}), "headers": dict(headers)}
+        return result
 
     def _stream(self, messages: list[BaseMessage], stop: list[str] | None = None,
                 run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> Iterator[ChatGenerationChunk]:
         params = self._create_params(messages, stop, True, **kwargs)
-        converter = ChunkConverter(params.get("model") or self._model_name)
-        with self._client().chat.completions.create(stream=True, **params) as stream:
+        raw = self._client().chat.completions.with_raw_response.create(stream=True, **params)
+        converter = ChunkConverter(params.get("model") or self._model_name,
+                                   dict(raw.headers) if self.include_response_headers else None)
+        with raw.parse() as stream:
             for chunk in stream:
                 if (generation := converter.convert(chunk)) is not None:
                     if run_manager:
@@ -299,8 +312,10 @@ class ChatMixtral(BaseChatModel):
                        run_manager: AsyncCallbackManagerForLLMRun | None = None,
                        **kwargs: Any) -> AsyncIterator[ChatGenerationChunk]:
         params = self._create_params(messages, stop, True, **kwargs)
-        converter = ChunkConverter(params.get("model") or self._model_name)
-        async with await (await self._aclient()).chat.completions.create(stream=True, **params) as stream:
+        raw = await (await self._aclient()).chat.completions.with_raw_response.create(stream=True, **params)
+        converter = ChunkConverter(params.get("model") or self._model_name,
+                                   dict(raw.headers) if self.include_response_headers else None)
+        async with raw.parse() as stream:
             async for chunk in stream:
                 if (generation := converter.convert(chunk)) is not None:
                     if run_manager:
@@ -381,3 +396,4 @@ def _format_tool_choice(choice: str | Mapping[str, Any], names: list[str]) -> st
     if choice in names:
         return {"type": "function", "function": {"name": choice}}
     raise ValueError(f"tool_choice {choice!r} is neither auto/any/none/required nor one of the tools {names}")
+

@@ -489,6 +489,9 @@ class HTTPBackend:
     def _send(self, request: ChatRequest, deadline: Deadline) -> httpx.Response:
         core = self.core
         job: str | None = None
+        record = request.options.record
+        if record is not None:
+            record.sent()
         with transport_errors(core.provider):
             response = self._client.send(core.build(self._client, request, deadline), stream=True)
             try:
@@ -499,6 +502,8 @@ class HTTPBackend:
                     with transport_errors(core.provider, job):  # a poll cut short still names the job
                         response = self._client.send(poll, stream=True)
                 if response.status_code < 400:
+                    if record is not None:
+                        record.response = response
                     return response
                 raw = response.read()
             except BaseException:  # a poll past the deadline, a cut while reading an error, a cancellation
@@ -665,6 +670,9 @@ class AsyncHTTPBackend:
     async def _send(self, request: ChatRequest, deadline: Deadline) -> httpx.Response:
         core = self.core
         job: str | None = None
+        record = request.options.record
+        if record is not None:
+            record.sent()
         with transport_errors(core.provider):
             response = await self._client.send(core.build(self._client, request, deadline), stream=True)
             try:
@@ -675,6 +683,8 @@ class AsyncHTTPBackend:
                     with transport_errors(core.provider, job):  # a poll cut short still names the job
                         response = await self._client.send(poll, stream=True)
                 if response.status_code < 400:
+                    if record is not None:
+                        record.response = response
                     return response
                 raw = await response.aread()
             except BaseException:

@@ -560,3 +560,21 @@ def test_debug_logging_redacts_credentials(bedrock: BedrockStandIn, monkeypatch:
     logged = "\n".join(r.getMessage() for r in caplog.records if r.name == "mixtral_client")
     assert "/converse" in logged and "<redacted>" in logged
     assert "secret-session-token" not in logged and "Signature=" not in logged
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["converse", "converse-stream"])
+def test_with_raw_response_gives_bedrocks_headers_and_retries(bedrock: BedrockStandIn, auth: dict[str, str],
+                                                              stream: bool) -> None:
+    bedrock.replies.append(http_error(429, "ThrottlingException", "Too many requests, please wait."))
+    with MixtralClient(provider="bedrock", base_url=bedrock.url, **auth) as client:  # type: ignore[arg-type]
+        raw = client.chat.completions.with_raw_response.create(messages=MESSAGES, stream=stream)
+        assert raw.status_code == 200 and raw.retries_taken == 1
+        assert raw.request_id == raw.headers["x-amzn-requestid"] == bedrock.calls[-1].request_id
+        answer = raw.parse()
+        if isinstance(answer, ChatCompletion):
+            completion = answer
+        else:
+            with answer:
+                assert raw.headers["content-type"] == "application/vnd.amazon.eventstream"
+                completion = answer.get_final_completion()
+    check_answer(completion, bedrock, auth, stream)

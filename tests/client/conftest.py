@@ -4,6 +4,7 @@ that runs one scenario through the sync client, or the async client under asynci
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
@@ -227,6 +228,45 @@ class Driver:
                     return result
 
         return self._run(run)
+
+
+    def raw(self, server: LoopbackServer, *, client: dict[str, Any] | None = None, method: str = "create",
+            **params: Any) -> RawSeen:
+        """``with_raw_response.<method>(...)``: what the raw response says, and its parsed answer (a stream's
+        chunks read to the end inside the client)."""
+        params.setdefault("messages", MESSAGES)
+
+        def seen(raw: Any, answer: Any) -> RawSeen:
+            return RawSeen(raw.status_code, dict(raw.headers), raw.retries_taken, raw.request_id, answer,
+                           raw.http_response)
+
+        if self.mode == "sync":
+            with self._sync(server, client) as c:
+                raw = getattr(c.chat.completions.with_raw_response, method)(**params)
+                if params.get("stream"):
+                    with raw.parse() as stream:
+                        return seen(raw, list(stream))
+                return seen(raw, raw.parse())
+
+        async def run() -> RawSeen:
+            async with self._async(server, client) as c:
+                raw = await getattr(c.chat.completions.with_raw_response, method)(**params)
+                if params.get("stream"):
+                    async with raw.parse() as stream:
+                        return seen(raw, [chunk async for chunk in stream])
+                return seen(raw, raw.parse())
+
+        return self._run(run)
+
+
+@dataclasses.dataclass
+class RawSeen:
+    status_code: int
+    headers: dict[str, str]
+    retries_taken: int
+    request_id: str | None
+    answer: Any  # the parsed completion, or a stream's chunks
+    http_response: httpx.Response | None
 
 
 @pytest.fixture(params=["sync", "asyncio", "trio"])

@@ -145,9 +145,10 @@ class ScriptedHost:
             return
         self._counter += 1
         answer = self._answer(body)
+        headers = {"x-request-id": f"req-{self._counter}", "x-ratelimit-remaining-requests": str(100 - self._counter)}
         if body.get("stream"):
             chunks = self._chunks(body, answer)
-            conn.start(200, {"Content-Type": "text/event-stream"})
+            conn.start(200, {"Content-Type": "text/event-stream", **headers})
             if self.error_after is not None:  # let the good chunks arrive on their own before the error
                 conn.write(sse(*chunks[:-1], done=False))
                 time.sleep(0.05)
@@ -155,7 +156,7 @@ class ScriptedHost:
             conn.write(sse(*chunks, done=self.error_after is None))
             conn.finish()
         else:
-            conn.respond(200, self._completion(body, answer))
+            conn.respond(200, self._completion(body, answer), headers)
 
     def _answer(self, body: dict[str, Any]) -> dict[str, Any]:
         """What to say: {"calls": [(name, args)]} or {"text": str, "finish_reason": str}."""

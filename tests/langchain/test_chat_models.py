@@ -340,6 +340,23 @@ def test_logprobs_reach_the_generation_info(host: ScriptedHost) -> None:
     assert "logprobs" not in host.requests[-1]
 
 
+async def test_response_headers_on_the_answer_and_on_the_first_stream_chunk(host: ScriptedHost) -> None:
+    llm = model_on(host, include_response_headers=True)
+    message = llm.invoke("hi")
+    assert message.response_metadata["headers"]["x-ratelimit-remaining-requests"] == "99"
+    assert message.response_metadata["headers"]["x-request-id"] == "req-1"
+    chunks = list(llm.stream("hi"))
+    with_headers = [c for c in chunks if "headers" in c.response_metadata]
+    assert with_headers == chunks[:1] and chunks[0].content
+    assert chunks[0].response_metadata["headers"]["x-request-id"] == "req-2"
+    assert merge(chunks).response_metadata["headers"]["x-ratelimit-remaining-requests"] == "98"
+    answer = await llm.ainvoke("hi")
+    assert answer.response_metadata["headers"]["x-request-id"] == "req-3"
+    first = [c async for c in llm.astream("hi")][0]
+    assert first.response_metadata["headers"]["x-request-id"] == "req-4"
+    assert "headers" not in model_on(host).invoke("hi").response_metadata  # off by default
+
+
 def test_logit_bias_is_sent_with_openais_string_keys(host: ScriptedHost) -> None:
     model_on(host, logit_bias={5592: 10}).invoke("hi")
     assert host.requests[-1]["logit_bias"] == {"5592": 10}

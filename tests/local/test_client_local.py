@@ -99,3 +99,17 @@ def test_n_choices_through_the_client_stream_and_whole_agree(tiny_dir: Path) -> 
     assert [c.message.content for c in streamed.choices] == [c.message.content for c in whole.choices]
     assert len(whole.choices) == 2 and whole.choices[0].message.content != whole.choices[1].message.content
     assert streamed.usage == whole.usage and whole.usage is not None and whole.usage.completion_tokens == 12
+
+
+def test_with_raw_response_on_local_weights_has_no_http_but_the_same_answer(tiny_dir: Path) -> None:
+    with MixtralClient(provider="local", model_path=str(tiny_dir), env={}, **LOCAL) as client:
+        direct = client.chat.completions.create(messages=MESSAGES, temperature=0, max_tokens=6)
+        raw = client.chat.completions.with_raw_response.create(messages=MESSAGES, temperature=0, max_tokens=6)
+        streamed = client.chat.completions.with_raw_response.create(messages=MESSAGES, temperature=0, max_tokens=6,
+                                                                     stream=True)
+        with streamed.parse() as stream:
+            merged = stream.get_final_completion()
+    assert (raw.status_code, len(raw.headers), raw.http_response, raw.retries_taken, raw.request_id) == \
+        (200, 0, None, 0, None)
+    assert raw.parse().choices[0].message.content == direct.choices[0].message.content
+    assert merged.choices[0].message.content == direct.choices[0].message.content

@@ -36,20 +36,27 @@ def host() -> Iterator[Callable[[Handler], LoopbackServer]]:
 
 def test_whole_answer_and_stream_pass_through(host: Callable[[Handler], LoopbackServer],
                                               proxy: Callable[..., str]) -> None:
-    whole = host(replying(200, completion("Bonjour", usage_extra=1), {"x-request-id": "upstream-1"}))
+    limits = {"x-ratelimit-remaining-requests": "12", "x-ratelimit-reset-tokens": "1s", "x-other": "kept home"}
+    whole = host(replying(200, completion("Bonjour", usage_extra=1), {"x-request-id": "upstream-1", **limits}))
     with openai_client(proxy(whole.url)) as sdk:
-        answer = sdk.chat.completions.create(model="mixtral-8x7b-instruct", messages=MESSAGES, temperature=0.5)
+        raw_whole = sdk.chat.completions.with_raw_response.create(model="mixtral-8x7b-instruct", messages=MESSAGES,
+                                                                  temperature=0.5)
+        answer = raw_whole.parse()
     assert answer.choices[0].message.content == "Bonjour" and answer.usage.total_tokens == 5
+    # the host's rate limits reach the caller (so it paces itself by the host), its other headers do not
+    assert raw_whole.headers["x-ratelimit-remaining-requests"] == "12"
+    assert raw_whole.headers["x-ratelimit-reset-tokens"] == "1s" and "x-other" not in raw_whole.headers
     assert answer._request_id == "upstream-1"  # the host's id, for its support, through the server
     sent = whole.requests[0].json()
     assert sent["model"] == "mistralai/Mixtral-8x7B-Instruct-v0.1" and sent["temperature"] == 0.5
     assert whole.requests[0].headers["authorization"] == "Bearer upstream-key"
 
-    streamed = host(streaming(text_stream("Bon", "jour"), headers={"x-request-id": "upstream-2"}))
+    streamed = host(streaming(text_stream("Bon", "jour"), headers={"x-request-id": "upstream-2", **limits}))
     with openai_client(proxy(streamed.url)) as sdk:
         raw = sdk.chat.completions.with_raw_response.create(model="mixtral-8x7b-instruct", messages=MESSAGES,
                                                             stream=True)
         assert raw.headers["x-request-id"] == "upstream-2"
+        assert raw.headers["x-ratelimit-remaining-requests"] == "12" and "x-other" not in raw.headers
         chunks = list(raw.parse())
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == "Bonjour"
 

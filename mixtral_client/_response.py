@@ -1,0 +1,72 @@
+"""``with_raw_response``: the answer together with the HTTP response that carried it.
+
+``client.chat.completions.with_raw_response.create(...)`` takes exactly ``create()``'s arguments and returns a
+``RawResponse``: the status, the headers (rate limits, request ids, a host's own fields), the retries taken, and
+``parse()`` for the ``ChatCompletion`` (or the ``Stream``), as openai-python's ``LegacyAPIResponse`` does.
+
+The backend writes into a ``ResponseRecord`` that rides on the request's options: each attempt it sends, and
+the response that answered (after a host's polling, the last poll's). A backend with no HTTP (local weights)
+writes nothing: its raw response has status 200, empty headers and no ``http_response``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+import httpx
+
+__all__ = ["RawResponse", "ResponseRecord"]
+
+T = TypeVar("T")
+
+
+@dataclass(slots=True)
+class ResponseRecord:
+    """What the sender saw of one ``create()``: how many attempts it sent, and the response that answered."""
+
+    attempts: int = 0
+    response: httpx.Response | None = None
+
+    def sent(self) -> None:
+        self.attempts += 1
+
+
+class RawResponse(Generic[T]):
+    """The answer of ``with_raw_response.create()`` with the HTTP response it came in.
+
+    ``parse()`` gives the ``ChatCompletion`` (or the open ``Stream``, whose body is read as you iterate: the
+    status and headers are here before the answer is). ``http_response`` is the ``httpx.Response`` of the
+    attempt that answered (None on local weights); a whole answer's body has been read and closed.
+    """
+
+    __slots__ = ("_parsed", "_record", "http_response", "request_id")
+
+    def __init__(self, parsed: T, record: ResponseRecord, request_id: str | None) -> None:
+        self._parsed = parsed
+        self._record = record
+        self.http_response: httpx.Response | None = record.response
+        self.request_id = request_id
+
+    @property
+    def headers(self) -> httpx.Headers:
+        return self.http_response.headers if self.http_response is not None else httpx.Headers()
+
+    @property
+    def status_code(self) -> int:
+        return self.http_response.status_code if self.http_response is not None else 200
+
+    @property
+    def retries_taken(self) -> int:
+        """Attempts before the one that answered (0 when the first did; always 0 on local weights)."""
+        return max(self._record.attempts - 1, 0)
+
+    @property
+    def url(self) -> httpx.URL | None:
+        return self.http_response.request.url if self.http_response is not None else None
+
+    def parse(self) -> T:
+        return self._parsed
+
+    def __repr__(self) -> str:
+        return f"<RawResponse [{self.status_code}] {type(self._parsed).__name__}>"
