@@ -141,6 +141,11 @@ class ChunkAccumulator:
                         if fn.arguments:
                             into.arguments.append(fn.arguments)
 
+    def calls(self, index: int) -> list[tuple[str, str]]:
+        """Choice ``index``'s tool calls so far, in order: (name, arguments) of each."""
+        parts = self._choices.get(index)
+        return [("".join(c.name), "".join(c.arguments)) for c in parts.calls] if parts is not None else []
+
     def completion(self) -> ChatCompletion:
         choices = []
         for index in sorted(self._choices):

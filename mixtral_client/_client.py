@@ -27,6 +27,7 @@ from ._response import RawResponse, ResponseRecord
 from ._rewrite import Rewrites
 from ._streaming import AsyncStream, Stream
 from ._timeouts import Timeout, coerce_timeout
+from .events import AsyncChatCompletionStreamManager, ChatCompletionStreamManager
 from .types import (
     ChatCompletion,
     ChatCompletionMessageParam,
@@ -36,7 +37,7 @@ from .types import (
 )
 
 __all__ = ["AsyncMixtralClient", "AsyncRawCompletions", "CompletionParams", "MixtralClient", "ParseParams",
-           "RawCompletions"]
+           "RawCompletions", "StreamParams"]
 
 T = TypeVar("T")
 
@@ -66,16 +67,22 @@ class ParseParams(TypedDict, total=False):
     timeout: float | Timeout
 
 
-class CompletionParams(ParseParams, total=False):
+class StreamParams(ParseParams, total=False):
+    """The optional arguments of ``stream()``: those of ``parse()`` and ``stream_options``."""
+
+    stream_options: dict[str, Any]
+
+
+class CompletionParams(StreamParams, total=False):
     """The optional arguments of ``create()`` (the OpenAI chat-completions parameters, plus transport options)."""
 
     response_format: dict[str, Any]
-    stream_options: dict[str, Any]
 
 
 _TRANSPORT = frozenset({"model", "extra_headers", "extra_query", "extra_body", "timeout"})
 _KNOWN = frozenset(CompletionParams.__annotations__)
 _PARSE_KNOWN = frozenset(ParseParams.__annotations__)
+_STREAM_KNOWN = frozenset(StreamParams.__annotations__)
 
 
 def _parse_format(response_format: Any, params: Mapping[str, Any]) -> dict[str, Any]:
@@ -84,6 +91,17 @@ def _parse_format(response_format: Any, params: Mapping[str, Any]) -> dict[str, 
     if unknown:
         raise TypeError(f"parse() got unexpected keyword arguments: {', '.join(sorted(unknown))}")
     return format_for(response_format)
+
+
+def _stream_params(response_format: Any, params: Mapping[str, Any]) -> dict[str, Any]:
+    """``create()``'s arguments for ``stream()``: a class as ``parse()`` sends it, a dict as it is."""
+    unknown = params.keys() - _STREAM_KNOWN
+    if unknown:
+        raise TypeError(f"stream() got unexpected keyword arguments: {', '.join(sorted(unknown))}")
+    if response_format is None:
+        return dict(params)
+    return {**params, "response_format": format_for(response_format) if isinstance(response_format, type)
+            else response_format}
 
 
 class _ClientCore:
@@ -166,10 +184,35 @@ class Completions:
 
     def _create(self, messages: Sequence[ChatCompletionMessageParam], stream: bool, params: Mapping[str, Any],
                 record: ResponseRecord | None = None) -> ChatCompletion | Stream:
-        rewrites = Rewrites.for_request(self._core.request(messages, stream, params, record))
-        if stream:
+        return self._send(Rewrites.for_request(self._core.request(messages, stream, params, record)))
+
+    def _send(self, rewrites: Rewrites) -> ChatCompletion | Stream:
+        if rewrites.request.stream:
             return Stream(rewrites.stream(self._backend.stream(rewrites.request)))._open()
         return rewrites.completion(self._backend.complete(rewrites.request))
+
+    @overload
+    def stream(self, *, messages: Sequence[ChatCompletionMessageParam], response_format: type[ParsedT],
+               **params: Unpack[StreamParams]) -> ChatCompletionStreamManager[ParsedT]: ...
+
+    @overload
+    def stream(self, *, messages: Sequence[ChatCompletionMessageParam],
+               response_format: dict[str, Any] | None = None,
+               **params: Unpack[StreamParams]) -> ChatCompletionStreamManager[Any]: ...
+
+    def stream(self, *, messages: Sequence[ChatCompletionMessageParam], response_format: Any = None,
+               **params: Unpack[StreamParams]) -> ChatCompletionStreamManager[Any]:
+        """A stream of events (openai-python's streaming helper): ``with client.chat.completions.stream(...) as
+        stream: for event in stream: ...``. The request is checked now and sent on ``with``; ``response_format``
+        may be a pydantic class (as for ``parse()``) or a format dict. See ``mixtral_client.events``."""
+        rewrites = Rewrites.for_request(self._core.request(messages, True, _stream_params(response_format, params)))
+
+        def open_stream() -> Stream:
+            opened = self._send(rewrites)
+            assert isinstance(opened, Stream)
+            return opened
+
+        return ChatCompletionStreamManager(open_stream, response_format)
 
     @property
     def with_raw_response(self) -> RawCompletions:
@@ -218,10 +261,34 @@ class AsyncCompletions:
 
     async def _create(self, messages: Sequence[ChatCompletionMessageParam], stream: bool,
                       params: Mapping[str, Any], record: ResponseRecord | None = None) -> ChatCompletion | AsyncStream:
-        rewrites = Rewrites.for_request(self._core.request(messages, stream, params, record))
-        if stream:
+        return await self._send(Rewrites.for_request(self._core.request(messages, stream, params, record)))
+
+    async def _send(self, rewrites: Rewrites) -> ChatCompletion | AsyncStream:
+        if rewrites.request.stream:
             return await AsyncStream(rewrites.astream(self._backend.stream(rewrites.request)))._open()
         return rewrites.completion(await self._backend.complete(rewrites.request))
+
+    @overload
+    def stream(self, *, messages: Sequence[ChatCompletionMessageParam], response_format: type[ParsedT],
+               **params: Unpack[StreamParams]) -> AsyncChatCompletionStreamManager[ParsedT]: ...
+
+    @overload
+    def stream(self, *, messages: Sequence[ChatCompletionMessageParam],
+               response_format: dict[str, Any] | None = None,
+               **params: Unpack[StreamParams]) -> AsyncChatCompletionStreamManager[Any]: ...
+
+    def stream(self, *, messages: Sequence[ChatCompletionMessageParam], response_format: Any = None,
+               **params: Unpack[StreamParams]) -> AsyncChatCompletionStreamManager[Any]:
+        """The async stream of events: ``async with client.chat.completions.stream(...) as stream`` (not
+        awaited; see ``Completions.stream``)."""
+        rewrites = Rewrites.for_request(self._core.request(messages, True, _stream_params(response_format, params)))
+
+        async def open_stream() -> AsyncStream:
+            opened = await self._send(rewrites)
+            assert isinstance(opened, AsyncStream)
+            return opened
+
+        return AsyncChatCompletionStreamManager(open_stream, response_format)
 
     @property
     def with_raw_response(self) -> AsyncRawCompletions:

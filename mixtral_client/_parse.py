@@ -18,7 +18,7 @@ from pydantic.errors import PydanticUserError
 from ._exceptions import InvalidRequestError, StructuredOutputError
 from .types import ChatCompletion, ParsedChatCompletion, ParsedT
 
-__all__ = ["format_for", "parsed"]
+__all__ = ["format_for", "parse_choice", "parsed"]
 
 _NAME_CHARS = re.compile(r"[^A-Za-z0-9_-]")
 
@@ -62,32 +62,38 @@ def _clip(text: str, size: int = 200) -> str:
     return text if len(text) <= size else f"{text[:size]}..."
 
 
+def parse_choice(completion: ChatCompletion, i: int, model: type[ParsedT]) -> ParsedT | None:
+    """Choice ``i``'s content validated into ``model`` (None when it calls tools), else ``StructuredOutputError``."""
+    choice = completion.choices[i]
+    message = choice.message
+    if message.tool_calls:
+        return None
+    name = model.__name__
+    why = None
+    if choice.finish_reason == "length":
+        why = f"the answer was cut short by max_tokens (finish_reason 'length'), so it is not a whole {name}"
+    elif choice.finish_reason == "content_filter":
+        why = "the host filtered the answer (finish_reason 'content_filter')"
+    elif not message.content:
+        why = "the answer is empty"
+    if why is not None:
+        raise StructuredOutputError(f"choice {i}: {why}", completion=completion, choice=i)
+    try:
+        return model.model_validate_json(message.content or "")
+    except ValidationError as exc:
+        raise StructuredOutputError(
+            f"choice {i}: the answer is not a valid {name} ({exc.error_count()} error(s); first, "
+            f"{_first_error(exc)}): {_clip(message.content or '')!r}", completion=completion, choice=i,
+        ) from exc
+
+
 def parsed(completion: ChatCompletion, model: type[ParsedT]) -> ParsedChatCompletion[ParsedT]:
     """``completion`` with each message's content validated into ``model`` as ``message.parsed`` (None for a
     choice that calls tools)."""
-    name = model.__name__
     choices = []
     for i, choice in enumerate(completion.choices):
-        message = choice.message
-        value: ParsedT | None = None
-        if not message.tool_calls:
-            why = None
-            if choice.finish_reason == "length":
-                why = f"the answer was cut short by max_tokens (finish_reason 'length'), so it is not a whole {name}"
-            elif choice.finish_reason == "content_filter":
-                why = "the host filtered the answer (finish_reason 'content_filter')"
-            elif not message.content:
-                why = "the answer is empty"
-            if why is not None:
-                raise StructuredOutputError(f"choice {i}: {why}", completion=completion, choice=i)
-            try:
-                value = model.model_validate_json(message.content or "")
-            except ValidationError as exc:
-                raise StructuredOutputError(
-                    f"choice {i}: the answer is not a valid {name} ({exc.error_count()} error(s); first, "
-                    f"{_first_error(exc)}): {_clip(message.content or '')!r}", completion=completion, choice=i,
-                ) from exc
-        choices.append({**choice.model_dump(), "message": {**message.model_dump(), "parsed": value}})
+        value = parse_choice(completion, i, model)
+        choices.append({**choice.model_dump(), "message": {**choice.message.model_dump(), "parsed": value}})
     result: ParsedChatCompletion[Any] = ParsedChatCompletion.model_validate({**completion.model_dump(), "choices": choices})
     result._request_id = completion._request_id
     return cast("ParsedChatCompletion[ParsedT]", result)

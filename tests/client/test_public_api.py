@@ -8,11 +8,11 @@ import sys
 import pytest
 
 import mixtral_client
-from mixtral_client import types
+from mixtral_client import events, types
 from mixtral_client._backends.http import AsyncHTTPBackend
 
 
-@pytest.mark.parametrize("module", [mixtral_client, types], ids=lambda m: m.__name__)
+@pytest.mark.parametrize("module", [mixtral_client, types, events], ids=lambda m: m.__name__)
 def test_all_names_exist_once(module) -> None:
     names = module.__all__
 

@@ -494,3 +494,27 @@ def test_a_grammar_is_compiled_once_for_the_choices_and_the_requests_that_ask_ag
         engine.generate([prompt], SamplingParams(max_tokens=1, grammar=grammar, seed=0))
     engine.generate([prompt], params)
     assert compiled == [person, *others, person]  # the least recently used went first
+
+
+def test_the_event_stream_parses_a_pet_as_it_grows_on_local_weights(client: MixtralClient) -> None:
+    """``chat.completions.stream(response_format=Pet)``: each content delta carries the JSON so far parsed
+    leniently, every one a prefix-consistent view of the last; the done event and the final completion hold
+    the validated Pet; a required tool call streams its arguments as events too."""
+    with client.chat.completions.stream(messages=MESSAGES, response_format=Pet, max_tokens=200, seed=5) as stream:
+        events = list(stream)
+        final = stream.get_final_completion()
+    deltas = [e for e in events if e.type == "content.delta"]
+    (done,) = [e for e in events if e.type == "content.done"]
+    assert isinstance(done.parsed, Pet) and final.choices[0].message.parsed == done.parsed
+    assert deltas[-1].snapshot == done.content == final.choices[0].message.content
+    grown = [e.parsed for e in deltas if isinstance(e.parsed, dict)]
+    assert len(grown) > 3 and grown[-1] == done.parsed.model_dump()
+    assert [len(g) for g in grown] == sorted(len(g) for g in grown)  # keys only ever added
+
+    with client.chat.completions.stream(messages=MESSAGES, tools=[WEATHER, TIME], tool_choice="required",
+                                        parallel_tool_calls=False, max_tokens=200, seed=1) as stream:
+        events = list(stream)
+    (call_done,) = [e for e in events if e.type == "tool_calls.function.arguments.done"]
+    call = stream.get_final_completion().choices[0].message.tool_calls[0]
+    assert (call_done.name, call_done.arguments) == (call.function.name, call.function.arguments)
+    assert call_done.parsed_arguments == json.loads(call.function.arguments)
