@@ -2,6 +2,7 @@
 
     python benchmarks/client_overhead.py            # about 2.5 minutes on 2 cores
     python benchmarks/client_overhead.py --quick    # a smoke run (about 40 s; numbers are noisy)
+    python benchmarks/client_overhead.py --events   # the streaming helpers: chat.completions.stream() events
 
 A minimal HTTP/1.1 keep-alive server runs in a *separate process* (this file, ``--serve``), so none of its
 CPU lands in the measured process. It answers ``POST .../chat/completions`` with a canned, realistic chat
@@ -54,6 +55,7 @@ MESSAGES = [
 STREAM_CHUNKS = 200
 PACE_S = 0.0003  # pause between events on /paced (one event per socket read)
 RESULTS = Path(__file__).resolve().parent / "results" / "client_overhead.json"
+EVENTS_RESULTS = RESULTS.with_name("client_overhead_events.json")
 ROOT = Path(__file__).resolve().parents[1]
 
 # --------------------------------------------------------------------------- the server (other process)
@@ -191,6 +193,21 @@ def _workloads() -> dict[str, dict[str, Any]]:
     }
 
 
+def _events_runner(client: Any) -> dict[str, Callable[[int], None]]:
+    """``--events``: both clients' streaming helper, ``chat.completions.stream()``, every event iterated."""
+    def stream(n: int) -> Callable[[int], None]:
+        def run(k: int) -> None:
+            for _ in range(k):
+                text = 0
+                with client.chat.completions.stream(model=MODEL, messages=MESSAGES, max_tokens=n) as events:
+                    for event in events:
+                        text += event.type == "content.delta"
+                assert text == n, text
+        return run
+
+    return {"stream_1": stream(1), f"stream_{STREAM_CHUNKS}": stream(STREAM_CHUNKS)}
+
+
 def _sync_runner(client: Any) -> dict[str, Callable[[int], None]]:
     create = client.chat.completions.create
 
@@ -309,8 +326,12 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="few calls and repetitions (a smoke run)")
     parser.add_argument("--reps", type=int, default=None, help="blocks per client and workload (default 5)")
     parser.add_argument("--no-async", action="store_true", help="skip the async clients")
-    parser.add_argument("--output", type=Path, default=RESULTS)
+    parser.add_argument("--events", action="store_true",
+                        help="measure the streaming helpers (chat.completions.stream() events), sync only")
+    parser.add_argument("--output", type=Path, default=None,
+                        help=f"default {RESULTS.name} (with --events: {EVENTS_RESULTS.name}), in {RESULTS.parent}")
     args = parser.parse_args()
+    args.output = args.output or (EVENTS_RESULTS if args.events else RESULTS)
     if args.serve:
         serve()
         return
@@ -318,27 +339,29 @@ def main() -> None:
     reps = args.reps or (3 if args.quick else 5)
     scale = 5 if args.quick else 1
     counts = {"complete": 600 // scale, "stream_1": 300 // scale, f"stream_{STREAM_CHUNKS}": 10 // min(scale, 2)}
+    if args.events:
+        del counts["complete"]
     proc, port = _start_server()
     started = time.perf_counter()
     rows: list[dict[str, Any]] = []
     try:
         factories = _workloads()
-        for mode in ("sync",) if args.no_async else ("sync", "async"):
+        for mode in ("sync",) if args.no_async or args.events else ("sync", "async"):
             loop = asyncio.new_event_loop()
             for route in ("paced", "burst"):
                 url = f"http://127.0.0.1:{port}/{route}/v1"
                 # the non-streaming answer does not depend on the route: measured once, on /paced
                 wanted = {w: k for w, k in counts.items() if route == "paced" or w != "complete"}
                 clients = {name: f[mode](url) for name, f in factories.items()}
-                runners = {name: _sync_runner(c) if mode == "sync" else _async_runner(c, loop)
-                           for name, c in clients.items()}
+                runners = {name: _events_runner(c) if args.events else _sync_runner(c) if mode == "sync"
+                           else _async_runner(c, loop) for name, c in clients.items()}
                 samples = _measure(runners, wanted, reps)
                 for name, c in clients.items():
                     if mode == "sync":
                         factories[name]["close"](c)
                     else:
                         loop.run_until_complete(factories[name]["aclose"](c))
-                rows.append({"mode": mode, "route": route, "samples": samples,
+                rows.append({"mode": "events" if args.events else mode, "route": route, "samples": samples,
                              **{name: _summary(s) for name, s in samples.items()}})
             loop.run_until_complete(loop.shutdown_asyncgens())
             loop.close()
@@ -367,7 +390,8 @@ def main() -> None:
 
     args.output.parent.mkdir(parents=True, exist_ok=True)
     result = {
-        "command": "python benchmarks/client_overhead.py" + (" --quick" if args.quick else ""),
+        "command": "python benchmarks/client_overhead.py" + (" --quick" if args.quick else "")
+                   + (" --events" if args.events else ""),
         "machine": machine,
         "settings": {"reps": reps, "calls_per_block": counts, "stream_chunks": STREAM_CHUNKS,
                      "paced_gap_s": PACE_S, "model": MODEL, "messages": MESSAGES},
