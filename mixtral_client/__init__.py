@@ -32,6 +32,7 @@ from ._retry import RetryPolicy
 from ._streaming import AsyncStream, Stream
 from ._timeouts import Timeout
 from ._version import __version__
+from .tools import FunctionTool, tool
 from .types import ChatCompletion, ChatCompletionChunk, ParsedChatCompletion
 
 __all__ = [
@@ -49,6 +50,7 @@ __all__ = [
     "ChatCompletionChunk",
     "CompletionParams",
     "ConfigurationError",
+    "FunctionTool",
     "InternalServerError",
     "InvalidRequestError",
     "MixtralClient",
@@ -67,4 +69,5 @@ __all__ = [
     "UnprocessableEntityError",
     "UnsupportedFeatureError",
     "__version__",
+    "tool",
 ]

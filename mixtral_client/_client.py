@@ -28,6 +28,7 @@ from ._rewrite import Rewrites
 from ._streaming import AsyncStream, Stream
 from ._timeouts import Timeout, coerce_timeout
 from .events import AsyncChatCompletionStreamManager, ChatCompletionStreamManager
+from .tools import AsyncToolRunner, ToolRunner
 from .types import (
     ChatCompletion,
     ChatCompletionMessageParam,
@@ -83,6 +84,7 @@ _TRANSPORT = frozenset({"model", "extra_headers", "extra_query", "extra_body", "
 _KNOWN = frozenset(CompletionParams.__annotations__)
 _PARSE_KNOWN = frozenset(ParseParams.__annotations__)
 _STREAM_KNOWN = frozenset(StreamParams.__annotations__)
+_RUN_TOOLS_KNOWN = _KNOWN - {"tools", "stream_options"}
 
 
 def _parse_format(response_format: Any, params: Mapping[str, Any]) -> dict[str, Any]:
@@ -214,6 +216,14 @@ class Completions:
 
         return ChatCompletionStreamManager(open_stream, response_format)
 
+    def run_tools(self, *, messages: Sequence[ChatCompletionMessageParam], tools: Sequence[Any],
+                  max_rounds: int = 10, **params: Any) -> ToolRunner:
+        """The agent loop: ask, run the answer's tool calls (Python functions, or ``tool()``s), ask again with
+        their results, until an answer calls no tool or ``max_rounds`` answers came. Iterate the runner for each
+        answer, or ``until_done()``; ``runner.messages`` is the conversation. Other arguments are
+        ``create()``'s (not ``stream``). Checked now, sent as you iterate. See ``mixtral_client.tools``."""
+        return ToolRunner(self, messages, tools, max_rounds, params, _RUN_TOOLS_KNOWN)
+
     @property
     def with_raw_response(self) -> RawCompletions:
         """``create()`` / ``parse()`` that return a ``RawResponse``: status, headers, retries taken, and
@@ -289,6 +299,12 @@ class AsyncCompletions:
             return opened
 
         return AsyncChatCompletionStreamManager(open_stream, response_format)
+
+    def run_tools(self, *, messages: Sequence[ChatCompletionMessageParam], tools: Sequence[Any],
+                  max_rounds: int = 10, **params: Any) -> AsyncToolRunner:
+        """The async agent loop (see ``Completions.run_tools``): ``async for answer in runner`` or
+        ``await runner.until_done()``; one answer's calls run concurrently, sync functions in threads."""
+        return AsyncToolRunner(self, messages, tools, max_rounds, params, _RUN_TOOLS_KNOWN)
 
     @property
     def with_raw_response(self) -> AsyncRawCompletions:

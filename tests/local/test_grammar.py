@@ -11,13 +11,13 @@ import dataclasses
 import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import pytest
 import torch
 from pydantic import BaseModel, Field
 
-from mixtral_client import AsyncMixtralClient, InvalidRequestError, MixtralClient
+from mixtral_client import AsyncMixtralClient, InvalidRequestError, MixtralClient, tool
 from mixtral_client._request import ChatRequest
 from mixtral_client._tools import ToolPrompt
 from mixtral_local import backend as backend_module
@@ -518,3 +518,31 @@ def test_the_event_stream_parses_a_pet_as_it_grows_on_local_weights(client: Mixt
     call = stream.get_final_completion().choices[0].message.tool_calls[0]
     assert (call_done.name, call_done.arguments) == (call.function.name, call.function.arguments)
     assert call_done.parsed_arguments == json.loads(call.function.arguments)
+
+
+def test_run_tools_runs_the_random_models_calls_on_local_weights(client: MixtralClient) -> None:
+    """The agent loop on local weights: the grammar keeps every call to a declared tool and its schema, so
+    each call reaches the Python function with validated arguments, and its result reaches the next prompt."""
+    ran: list[tuple[str, Any]] = []
+
+    @tool
+    def get_weather(city: Annotated[str, Field(max_length=12)], unit: Literal["c", "f"]) -> str:
+        """Weather in a city."""
+        ran.append(("get_weather", (city, unit)))
+        return f"rain in {city}"
+
+    @tool
+    def get_time(utc_offset: Annotated[int, Field(ge=-12, le=14)]) -> dict[str, Any]:
+        ran.append(("get_time", utc_offset))
+        return {"time": "12:00", "utc_offset": utc_offset}
+
+    runner = client.chat.completions.run_tools(messages=MESSAGES, tools=[get_weather, get_time],
+                                               tool_choice="required", max_rounds=3, max_tokens=200, seed=2)
+    answers = list(runner)
+
+    assert len(answers) == 3 and all(a.choices[0].finish_reason == "tool_calls" for a in answers)
+    calls = [c for a in answers[:2] for c in a.choices[0].message.tool_calls or []]  # the last round's are not run
+    assert len(ran) == len(calls) >= 2
+    results = [m for m in runner.messages if m["role"] == "tool"]
+    assert [r["tool_call_id"] for r in results] == [c.id for c in calls]
+    assert all(not r["content"].startswith("Error") for r in results), results
