@@ -249,6 +249,7 @@ class ToolRunner:
         self._completions = completions
         self._loop = _Loop(messages, tools, max_rounds, params, known, asynchronous=False)
         self._loop.check(completions._core)
+        self._iterator = self._iterate()
 
     @property
     def messages(self) -> list[dict[str, Any]]:
@@ -260,6 +261,12 @@ class ToolRunner:
         return self._loop.rounds
 
     def __iter__(self) -> Iterator[ChatCompletion]:
+        return self._iterator  # one iterator: a loop left after an answer resumes by running that answer's calls
+
+    def __next__(self) -> ChatCompletion:
+        return next(self._iterator)
+
+    def _iterate(self) -> Iterator[ChatCompletion]:
         loop = self._loop
         while not loop.done:
             completion = self._completions.create(messages=loop.messages, **loop.params)  # type: ignore[arg-type]
@@ -280,7 +287,7 @@ class ToolRunner:
 
     def until_done(self) -> ChatCompletion:
         """Run the loop out: the answer that called no tool (or the last, after ``max_rounds``)."""
-        for _ in self:
+        for _ in self._iterator:
             pass
         assert self._loop.last is not None
         return self._loop.last

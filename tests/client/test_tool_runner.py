@@ -256,3 +256,28 @@ def test_an_annotation_naming_a_local_is_refused_with_the_reason() -> None:
 
     with pytest.raises(ValueError, match="tool 'odd': its annotations cannot be resolved .*LocalName"):
         tool(odd)
+
+
+def test_a_loop_left_after_an_answer_runs_its_calls_when_taken_up_again(mode: str, serve) -> None:
+    handle = scripted(calling(call("c1", "get_weather", {"city": "Oslo"})), completion("Rain."))
+    server = serve(handle)
+    args = {"base_url": server.url, "api_key": "k"}
+
+    if mode == "sync":
+        with MixtralClient(**args) as client:
+            runner = client.chat.completions.run_tools(messages=MESSAGES, tools=[get_weather])
+            for _ in runner:
+                break
+            final = runner.until_done()
+    else:
+        async def main() -> Any:
+            async with AsyncMixtralClient(**args) as client:
+                runner = client.chat.completions.run_tools(messages=MESSAGES, tools=[get_weather])
+                async for _ in runner:
+                    break
+                return await runner.until_done()
+
+        final = anyio.run(main)
+
+    assert final.choices[0].message.content == "Rain."
+    assert handle.seen[1]["messages"][-1] == {"role": "tool", "tool_call_id": "c1", "content": "Oslo: 4 degrees C, rain"}
