@@ -34,6 +34,7 @@ from mixtral_client import (
     AsyncMixtralClient,
     ChatCompletion,
     CompletionParams,
+    FunctionTool,
     MixtralClient,
     ProviderPreset,
     Timeout,
@@ -335,7 +336,8 @@ class ChatMixtral(BaseChatModel):
     ) -> Runnable[LanguageModelInput, AIMessage]:
         """Bind tools (OpenAI function format). ``tool_choice``: "auto", "any" (sent as "required"), "none",
         a tool name, or an OpenAI tool-choice dict."""
-        formatted = [convert_to_openai_tool(t, strict=strict) for t in tools]
+        formatted: list[dict[str, Any]] = [  # a mixtral_client.tool() keeps the schema it validates with
+            dict(t.param) if isinstance(t, FunctionTool) else convert_to_openai_tool(t, strict=strict) for t in tools]
         if tool_choice is not None:
             kwargs["tool_choice"] = _format_tool_choice(tool_choice, [t["function"]["name"] for t in formatted])
         return super().bind(tools=formatted, **kwargs)

@@ -140,6 +140,16 @@ def test_tool_choice_words_names_and_dicts_reach_the_host(host: ScriptedHost) ->
     assert llm.bind_tools([get_weather, get_time], tool_choice="none").invoke("hi").tool_calls == []
 
 
+def test_a_mixtral_client_tool_is_bound_with_its_own_schema(host: ScriptedHost) -> None:
+    from mixtral_client import tool
+
+    weather = tool(get_weather)
+    model_on(host).bind_tools([weather, get_time]).invoke("hi")
+    sent = host.requests[-1]["tools"]
+    assert sent[0] == weather.param and sent[0]["function"]["parameters"]["additionalProperties"] is False
+    assert sent[1]["function"]["name"] == "get_time"
+
+
 def test_unknown_tool_choice_is_refused() -> None:
     llm = ChatMixtral(provider="openai", base_url="http://127.0.0.1:9/v1", api_key="k")
     with pytest.raises(ValueError, match="tool_choice 'nope'"):
