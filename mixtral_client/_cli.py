@@ -2,6 +2,7 @@
 
     mixtral chat ["prompt"] [-i] [--provider P] [--model M] [--system S] [--temperature T] [--max-tokens N] [--no-stream]
     mixtral serve [--provider P | --base-url URL | --model-path DIR] [--host H] [--port N] [--api-key K]
+    mixtral models [--provider P | --base-url URL]
     mixtral local init-tiny DIR
 
 With no provider configured (no ``--provider``, ``MIXTRAL_PROVIDER``, ``MIXTRAL_BASE_URL`` or
@@ -88,6 +89,10 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--api-key", help="require this bearer key from callers (default: MIXTRAL_SERVER_API_KEY)")
     serve.add_argument("--model-name", help="the model id /v1/models lists (default: the provider's)")
 
+    models = commands.add_parser("models", help="list the model ids the configured host serves")
+    models.add_argument("--provider", choices=sorted(PROVIDERS), help="default: MIXTRAL_PROVIDER")
+    models.add_argument("--base-url", help="an OpenAI-compatible base URL (provider openai)")
+
     local = commands.add_parser("local", help="local checkpoints")
     local_commands = local.add_subparsers(dest="local_command", required=True, parser_class=_Parser)
     tiny = local_commands.add_parser("init-tiny", help="write a tiny random Mixtral checkpoint (for tests and demos)")
@@ -137,6 +142,15 @@ def _serve(args: argparse.Namespace, env: Mapping[str, str]) -> int:
             f"serve needs the server extra (missing {exc.name or exc}): pip install 'mixtral-sdk[server]'") from exc
     server.serve(AsyncMixtralClient(env=env, **kwargs), host=args.host, port=args.port,
                  api_key=args.api_key or env.get("MIXTRAL_SERVER_API_KEY") or None, model_name=args.model_name)
+    return 0
+
+
+def _models(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    """One model id a line: a host's ``GET /models``; Bedrock's and local weights' own model."""
+    kwargs = {name: getattr(args, name) for name in ("provider", "base_url") if getattr(args, name)}
+    with MixtralClient(env=env, **kwargs) as client:
+        for model in client.models.list():
+            print(model.id)
     return 0
 
 
@@ -237,6 +251,8 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
             return _chat(args, env)
         if args.command == "serve":
             return _serve(args, env)
+        if args.command == "models":
+            return _models(args, env)
         _local_cli().init_tiny_main(args.path, seed=args.seed)
         return 0
     except ConfigurationError as exc:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, Self, TypedDict, TypeVar, Unpack, overload
 
@@ -33,12 +33,13 @@ from .types import (
     ChatCompletion,
     ChatCompletionMessageParam,
     ChatCompletionToolParam,
+    Model,
     ParsedChatCompletion,
     ParsedT,
 )
 
-__all__ = ["AsyncMixtralClient", "AsyncRawCompletions", "CompletionParams", "MixtralClient", "ParseParams",
-           "RawCompletions", "StreamParams"]
+__all__ = ["AsyncMixtralClient", "AsyncModels", "AsyncRawCompletions", "CompletionParams", "MixtralClient",
+           "ModelPage", "Models", "ParseParams", "RawCompletions", "StreamParams"]
 
 T = TypeVar("T")
 
@@ -392,6 +393,61 @@ class _Chat:
         self.completions = completions
 
 
+class ModelPage:
+    """What ``client.models.list()`` returns: ``data``, a list of ``Model``; iterate it for the models."""
+
+    object = "list"
+
+    def __init__(self, data: list[Model]) -> None:
+        self.data = data
+
+    def __iter__(self) -> Iterator[Model]:
+        return iter(self.data)
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __repr__(self) -> str:
+        return f"ModelPage({[m.id for m in self.data]!r})"
+
+
+def _own_model(config: ClientConfig) -> list[Model]:
+    """What a backend without a listing serves: the model it sends to (Bedrock) or runs (local weights)."""
+    entry = Model(id=config.preset.resolve_model(config.model), owned_by=config.provider)
+    if config.model_path is not None:
+        entry = Model(id=entry.id, owned_by=entry.owned_by, path=config.model_path)
+    return [entry]
+
+
+class Models:
+    """``client.models``: ``list()`` asks a host's ``GET /models`` (retried as a request is); Bedrock and local
+    weights answer with the one model the client uses, without a request."""
+
+    def __init__(self, config: ClientConfig, backend: SyncBackend) -> None:
+        self._config = config
+        self._backend = backend
+
+    def list(self, *, timeout: float | Timeout | None = None) -> ModelPage:
+        if self._config.preset.kind != "http":
+            return ModelPage(_own_model(self._config))
+        listing = self._backend.list_models  # type: ignore[attr-defined]
+        return ModelPage(listing(coerce_timeout(timeout, self._config.timeout)))
+
+
+class AsyncModels:
+    """``async_client.models``: ``await client.models.list()``."""
+
+    def __init__(self, config: ClientConfig, backend: AsyncBackend) -> None:
+        self._config = config
+        self._backend = backend
+
+    async def list(self, *, timeout: float | Timeout | None = None) -> ModelPage:
+        if self._config.preset.kind != "http":
+            return ModelPage(_own_model(self._config))
+        listing = self._backend.list_models  # type: ignore[attr-defined]
+        return ModelPage(await listing(coerce_timeout(timeout, self._config.timeout)))
+
+
 class _ClientArgs(TypedDict, total=False):
     base_url: str
     api_key: str
@@ -445,6 +501,7 @@ class _Shell:
     _asynchronous: ClassVar[bool]
     _completions: ClassVar[type[Completions] | type[AsyncCompletions]]
     chat: _Chat
+    models: Any  # Models / AsyncModels
 
     if TYPE_CHECKING:  # each client defines its own; this is the part from_env relies on
 
@@ -461,6 +518,7 @@ class _Shell:
         clone.config, clone._core = config, _ClientCore(config)
         clone._backend = _backend_sharing(self._backend, config, self._asynchronous)
         clone.chat = _Chat(self._completions(clone._core, clone._backend))
+        clone.models = (AsyncModels if self._asynchronous else Models)(config, clone._backend)
         clone._borrowed = True
         return clone
 
@@ -496,6 +554,7 @@ class MixtralClient(_Shell):
         self._core = _ClientCore(self.config)
         self._backend: SyncBackend = _backend_class(self.config, asynchronous=False)(self.config)
         self.chat = _Chat(Completions(self._core, self._backend))
+        self.models = Models(self.config, self._backend)
 
     def close(self) -> None:
         if not self._borrowed:
@@ -521,6 +580,7 @@ class AsyncMixtralClient(_Shell):
         self._core = _ClientCore(self.config)
         self._backend: AsyncBackend = _backend_class(self.config, asynchronous=True)(self.config)
         self.chat = _Chat(AsyncCompletions(self._core, self._backend))
+        self.models = AsyncModels(self.config, self._backend)
 
     async def aclose(self) -> None:
         if not self._borrowed:

@@ -3,7 +3,7 @@
 Pure: the environment is passed in, so tests never touch ``os.environ``.
 
 Environment variables:
-    MIXTRAL_PROVIDER     nvidia | openrouter | aimlapi | openai | bedrock | local
+    MIXTRAL_PROVIDER     nvidia | openrouter | aimlapi | otc | openai | bedrock | local
     MIXTRAL_BASE_URL     an OpenAI-compatible base URL (implies provider "openai" when no provider is set)
     MIXTRAL_API_KEY      a key for any provider (the provider's own variable, e.g. NVIDIA_API_KEY, also works)
     MIXTRAL_MODEL        the model id (default: the provider's Mixtral id)
@@ -177,7 +177,7 @@ def resolve_config(
             name = "local"
         else:
             raise ConfigurationError(
-                "no provider configured: pass provider='nvidia' (or openrouter, aimlapi, openai, bedrock, local), "
+                "no provider configured: pass provider='nvidia' (or openrouter, aimlapi, otc, openai, bedrock, local), "
                 "or set MIXTRAL_PROVIDER / MIXTRAL_BASE_URL / MIXTRAL_MODEL_PATH"
             )
     preset = get_preset(name.strip().lower())

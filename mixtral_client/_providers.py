@@ -104,7 +104,16 @@ PROVIDERS: Mapping[str, ProviderPreset] = {
             extra_body_keys=frozenset({"top_k", "min_p", "repetition_penalty"}),
         ),
         ProviderPreset(
-            # any OpenAI-compatible endpoint (Open Telekom Cloud AI Foundation Services, vLLM, TGI, ...)
+            # T-Systems AI Foundation Services ("LLM Hub"), served from Open Telekom Cloud: OpenAI-compatible, with
+            # model ids as the Hugging Face names without the organisation (its GET /models lists them)
+            name="otc",
+            base_url="https://llm-server.llmhub.t-systems.net/v2",
+            model="Mixtral-8x7B-Instruct-v0.1",
+            api_key_env="OTC_API_KEY",
+            notes="T-Systems AI Foundation Services on Open Telekom Cloud; client.models.list() shows the ids.",
+        ),
+        ProviderPreset(
+            # any OpenAI-compatible endpoint (vLLM, TGI, a gateway, ...)
             name="openai",
             base_url=None,
             model="mistralai/Mixtral-8x7B-Instruct-v0.1",

@@ -30,6 +30,7 @@ __all__ = [
     "FunctionCall",
     "FunctionDefinition",
     "Logprobs",
+    "Model",
     "ParsedChatCompletion",
     "ParsedChatCompletionMessage",
     "ParsedChoice",
@@ -229,3 +230,13 @@ class ParsedChatCompletion(ChatCompletion, Generic[ParsedT]):
     """What ``chat.completions.parse()`` returns: a ``ChatCompletion`` whose messages carry ``parsed``."""
 
     choices: list[ParsedChoice[ParsedT]]  # type: ignore[assignment]  # narrower, as in openai-python
+
+
+class Model(_Model):
+    """One entry of ``client.models.list()``: a model id the backend serves (a host's other fields are kept:
+    OpenRouter's ``context_length`` and ``pricing``, T-Systems' ``meta_data``, ...)."""
+
+    id: str
+    object: str = "model"
+    created: int | None = None
+    owned_by: str | None = None

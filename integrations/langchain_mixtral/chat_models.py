@@ -102,7 +102,7 @@ class ChatMixtral(BaseChatModel):
     model_config = ConfigDict(extra="forbid")
 
     provider: str | None = None
-    """nvidia | openrouter | aimlapi | openai | bedrock | local (default: ``MIXTRAL_PROVIDER``, else inferred
+    """nvidia | openrouter | aimlapi | otc | openai | bedrock | local (default: ``MIXTRAL_PROVIDER``, else inferred
     from ``base_url`` / ``model_path``)."""
     model: str | None = None
     """Model id sent to the host (default: the provider's own Mixtral-8x7B-Instruct id)."""

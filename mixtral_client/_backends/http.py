@@ -32,14 +32,15 @@ from mixtral_client._exceptions import (
     APIStatusError,
     APITimeoutError,
     ConfigurationError,
+    UnsupportedFeatureError,
     status_error_for,
 )
 from mixtral_client._request import ChatRequest
 from mixtral_client._retry import RetryPolicy
 from mixtral_client._sse import ServerSentEvent, SSEDecoder
-from mixtral_client._timeouts import Deadline
+from mixtral_client._timeouts import Deadline, Timeout
 from mixtral_client._version import __version__
-from mixtral_client.types import ChatCompletion, ChatCompletionChunk, ChoiceDelta, ChunkChoice
+from mixtral_client.types import ChatCompletion, ChatCompletionChunk, ChoiceDelta, ChunkChoice, Model
 
 __all__ = ["AsyncHTTPBackend", "EventDecoder", "HTTPBackend", "HTTPCore", "WireCore", "log_request",
            "read_error", "transport_errors"]
@@ -228,6 +229,31 @@ class HTTPCore:
     def _query(self, request: ChatRequest) -> httpx.QueryParams:
         """base_url's query with ``extra_query`` over it (httpx would replace a URL's query with params=)."""
         return self._base_query.merge(request.options.extra_query)
+
+    def models_request(self, client: httpx.Client | httpx.AsyncClient, timeout: Timeout,
+                       deadline: Deadline) -> httpx.Request:
+        """``GET {base_url}/models``, with the client's headers and base_url's query."""
+        base = httpx.URL(self.config.base_url or "")
+        url = base.copy_with(path=base.path.rstrip("/") + "/models", query=None)
+        headers = httpx.Headers(self.headers)
+        del headers["Content-Type"]
+        connect = deadline.cap(timeout.connect)
+        read = deadline.cap(timeout.idle if timeout.total is None else None)
+        return client.build_request("GET", url, headers=headers, params=self._base_query,
+                                    timeout=httpx.Timeout(connect=connect, read=read, write=connect,
+                                                          pool=deadline.cap(None)))
+
+    def parse_models(self, response: httpx.Response, raw: bytes) -> list[Model]:
+        """OpenAI's ``{"object": "list", "data": [...]}``, or a bare list of entries or ids."""
+        try:
+            body: Any = json.loads(raw)
+        except ValueError:
+            body = None
+        entries = body.get("data") if isinstance(body, dict) else body
+        if not isinstance(entries, list):
+            raise APIError(f"{self.provider} answered GET /models with no list of models: {raw[:200]!r}",
+                           provider=self.provider, request_id=self.request_id(response.headers), body=body)
+        return [Model(id=entry) if isinstance(entry, str) else Model.model_validate(entry) for entry in entries]
 
     def poll_url(self, request_id: str) -> str:
         """Where NVIDIA's 202 answers are fetched: its NVCF host, or the same origin when base_url is overridden."""
@@ -474,6 +500,12 @@ def _core_for(config: ClientConfig, core: WireCore | None,
     return http
 
 
+def _listing_core(core: WireCore) -> HTTPCore:
+    if not isinstance(core, HTTPCore):
+        raise UnsupportedFeatureError(f"{core.provider} has no model listing over this API", provider=core.provider)
+    return core
+
+
 class HTTPBackend:
     """Synchronous sender over one ``httpx.Client`` (its pool is shared by every request)."""
 
@@ -511,6 +543,19 @@ class HTTPBackend:
                 raise
             response.close()
         raise core.status_error(response, raw)
+
+    def list_models(self, timeout: Timeout) -> list[Model]:
+        """The host's ``GET /models``, retried as a request is."""
+        deadline = Deadline(timeout.total)
+        return self.core.policy.call(deadline, self._models_once, timeout, deadline)
+
+    def _models_once(self, timeout: Timeout, deadline: Deadline) -> list[Model]:
+        core = _listing_core(self.core)
+        with transport_errors(core.provider):
+            response = self._client.send(core.models_request(self._client, timeout, deadline))
+        if response.status_code >= 400:
+            raise core.status_error(response, response.content)
+        return core.parse_models(response, response.content)
 
     def _complete_once(self, request: ChatRequest, deadline: Deadline) -> ChatCompletion:
         response = self._send(request, deadline)
@@ -692,6 +737,18 @@ class AsyncHTTPBackend:
                 raise
             await _aclose(response)
         raise core.status_error(response, raw)
+
+    async def list_models(self, timeout: Timeout) -> list[Model]:
+        deadline = Deadline(timeout.total)
+        return await self.core.policy.acall(deadline, self._models_once, timeout, deadline)
+
+    async def _models_once(self, timeout: Timeout, deadline: Deadline) -> list[Model]:
+        core = _listing_core(self.core)
+        with transport_errors(core.provider):
+            response = await self._client.send(core.models_request(self._client, timeout, deadline))
+        if response.status_code >= 400:
+            raise core.status_error(response, response.content)
+        return core.parse_models(response, response.content)
 
     async def _complete_once(self, request: ChatRequest, deadline: Deadline) -> ChatCompletion:
         response = await self._send(request, deadline)

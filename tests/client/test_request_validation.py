@@ -95,7 +95,7 @@ def test_model_defaults_to_the_client_model_then_the_provider_id(serve) -> None:
     assert [r.json()["model"] for r in server.requests] == ["my-finetune", "per-call"]
 
 
-@pytest.mark.parametrize("provider", ["nvidia", "openrouter", "aimlapi", "openai", "bedrock", "local"])
+@pytest.mark.parametrize("provider", ["nvidia", "openrouter", "aimlapi", "otc", "openai", "bedrock", "local"])
 def test_alias_maps_to_each_provider_id(provider: str) -> None:
     assert build(provider, model=MODEL_ALIAS).model == PROVIDERS[provider].model
     assert build(provider).model == PROVIDERS[provider].model
