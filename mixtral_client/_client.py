@@ -21,7 +21,7 @@ from ._backends.base import AsyncBackend, SyncBackend
 from ._config import ClientConfig, check_max_retries, client_default_timeout, resolve_config
 from ._exceptions import ConfigurationError
 from ._logging import setup_logging
-from ._parse import format_for, parsed
+from ._parse import Repairs, format_for
 from ._request import ChatRequest, RequestOptions, build_request
 from ._response import RawResponse, ResponseRecord
 from ._rewrite import Rewrites
@@ -232,21 +232,26 @@ class Completions:
         return RawCompletions(self)
 
     def parse(self, *, messages: Sequence[ChatCompletionMessageParam], response_format: type[ParsedT],
-              **params: Unpack[ParseParams]) -> ParsedChatCompletion[ParsedT]:
+              max_repairs: int = 0, **params: Unpack[ParseParams]) -> ParsedChatCompletion[ParsedT]:
         """``create()`` with the answer validated into a pydantic model: ``choices[i].message.parsed``.
 
         ``response_format`` is the model class; its JSON schema is sent as a ``json_schema`` format (enforced
         where the backend can, asked for in the prompt where it cannot). An answer that does not validate
-        raises ``StructuredOutputError``, with the completion on it.
+        raises ``StructuredOutputError``, with the completion on it; with ``max_repairs=k`` it first goes back
+        to the model with the reason, up to ``k`` times (``usage`` then counts every round).
         """
-        return self._parse(messages, response_format, params)
+        return self._parse(messages, response_format, params, max_repairs=max_repairs)
 
     def _parse(self, messages: Sequence[ChatCompletionMessageParam], response_format: type[ParsedT],
-               params: Mapping[str, Any], record: ResponseRecord | None = None) -> ParsedChatCompletion[ParsedT]:
+               params: Mapping[str, Any], record: ResponseRecord | None = None,
+               max_repairs: int = 0) -> ParsedChatCompletion[ParsedT]:
         fmt = _parse_format(response_format, params)
-        completion = self._create(messages, False, {**params, "response_format": fmt}, record)
-        assert isinstance(completion, ChatCompletion)
-        return parsed(completion, response_format)
+        repairs = Repairs(messages, response_format, max_repairs, params.get("n", 1))
+        while True:
+            completion = self._create(repairs.messages, False, {**params, "response_format": fmt}, record)
+            assert isinstance(completion, ChatCompletion)
+            if (result := repairs.take(completion)) is not None:
+                return result
 
 
 class AsyncCompletions:
@@ -313,16 +318,20 @@ class AsyncCompletions:
         return AsyncRawCompletions(self)
 
     async def parse(self, *, messages: Sequence[ChatCompletionMessageParam], response_format: type[ParsedT],
-                    **params: Unpack[ParseParams]) -> ParsedChatCompletion[ParsedT]:
+                    max_repairs: int = 0, **params: Unpack[ParseParams]) -> ParsedChatCompletion[ParsedT]:
         """``create()`` with the answer validated into a pydantic model (see ``Completions.parse``)."""
-        return await self._parse(messages, response_format, params)
+        return await self._parse(messages, response_format, params, max_repairs=max_repairs)
 
     async def _parse(self, messages: Sequence[ChatCompletionMessageParam], response_format: type[ParsedT],
-                     params: Mapping[str, Any], record: ResponseRecord | None = None) -> ParsedChatCompletion[ParsedT]:
+                     params: Mapping[str, Any], record: ResponseRecord | None = None,
+                     max_repairs: int = 0) -> ParsedChatCompletion[ParsedT]:
         fmt = _parse_format(response_format, params)
-        completion = await self._create(messages, False, {**params, "response_format": fmt}, record)
-        assert isinstance(completion, ChatCompletion)
-        return parsed(completion, response_format)
+        repairs = Repairs(messages, response_format, max_repairs, params.get("n", 1))
+        while True:
+            completion = await self._create(repairs.messages, False, {**params, "response_format": fmt}, record)
+            assert isinstance(completion, ChatCompletion)
+            if (result := repairs.take(completion)) is not None:
+                return result
 
 
 def _raw(answer: T, record: ResponseRecord) -> RawResponse[T]:
@@ -354,9 +363,9 @@ class RawCompletions:
         return _raw(self._completions._create(messages, stream, params, record), record)
 
     def parse(self, *, messages: Sequence[ChatCompletionMessageParam], response_format: type[ParsedT],
-              **params: Unpack[ParseParams]) -> RawResponse[ParsedChatCompletion[ParsedT]]:
+              max_repairs: int = 0, **params: Unpack[ParseParams]) -> RawResponse[ParsedChatCompletion[ParsedT]]:
         record = ResponseRecord()
-        return _raw(self._completions._parse(messages, response_format, params, record), record)
+        return _raw(self._completions._parse(messages, response_format, params, record, max_repairs), record)
 
 
 class AsyncRawCompletions:
@@ -383,9 +392,10 @@ class AsyncRawCompletions:
         return _raw(await self._completions._create(messages, stream, params, record), record)
 
     async def parse(self, *, messages: Sequence[ChatCompletionMessageParam], response_format: type[ParsedT],
+                    max_repairs: int = 0,
                     **params: Unpack[ParseParams]) -> RawResponse[ParsedChatCompletion[ParsedT]]:
         record = ResponseRecord()
-        return _raw(await self._completions._parse(messages, response_format, params, record), record)
+        return _raw(await self._completions._parse(messages, response_format, params, record, max_repairs), record)
 
 
 class _Chat:

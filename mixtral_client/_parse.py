@@ -10,15 +10,15 @@ why, with the whole completion on the error.
 from __future__ import annotations
 
 import re
-from typing import Any, cast
+from typing import Any, Generic, cast
 
 from pydantic import BaseModel, ValidationError
 from pydantic.errors import PydanticUserError
 
 from ._exceptions import InvalidRequestError, StructuredOutputError
-from .types import ChatCompletion, ParsedChatCompletion, ParsedT
+from .types import ChatCompletion, ParsedChatCompletion, ParsedT, Usage
 
-__all__ = ["format_for", "parse_choice", "parsed"]
+__all__ = ["Repairs", "format_for", "parse_choice", "parsed"]
 
 _NAME_CHARS = re.compile(r"[^A-Za-z0-9_-]")
 
@@ -97,3 +97,52 @@ def parsed(completion: ChatCompletion, model: type[ParsedT]) -> ParsedChatComple
     result: ParsedChatCompletion[Any] = ParsedChatCompletion.model_validate({**completion.model_dump(), "choices": choices})
     result._request_id = completion._request_id
     return cast("ParsedChatCompletion[ParsedT]", result)
+
+
+def _spent(total: Usage | None, more: Usage | None) -> Usage | None:
+    if total is None or more is None:
+        return more or total
+    return Usage(prompt_tokens=total.prompt_tokens + more.prompt_tokens,
+                 completion_tokens=total.completion_tokens + more.completion_tokens,
+                 total_tokens=total.total_tokens + more.total_tokens)
+
+
+class Repairs(Generic[ParsedT]):
+    """``parse(max_repairs=k)``: an answer that is not the model goes back to the model with the reason, up to
+    ``k`` times, before ``StructuredOutputError`` is raised (pure: the caller sends ``messages`` each round).
+
+    A repair is two more turns: the answer as the model gave it, and a user turn naming what is wrong. The
+    completion returned (or the error's) counts the tokens of every round in its ``usage``.
+    """
+
+    def __init__(self, messages: Any, model: type[ParsedT], max_repairs: int, n: int) -> None:
+        if isinstance(max_repairs, bool) or not isinstance(max_repairs, int) or max_repairs < 0:
+            raise InvalidRequestError(f"max_repairs must be an integer >= 0, got {max_repairs!r}", param="max_repairs")
+        if max_repairs and n != 1:
+            raise InvalidRequestError("max_repairs repairs one answer: n must be 1", param="max_repairs")
+        self.messages: list[Any] = list(messages)
+        self._model = model
+        self._left = max_repairs
+        self._usage: Usage | None = None
+        self.repairs = 0
+
+    def take(self, completion: ChatCompletion) -> ParsedChatCompletion[ParsedT] | None:
+        """The parsed completion, or None when the answer went back for repair (send ``messages`` again)."""
+        self._usage = _spent(self._usage, completion.usage)
+        try:
+            result = parsed(completion, self._model)
+        except StructuredOutputError as exc:
+            exc.completion.usage = self._usage
+            if not self._left:
+                raise
+            self._left -= 1
+            self.repairs += 1
+            reason = str(exc).split(": ", 1)[-1]  # without the "choice 0" prefix
+            self.messages += [
+                {"role": "assistant", "content": completion.choices[exc.choice].message.content or ""},
+                {"role": "user", "content": f"That answer is not valid: {reason}. Answer again with only the "
+                                            f"JSON of the {self._model.__name__}, complete and valid."},
+            ]
+            return None
+        result.usage = self._usage
+        return result

@@ -173,3 +173,47 @@ def test_parse_takes_neither_stream_nor_a_second_format(driver: Driver, serve) -
     with pytest.raises(TypeError):
         parse(driver, server, response_format=Person, stream_options={"include_usage": True})
     assert server.requests == []
+
+
+# --------------------------------------------------------------------------- max_repairs
+
+
+def test_an_invalid_answer_goes_back_with_the_reason_and_the_repair_is_parsed(driver: Driver, serve) -> None:
+    from tests.loopback import in_turn
+
+    wrong = {**ADA, "role": "poet"}
+    server = serve(in_turn(replying(200, completion(json.dumps(wrong))), replying(200, completion(json.dumps(ADA)))))
+
+    answer = parse(driver, server, client={"provider": "nvidia"}, response_format=Person, max_repairs=2)
+
+    assert answer.choices[0].message.parsed == Person(**ADA)
+    assert answer.usage is not None and answer.usage.total_tokens == 10  # both rounds counted
+    first, second = (r.json()["messages"] for r in server.requests)
+    schema = json.dumps(format_for(Person)["json_schema"]["schema"])
+    # NVIDIA takes the schema in the prompt: it rides on the last user turn, first the question, then the repair
+    assert first[0]["content"].startswith("Who?") and schema in first[0]["content"]
+    assert second[0] == {"role": "user", "content": "Who?"}
+    assert second[1] == {"role": "assistant", "content": json.dumps(wrong)}
+    repair = second[2]["content"]
+    assert repair.startswith("That answer is not valid: ") and "role: Input should be 'author' or 'editor'" in repair
+    assert "the Person" in repair and schema in repair
+
+
+def test_repairs_that_run_out_raise_with_every_round_counted(driver: Driver, serve) -> None:
+    server = serve(replying(200, completion('{"name": "Ada"}')))
+
+    with pytest.raises(StructuredOutputError, match="age: Field required") as caught:
+        parse(driver, server, response_format=Person, max_repairs=2)
+
+    assert len(server.requests) == 3
+    assert caught.value.completion.usage is not None and caught.value.completion.usage.total_tokens == 15
+    assert len(server.requests[-1].json()["messages"]) == 1 + 2 * 2
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [({"max_repairs": -1}, "max_repairs must be"),
+                                               ({"max_repairs": 1, "n": 2}, "n must be 1")])
+def test_bad_repair_settings_are_refused_before_sending(serve, kwargs: dict[str, Any], match: str) -> None:
+    server = serve(replying(200, completion(json.dumps(ADA))))
+    with pytest.raises(InvalidRequestError, match=match):
+        parse(Driver("sync"), server, response_format=Person, **kwargs)
+    assert server.requests == []
