@@ -240,7 +240,23 @@ class _Loop:
         self.messages.append({"role": "tool", "tool_call_id": call.id, "content": content})
 
 
-class ToolRunner:
+class _Runner:
+    """What both runners show of their loop."""
+
+    _loop: _Loop
+
+    @property
+    def messages(self) -> list[dict[str, Any]]:
+        """The conversation so far: what was given, then every answer, call and result."""
+        return self._loop.messages
+
+    @property
+    def rounds(self) -> int:
+        """How many answers have come."""
+        return self._loop.rounds
+
+
+class ToolRunner(_Runner):
     """``client.chat.completions.run_tools(...)``: iterate it for each answer of the model; its calls run
     before the next one is asked for. ``until_done()`` runs the loop out and returns the last answer."""
 
@@ -250,15 +266,6 @@ class ToolRunner:
         self._loop = _Loop(messages, tools, max_rounds, params, known, asynchronous=False)
         self._loop.check(completions._core)
         self._iterator = self._iterate()
-
-    @property
-    def messages(self) -> list[dict[str, Any]]:
-        """The conversation so far: what was given, then every answer, call and result."""
-        return self._loop.messages
-
-    @property
-    def rounds(self) -> int:
-        return self._loop.rounds
 
     def __iter__(self) -> Iterator[ChatCompletion]:
         return self._iterator  # one iterator: a loop left after an answer resumes by running that answer's calls
@@ -293,7 +300,7 @@ class ToolRunner:
         return self._loop.last
 
 
-class AsyncToolRunner:
+class AsyncToolRunner(_Runner):
     """The async ``ToolRunner``: ``async for completion in runner``, ``await runner.until_done()``. The calls of
     one answer run concurrently; sync functions run in worker threads, so the event loop never blocks."""
 
@@ -303,14 +310,6 @@ class AsyncToolRunner:
         self._loop = _Loop(messages, tools, max_rounds, params, known, asynchronous=True)
         self._loop.check(completions._core)
         self._calls: list[ToolCall] = []
-
-    @property
-    def messages(self) -> list[dict[str, Any]]:
-        return self._loop.messages
-
-    @property
-    def rounds(self) -> int:
-        return self._loop.rounds
 
     def __aiter__(self) -> AsyncIterator[ChatCompletion]:
         return self
