@@ -27,6 +27,7 @@ from ._response import RawResponse, ResponseRecord
 from ._rewrite import Rewrites
 from ._streaming import AsyncStream, Stream
 from ._timeouts import Timeout, coerce_timeout
+from ._tracing import start as start_span
 from .events import AsyncChatCompletionStreamManager, ChatCompletionStreamManager
 from .tools import AsyncToolRunner, ToolRunner
 from .types import (
@@ -190,9 +191,21 @@ class Completions:
         return self._send(Rewrites.for_request(self._core.request(messages, stream, params, record)))
 
     def _send(self, rewrites: Rewrites) -> ChatCompletion | Stream:
-        if rewrites.request.stream:
-            return Stream(rewrites.stream(self._backend.stream(rewrites.request)))._open()
-        return rewrites.completion(self._backend.complete(rewrites.request))
+        request = rewrites.request
+        span = start_span(self._core.config, rewrites.asked or request)  # None unless OpenTelemetry records
+        if request.stream:
+            chunks = rewrites.stream(self._backend.stream(request))
+            return Stream(chunks if span is None else span.chunks(chunks))._open()
+        if span is None:
+            return rewrites.completion(self._backend.complete(request))
+        try:
+            with span.current():
+                completion = rewrites.completion(self._backend.complete(request))
+        except BaseException as exc:
+            span.failed(exc)
+            raise
+        span.answered(completion)
+        return completion
 
     @overload
     def stream(self, *, messages: Sequence[ChatCompletionMessageParam], response_format: type[ParsedT],
@@ -280,9 +293,21 @@ class AsyncCompletions:
         return await self._send(Rewrites.for_request(self._core.request(messages, stream, params, record)))
 
     async def _send(self, rewrites: Rewrites) -> ChatCompletion | AsyncStream:
-        if rewrites.request.stream:
-            return await AsyncStream(rewrites.astream(self._backend.stream(rewrites.request)))._open()
-        return rewrites.completion(await self._backend.complete(rewrites.request))
+        request = rewrites.request
+        span = start_span(self._core.config, rewrites.asked or request)
+        if request.stream:
+            chunks = rewrites.astream(self._backend.stream(request))
+            return await AsyncStream(chunks if span is None else span.achunks(chunks))._open()
+        if span is None:
+            return rewrites.completion(await self._backend.complete(request))
+        try:
+            with span.current():
+                completion = rewrites.completion(await self._backend.complete(request))
+        except BaseException as exc:
+            span.failed(exc)
+            raise
+        span.answered(completion)
+        return completion
 
     @overload
     def stream(self, *, messages: Sequence[ChatCompletionMessageParam], response_format: type[ParsedT],

@@ -100,9 +100,11 @@ class Rewrites:
 
     request: ChatRequest
     steps: tuple[Rewrite, ...]
+    asked: ChatRequest | None = None  # the request as the caller made it, when a step rewrote it
 
     @classmethod
     def for_request(cls, request: ChatRequest) -> Rewrites:
+        asked = request
         from ._format import FormatPrompt
         from ._tools import ToolPrompt
 
@@ -115,7 +117,7 @@ class Rewrites:
         if fmt is not None:
             steps.append(fmt)
             request = fmt.request
-        return cls(request, tuple(steps))
+        return cls(request, tuple(steps), asked if steps else None)
 
     def completion(self, completion: ChatCompletion) -> ChatCompletion:
         for step in self.steps:
