@@ -113,3 +113,24 @@ def test_with_raw_response_on_local_weights_has_no_http_but_the_same_answer(tiny
         (200, 0, None, 0, None)
     assert raw.parse().choices[0].message.content == direct.choices[0].message.content
     assert merged.choices[0].message.content == direct.choices[0].message.content
+
+
+def test_a_local_request_is_a_genai_span_too(tiny_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    trace_sdk = pytest.importorskip("opentelemetry.sdk.trace")
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    import mixtral_client._tracing as tracing
+
+    exporter = InMemorySpanExporter()
+    provider = trace_sdk.TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    monkeypatch.setattr(tracing, "_tracer", provider.get_tracer("test"))
+    with MixtralClient(provider="local", model_path=str(tiny_dir), env={}, **LOCAL) as client:
+        done = client.chat.completions.create(messages=MESSAGES, max_tokens=5, temperature=0)
+        streamed = list(client.chat.completions.create(messages=MESSAGES, max_tokens=3, stream=True))
+    whole, stream = exporter.get_finished_spans()
+    assert whole.name == "chat mixtral-local" and whole.attributes["gen_ai.provider.name"] == "local"
+    assert "server.address" not in whole.attributes
+    assert whole.attributes["gen_ai.usage.output_tokens"] == done.usage.completion_tokens == 5
+    assert stream.attributes["gen_ai.response.finish_reasons"] == ("length",) and len(streamed) >= 3
