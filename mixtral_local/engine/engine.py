@@ -541,8 +541,7 @@ class _Batch:
             cache = self.cache.slots(b, u)
             if start:
                 for i, row in enumerate(computed):
-                    assert row.prefix is not None
-                    row.prefix.copy_into(cache, i, start)
+                    self._reuse(row, cache, i, start)
             ids = [r.prompt[start:] + [0] * (s - len(r.prompt)) for r in computed]
             logits = self.engine._forward(ids, [list(range(start, s))] * u, cache, s,
                                           last=[t - 1 - start for t in lengths])
@@ -602,6 +601,13 @@ class _Batch:
         if best is not None:
             row.prefix, row.cached = best, best_len
 
+    def _reuse(self, row: _Row, layers: Sequence[KVPair], slot: int, length: int) -> None:
+        """Copy the first ``length`` positions ``row`` shares into ``slot``; a prefix-cache entry counts a hit."""
+        assert row.prefix is not None
+        row.prefix.copy_into(layers, slot, length)
+        if isinstance(row.prefix, Prefix):
+            self.engine.prefix_cache.count_hit()
+
     @torch.inference_mode()
     def start_filling(self, row: _Row) -> None:
         """Make ``row`` the filling row; ``fill()`` then prefills it a chunk at a time (from the end of the
@@ -615,7 +621,7 @@ class _Batch:
             try:
                 self._reserve(self.size, row.cached)
                 assert self.cache is not None
-                row.prefix.copy_into(self.cache.layers, len(self.rows), row.cached)
+                self._reuse(row, self.cache.layers, len(self.rows), row.cached)
             except BaseException:
                 self.filling = None
                 raise

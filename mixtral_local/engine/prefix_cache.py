@@ -73,7 +73,7 @@ class PrefixCache:
         self.max_tokens = max_tokens
         self._entries: list[Prefix] = []  # least recently used first
         self._lock = threading.Lock()
-        self.hits = 0  # prompts that reused an entry (each request reports its own count in its deltas)
+        self.hits = 0  # prompts whose prefill copied an entry's keys and values (not lookups: see count_hit)
 
     @property
     def tokens(self) -> int:
@@ -105,8 +105,12 @@ class PrefixCache:
                 return None, 0
             self._entries.remove(best)  # now the most recently used
             self._entries.append(best)
-            self.hits += 1
             return best, best_len
+
+    def count_hit(self) -> None:
+        """An entry found by ``match`` was copied into a prompt's slot (a live row may have served it instead)."""
+        with self._lock:
+            self.hits += 1
 
     def store(self, tokens: Sequence[int], layers: Sequence[KVPair], slot: int) -> None:
         """Copy the first ``len(tokens)`` positions of ``slot`` (of a KV cache's ``layers``) in as an entry for
