@@ -19,7 +19,8 @@ import httpx
 
 from ._backends.base import AsyncBackend, SyncBackend
 from ._config import ClientConfig, check_max_retries, client_default_timeout, resolve_config
-from ._exceptions import ConfigurationError
+from ._exceptions import APIError, ConfigurationError, MixtralError
+from ._fallback import fallback_names, fallback_params, falls_back, switching
 from ._logging import setup_logging
 from ._parse import Repairs, format_for
 from ._request import ChatRequest, RequestOptions, build_request
@@ -165,6 +166,7 @@ class Completions:
     def __init__(self, core: _ClientCore, backend: SyncBackend) -> None:
         self._core = core
         self._backend = backend
+        self._fallbacks: list[Completions] = []  # the fallback clients' (see _fallback.py)
 
     @overload
     def create(self, *, messages: Sequence[ChatCompletionMessageParam], stream: Literal[False] = False,
@@ -188,7 +190,22 @@ class Completions:
 
     def _create(self, messages: Sequence[ChatCompletionMessageParam], stream: bool, params: Mapping[str, Any],
                 record: ResponseRecord | None = None) -> ChatCompletion | Stream:
-        return self._send(Rewrites.for_request(self._core.request(messages, stream, params, record)))
+        try:
+            return self._send(Rewrites.for_request(self._core.request(messages, stream, params, record)))
+        except APIError as exc:
+            if not (self._fallbacks and falls_back(exc)):
+                raise
+            failed, provider = exc, self._core.config.provider
+        for fallback in self._fallbacks:
+            switching(failed, provider, fallback._core.config.provider)
+            try:
+                return fallback._create(messages, stream, fallback_params(params), record)
+            except MixtralError as exc:
+                exc.add_note(f"(after {provider} failed: {type(failed).__name__}: {failed})")
+                if not (isinstance(exc, APIError) and falls_back(exc)):
+                    raise
+                failed, provider = exc, fallback._core.config.provider
+        raise failed
 
     def _send(self, rewrites: Rewrites) -> ChatCompletion | Stream:
         request = rewrites.request
@@ -221,10 +238,11 @@ class Completions:
         """A stream of events (openai-python's streaming helper): ``with client.chat.completions.stream(...) as
         stream: for event in stream: ...``. The request is checked now and sent on ``with``; ``response_format``
         may be a pydantic class (as for ``parse()``) or a format dict. See ``mixtral_client.events``."""
-        rewrites = Rewrites.for_request(self._core.request(messages, True, _stream_params(response_format, params)))
+        sent = _stream_params(response_format, params)
+        self._core.request(messages, True, sent)  # checked now: an invalid request raises here
 
         def open_stream() -> Stream:
-            opened = self._send(rewrites)
+            opened = self._create(messages, True, sent)
             assert isinstance(opened, Stream)
             return opened
 
@@ -271,6 +289,7 @@ class AsyncCompletions:
     def __init__(self, core: _ClientCore, backend: AsyncBackend) -> None:
         self._core = core
         self._backend = backend
+        self._fallbacks: list[AsyncCompletions] = []
 
     @overload
     async def create(self, *, messages: Sequence[ChatCompletionMessageParam], stream: Literal[False] = False,
@@ -290,7 +309,22 @@ class AsyncCompletions:
 
     async def _create(self, messages: Sequence[ChatCompletionMessageParam], stream: bool,
                       params: Mapping[str, Any], record: ResponseRecord | None = None) -> ChatCompletion | AsyncStream:
-        return await self._send(Rewrites.for_request(self._core.request(messages, stream, params, record)))
+        try:
+            return await self._send(Rewrites.for_request(self._core.request(messages, stream, params, record)))
+        except APIError as exc:
+            if not (self._fallbacks and falls_back(exc)):
+                raise
+            failed, provider = exc, self._core.config.provider
+        for fallback in self._fallbacks:
+            switching(failed, provider, fallback._core.config.provider)
+            try:
+                return await fallback._create(messages, stream, fallback_params(params), record)
+            except MixtralError as exc:
+                exc.add_note(f"(after {provider} failed: {type(failed).__name__}: {failed})")
+                if not (isinstance(exc, APIError) and falls_back(exc)):
+                    raise
+                failed, provider = exc, fallback._core.config.provider
+        raise failed
 
     async def _send(self, rewrites: Rewrites) -> ChatCompletion | AsyncStream:
         request = rewrites.request
@@ -322,10 +356,11 @@ class AsyncCompletions:
                **params: Unpack[StreamParams]) -> AsyncChatCompletionStreamManager[Any]:
         """The async stream of events: ``async with client.chat.completions.stream(...) as stream`` (not
         awaited; see ``Completions.stream``)."""
-        rewrites = Rewrites.for_request(self._core.request(messages, True, _stream_params(response_format, params)))
+        sent = _stream_params(response_format, params)
+        self._core.request(messages, True, sent)
 
         async def open_stream() -> AsyncStream:
-            opened = await self._send(rewrites)
+            opened = await self._create(messages, True, sent)
             assert isinstance(opened, AsyncStream)
             return opened
 
@@ -497,6 +532,7 @@ class _ClientArgs(TypedDict, total=False):
     local_options: Mapping[str, Any]
     tool_calling: Literal["auto", "native", "prompt"]
     structured_output: Literal["auto", "native", "prompt"]
+    fallbacks: Sequence[Any]  # provider names, or clients of the same kind (sync / async)
 
 
 def _with_options(config: ClientConfig, timeout: float | Timeout | None, max_retries: int | None,
@@ -543,6 +579,34 @@ class _Shell:
         def __init__(self, provider: str | None = None, *, env: Mapping[str, str] | None = None,
                      **kwargs: Unpack[_ClientArgs]) -> None: ...
 
+    def _set_fallbacks(self, given: Any, env: Mapping[str, str] | None, kwargs: Mapping[str, Any]) -> None:
+        """``fallbacks=`` (else ``MIXTRAL_FALLBACKS``): clients of this kind as given, provider names built here
+        (from the same environment, with this client's explicit ``timeout`` / ``max_retries``)."""
+        env = os.environ if env is None else env
+        self._fallback_clients: list[Any] = []
+        self._owned_fallbacks: list[Any] = []
+        for item in fallback_names(given, env):
+            if isinstance(item, str):
+                if item.strip().lower() == self.config.provider:
+                    if given is None:
+                        continue  # MIXTRAL_FALLBACKS names every provider of a chain: each skips itself
+                    raise ConfigurationError(f"fallbacks: {item!r} is this client's own provider")
+                shared = {k: kwargs[k] for k in ("timeout", "max_retries") if k in kwargs}
+                made = type(self)(item, env=env, fallbacks=(), **shared)  # not MIXTRAL_FALLBACKS again
+                self._owned_fallbacks.append(made)
+            elif isinstance(item, type(self)):
+                made = item
+            else:
+                raise ConfigurationError(f"fallbacks: a {type(self).__name__}'s fallbacks are provider names or "
+                                         f"{type(self).__name__}s, got {type(item).__name__}")
+            self._fallback_clients.append(made)
+        self.chat.completions._fallbacks = [c.chat.completions for c in self._fallback_clients]
+
+    @property
+    def fallbacks(self) -> list[str]:
+        """The providers tried after this one, in order."""
+        return [c.provider for c in self._fallback_clients]
+
     def with_options(self, *, timeout: float | Timeout | None = None, max_retries: int | None = None,
                      default_headers: Mapping[str, str] | None = None) -> Self:
         """A client like this one with another default ``timeout``, ``max_retries``, or more default headers,
@@ -554,6 +618,8 @@ class _Shell:
         clone._backend = _backend_sharing(self._backend, config, self._asynchronous)
         clone.chat = _Chat(self._completions(clone._core, clone._backend))
         clone.models = (AsyncModels if self._asynchronous else Models)(config, clone._backend)
+        clone._fallback_clients, clone._owned_fallbacks = self._fallback_clients, []
+        clone.chat.completions._fallbacks = self.chat.completions._fallbacks
         clone._borrowed = True
         return clone
 
@@ -585,15 +651,19 @@ class MixtralClient(_Shell):
 
     def __init__(self, provider: str | None = None, *, http_client: httpx.Client | None = None,
                  env: Mapping[str, str] | None = None, **kwargs: Unpack[_ClientArgs]) -> None:
+        fallbacks = kwargs.pop("fallbacks", None)
         self.config = _configure(provider, env, http_client=http_client, **kwargs)
         self._core = _ClientCore(self.config)
         self._backend: SyncBackend = _backend_class(self.config, asynchronous=False)(self.config)
         self.chat = _Chat(Completions(self._core, self._backend))
         self.models = Models(self.config, self._backend)
+        self._set_fallbacks(fallbacks, env, kwargs)
 
     def close(self) -> None:
         if not self._borrowed:
             self._backend.close()
+            for fallback in self._owned_fallbacks:
+                fallback.close()
 
     def __enter__(self) -> Self:
         return self
@@ -611,15 +681,19 @@ class AsyncMixtralClient(_Shell):
 
     def __init__(self, provider: str | None = None, *, http_client: httpx.AsyncClient | None = None,
                  env: Mapping[str, str] | None = None, **kwargs: Unpack[_ClientArgs]) -> None:
+        fallbacks = kwargs.pop("fallbacks", None)
         self.config = _configure(provider, env, async_http_client=http_client, **kwargs)
         self._core = _ClientCore(self.config)
         self._backend: AsyncBackend = _backend_class(self.config, asynchronous=True)(self.config)
         self.chat = _Chat(AsyncCompletions(self._core, self._backend))
         self.models = AsyncModels(self.config, self._backend)
+        self._set_fallbacks(fallbacks, env, kwargs)
 
     async def aclose(self) -> None:
         if not self._borrowed:
             await self._backend.aclose()
+            for fallback in self._owned_fallbacks:
+                await fallback.aclose()
 
     async def __aenter__(self) -> Self:
         return self

@@ -13,6 +13,7 @@ Environment variables:
     MIXTRAL_LOCAL_<KEY>  one ``local_options`` key for provider "local": MIXTRAL_LOCAL_QUANTIZE=int8,
                          MIXTRAL_LOCAL_DTYPE, _DEVICE, _MOE_BACKEND, _MAX_BATCH, _PREFIX_CACHE, _PROGRESS
                          (a ``local_options=`` argument wins key by key)
+    MIXTRAL_FALLBACKS    providers to try, in order, when this one fails (read by the client: _fallback.py)
 """
 
 from __future__ import annotations

@@ -134,3 +134,18 @@ def test_a_local_request_is_a_genai_span_too(tiny_dir: Path, monkeypatch: pytest
     assert "server.address" not in whole.attributes
     assert whole.attributes["gen_ai.usage.output_tokens"] == done.usage.completion_tokens == 5
     assert stream.attributes["gen_ai.response.finish_reasons"] == ("length",) and len(streamed) >= 3
+
+
+def test_a_hosted_provider_falls_back_to_local_weights(tiny_dir: Path) -> None:
+    """The host is down: the same request is answered by the weights, by configuration alone."""
+    from tests.client.conftest import replying
+    from tests.loopback import LoopbackServer
+
+    env = {"MIXTRAL_API_KEY": "k", "MIXTRAL_FALLBACKS": "local", "MIXTRAL_MODEL_PATH": str(tiny_dir),
+           "MIXTRAL_LOCAL_DTYPE": "float32", "MIXTRAL_LOCAL_DEVICE": "cpu"}
+    with LoopbackServer(replying(503, "down")) as host:
+        with MixtralClient(base_url=host.url, env=env, max_retries=0) as client:
+            assert client.fallbacks == ["local"]
+            answer = client.chat.completions.create(messages=MESSAGES, max_tokens=4, temperature=0)
+        assert len(host.requests) == 1
+    assert answer.model == "mixtral-local" and answer.usage.completion_tokens == 4
