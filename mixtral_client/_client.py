@@ -114,6 +114,24 @@ class _ClientCore:
 
     def __init__(self, config: ClientConfig) -> None:
         self.config = config
+        self._tokenizer: Any = None
+
+    def count_tokens(self, messages: Sequence[ChatCompletionMessageParam], params: Mapping[str, Any]) -> int:
+        """Prompt tokens of a request in Mixtral's own chat format, with the sentencepiece tokenizer (the local
+        checkpoint's; else the v1 one in mistral-common, which is Mixtral's): the request validated and
+        rewritten as this backend sends it, so tools and a ``response_format`` that travel in the prompt are
+        counted. Exact on local weights; on a host, the count its Mixtral template gives the same text (tools
+        a host takes natively are rendered by it, and not counted here). Needs the ``local`` extra."""
+        request = Rewrites.for_request(self.request(messages, False, params)).request
+        if self._tokenizer is None:
+            try:
+                from mixtral_local.tokenizer import MixtralTokenizer
+            except ImportError as exc:
+                raise ConfigurationError(
+                    f"count_tokens needs the Mixtral tokenizer from the local extra (missing {exc.name or exc}): "
+                    "pip install 'mixtral-sdk[local]'") from exc
+            self._tokenizer = MixtralTokenizer.from_pretrained(self.config.model_path)
+        return len(self._tokenizer.encode_chat(request.messages))
 
     def request(self, messages: Sequence[ChatCompletionMessageParam], stream: bool,
                 params: Mapping[str, Any], record: ResponseRecord | None = None) -> ChatRequest:
@@ -256,6 +274,10 @@ class Completions:
         ``create()``'s (not ``stream``). Checked now, sent as you iterate. See ``mixtral_client.tools``."""
         return ToolRunner(self, messages, tools, max_rounds, params, _RUN_TOOLS_KNOWN)
 
+    def count_tokens(self, *, messages: Sequence[ChatCompletionMessageParam], **params: Any) -> int:
+        """The prompt tokens of ``create(messages=..., **params)``: see ``_ClientCore.count_tokens``."""
+        return self._core.count_tokens(messages, params)
+
     @property
     def with_raw_response(self) -> RawCompletions:
         """``create()`` / ``parse()`` that return a ``RawResponse``: status, headers, retries taken, and
@@ -371,6 +393,11 @@ class AsyncCompletions:
         """The async agent loop (see ``Completions.run_tools``): ``async for answer in runner`` or
         ``await runner.until_done()``; one answer's calls run concurrently, sync functions in threads."""
         return AsyncToolRunner(self, messages, tools, max_rounds, params, _RUN_TOOLS_KNOWN)
+
+    def count_tokens(self, *, messages: Sequence[ChatCompletionMessageParam], **params: Any) -> int:
+        """The prompt tokens of ``create(messages=..., **params)`` (no I/O, so not awaited; see
+        ``_ClientCore.count_tokens``)."""
+        return self._core.count_tokens(messages, params)
 
     @property
     def with_raw_response(self) -> AsyncRawCompletions:

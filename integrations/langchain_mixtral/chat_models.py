@@ -9,6 +9,7 @@ holds no HTTP code.
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import threading
 import weakref
@@ -324,6 +325,24 @@ class ChatMixtral(BaseChatModel):
                     yield generation
         yield converter.last()
 
+    # -- token counts (LangChain's trim_messages, get_num_tokens) -------------------------------------
+
+    def get_num_tokens_from_messages(self, messages: list[BaseMessage],
+                                     tools: Sequence[Any] | None = None) -> int:
+        """Prompt tokens with Mixtral's own tokenizer and chat format (``client.chat.completions.count_tokens``):
+        exact on local weights, and tools that travel in the prompt are counted."""
+        params = self._create_params(messages, None, False)
+        if tools:
+            params["tools"] = [dict(t.param) if isinstance(t, FunctionTool) else convert_to_openai_tool(t)
+                               for t in tools]
+        count: int = self._client().chat.completions.count_tokens(**params)
+        return count
+
+    def get_token_ids(self, text: str) -> list[int]:
+        """Mixtral's sentencepiece ids for ``text`` (LangChain's default would fetch GPT-2's tokenizer)."""
+        ids: list[int] = _tokenizer(self.model_path).encode(text)
+        return ids
+
     # -- tools and structured output ------------------------------------------------------------------
 
     def bind_tools(
@@ -388,6 +407,14 @@ class ChatMixtral(BaseChatModel):
         parse = RunnablePassthrough.assign(parsed=itemgetter("raw") | parser, parsing_error=lambda _: None)
         fallback = RunnablePassthrough.assign(parsed=lambda _: None)
         return RunnableMap(raw=llm) | parse.with_fallbacks([fallback], exception_key="parsing_error")
+
+
+@functools.lru_cache(maxsize=4)
+def _tokenizer(model_path: str | None) -> Any:
+    """The checkpoint's sentencepiece tokenizer (None: mistral-common's v1, which is Mixtral's), loaded once."""
+    from mixtral_local.tokenizer import MixtralTokenizer
+
+    return MixtralTokenizer.from_pretrained(model_path)
 
 
 def _format_tool_choice(choice: str | Mapping[str, Any], names: list[str]) -> str | dict[str, Any]:
