@@ -612,10 +612,21 @@ class _Shell:
         env = os.environ if env is None else env
         self._fallback_clients: list[Any] = []
         self._owned_fallbacks: list[Any] = []
-        for item in fallback_names(given, env):
+        try:
+            self._add_fallbacks(fallback_names(given, env), given is None, env, kwargs)
+        except BaseException:
+            for made in self._owned_fallbacks:  # built before the one that failed
+                if isinstance(made, MixtralClient):
+                    made.close()
+            raise
+        self.chat.completions._fallbacks = [c.chat.completions for c in self._fallback_clients]
+
+    def _add_fallbacks(self, items: list[Any], from_env: bool, env: Mapping[str, str],
+                       kwargs: Mapping[str, Any]) -> None:
+        for item in items:
             if isinstance(item, str):
                 if item.strip().lower() == self.config.provider:
-                    if given is None:
+                    if from_env:
                         continue  # MIXTRAL_FALLBACKS names every provider of a chain: each skips itself
                     raise ConfigurationError(f"fallbacks: {item!r} is this client's own provider")
                 shared = {k: kwargs[k] for k in ("timeout", "max_retries") if k in kwargs}
@@ -627,7 +638,6 @@ class _Shell:
                 raise ConfigurationError(f"fallbacks: a {type(self).__name__}'s fallbacks are provider names or "
                                          f"{type(self).__name__}s, got {type(item).__name__}")
             self._fallback_clients.append(made)
-        self.chat.completions._fallbacks = [c.chat.completions for c in self._fallback_clients]
 
     @property
     def fallbacks(self) -> list[str]:
@@ -684,7 +694,11 @@ class MixtralClient(_Shell):
         self._backend: SyncBackend = _backend_class(self.config, asynchronous=False)(self.config)
         self.chat = _Chat(Completions(self._core, self._backend))
         self.models = Models(self.config, self._backend)
-        self._set_fallbacks(fallbacks, env, kwargs)
+        try:
+            self._set_fallbacks(fallbacks, env, kwargs)
+        except BaseException:  # a fallback that cannot be configured: release what this client opened
+            self._backend.close()
+            raise
 
     def close(self) -> None:
         if not self._borrowed:

@@ -147,3 +147,15 @@ def test_closing_closes_the_fallbacks_built_by_name_only(serve) -> None:
     assert client._fallback_clients[0]._backend._client.is_closed
     assert not mine._backend._client.is_closed
     mine.close()
+
+
+def test_a_fallback_that_cannot_be_configured_leaves_nothing_open(monkeypatch: pytest.MonkeyPatch) -> None:
+    from mixtral_client._backends import http
+
+    closed: list[str] = []
+    real_close = http.HTTPBackend.close
+    monkeypatch.setattr(http.HTTPBackend, "close", lambda self: closed.append(self.core.provider) or real_close(self))
+    env = {"NVIDIA_API_KEY": "nvapi-x", "OPENROUTER_API_KEY": "or"}  # no key for aimlapi
+    with pytest.raises(ConfigurationError, match="AIMLAPI_API_KEY"):
+        MixtralClient(provider="nvidia", env=env, fallbacks=["openrouter", "aimlapi"])
+    assert sorted(closed) == ["nvidia", "openrouter"]  # the client's own pool and the fallback built before
