@@ -27,6 +27,7 @@ from ._exceptions import (
     UnsupportedFeatureError,
 )
 from ._providers import MODEL_ALIAS, PROVIDERS, ProviderPreset
+from ._ratelimit import RateLimiter
 from ._response import RawResponse
 from ._retry import RetryPolicy
 from ._streaming import AsyncStream, Stream
@@ -61,6 +62,7 @@ __all__ = [
     "PermissionDeniedError",
     "ProviderPreset",
     "RateLimitError",
+    "RateLimiter",
     "RawResponse",
     "RetryPolicy",
     "Stream",

@@ -23,6 +23,7 @@ from ._exceptions import APIError, ConfigurationError, MixtralError
 from ._fallback import fallback_names, fallback_params, falls_back, switching
 from ._logging import setup_logging
 from ._parse import Repairs, format_for
+from ._ratelimit import RateLimiter, apace, as_limiter, pace
 from ._request import ChatRequest, RequestOptions, build_request
 from ._response import RawResponse, ResponseRecord
 from ._rewrite import Rewrites
@@ -185,6 +186,7 @@ class Completions:
         self._core = core
         self._backend = backend
         self._fallbacks: list[Completions] = []  # the fallback clients' (see _fallback.py)
+        self._limiter: RateLimiter | None = None  # rate_limit= (see _ratelimit.py)
 
     @overload
     def create(self, *, messages: Sequence[ChatCompletionMessageParam], stream: Literal[False] = False,
@@ -226,7 +228,7 @@ class Completions:
         raise failed
 
     def _send(self, rewrites: Rewrites) -> ChatCompletion | Stream:
-        request = rewrites.request
+        request = rewrites.request if self._limiter is None else pace(self._limiter, rewrites.request)
         span = start_span(self._core.config, rewrites.asked or request)  # None unless OpenTelemetry records
         if request.stream:
             chunks = rewrites.stream(self._backend.stream(request))
@@ -312,6 +314,7 @@ class AsyncCompletions:
         self._core = core
         self._backend = backend
         self._fallbacks: list[AsyncCompletions] = []
+        self._limiter: RateLimiter | None = None
 
     @overload
     async def create(self, *, messages: Sequence[ChatCompletionMessageParam], stream: Literal[False] = False,
@@ -349,7 +352,7 @@ class AsyncCompletions:
         raise failed
 
     async def _send(self, rewrites: Rewrites) -> ChatCompletion | AsyncStream:
-        request = rewrites.request
+        request = rewrites.request if self._limiter is None else await apace(self._limiter, rewrites.request)
         span = start_span(self._core.config, rewrites.asked or request)
         if request.stream:
             chunks = rewrites.astream(self._backend.stream(request))
@@ -560,6 +563,7 @@ class _ClientArgs(TypedDict, total=False):
     tool_calling: Literal["auto", "native", "prompt"]
     structured_output: Literal["auto", "native", "prompt"]
     fallbacks: Sequence[Any]  # provider names, or clients of the same kind (sync / async)
+    rate_limit: float | RateLimiter  # requests a minute, or a RateLimiter shared between clients
 
 
 def _with_options(config: ClientConfig, timeout: float | Timeout | None, max_retries: int | None,
@@ -657,6 +661,7 @@ class _Shell:
         clone.models = (AsyncModels if self._asynchronous else Models)(config, clone._backend)
         clone._fallback_clients, clone._owned_fallbacks = self._fallback_clients, []
         clone.chat.completions._fallbacks = self.chat.completions._fallbacks
+        clone.chat.completions._limiter = self.chat.completions._limiter  # one pace for both
         clone._borrowed = True
         return clone
 
@@ -689,10 +694,13 @@ class MixtralClient(_Shell):
     def __init__(self, provider: str | None = None, *, http_client: httpx.Client | None = None,
                  env: Mapping[str, str] | None = None, **kwargs: Unpack[_ClientArgs]) -> None:
         fallbacks = kwargs.pop("fallbacks", None)
+        rate_limit = as_limiter(kwargs.pop("rate_limit", None), (os.environ if env is None else env).get(
+            "MIXTRAL_RATE_LIMIT"))
         self.config = _configure(provider, env, http_client=http_client, **kwargs)
         self._core = _ClientCore(self.config)
         self._backend: SyncBackend = _backend_class(self.config, asynchronous=False)(self.config)
         self.chat = _Chat(Completions(self._core, self._backend))
+        self.chat.completions._limiter = rate_limit
         self.models = Models(self.config, self._backend)
         try:
             self._set_fallbacks(fallbacks, env, kwargs)
@@ -723,10 +731,13 @@ class AsyncMixtralClient(_Shell):
     def __init__(self, provider: str | None = None, *, http_client: httpx.AsyncClient | None = None,
                  env: Mapping[str, str] | None = None, **kwargs: Unpack[_ClientArgs]) -> None:
         fallbacks = kwargs.pop("fallbacks", None)
+        rate_limit = as_limiter(kwargs.pop("rate_limit", None), (os.environ if env is None else env).get(
+            "MIXTRAL_RATE_LIMIT"))
         self.config = _configure(provider, env, async_http_client=http_client, **kwargs)
         self._core = _ClientCore(self.config)
         self._backend: AsyncBackend = _backend_class(self.config, asynchronous=True)(self.config)
         self.chat = _Chat(AsyncCompletions(self._core, self._backend))
+        self.chat.completions._limiter = rate_limit
         self.models = AsyncModels(self.config, self._backend)
         self._set_fallbacks(fallbacks, env, kwargs)
 

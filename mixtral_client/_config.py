@@ -14,6 +14,7 @@ Environment variables:
                          MIXTRAL_LOCAL_DTYPE, _DEVICE, _MOE_BACKEND, _MAX_BATCH, _PREFIX_CACHE, _PROGRESS
                          (a ``local_options=`` argument wins key by key)
     MIXTRAL_FALLBACKS    providers to try, in order, when this one fails (read by the client: _fallback.py)
+    MIXTRAL_RATE_LIMIT   requests a minute to pace this client to (read by the client: _ratelimit.py)
 """
 
 from __future__ import annotations
