@@ -11,13 +11,16 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import CancelledError, ThreadPoolExecutor, as_completed
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, Self, TypedDict, TypeVar, Unpack, overload
 
+import anyio
 import httpx
 
 from ._backends.base import AsyncBackend, SyncBackend
+from ._batch import checked_batch
 from ._config import ClientConfig, check_max_retries, client_default_timeout, resolve_config
 from ._exceptions import APIError, ConfigurationError, MixtralError
 from ._fallback import fallback_names, fallback_params, falls_back, switching
@@ -280,6 +283,38 @@ class Completions:
         """The prompt tokens of ``create(messages=..., **params)``: see ``_ClientCore.count_tokens``."""
         return self._core.count_tokens(messages, params)
 
+    def batch(self, requests: Iterable[Mapping[str, Any]], *, max_concurrency: int = 8,
+              return_exceptions: bool = False) -> list[Any]:
+        """Many ``create()`` requests (dicts of its arguments), answered concurrently by worker threads and
+        returned in order; all are checked before the first is sent. See ``mixtral_client._batch``."""
+        items = checked_batch(requests, self._core, max_concurrency)
+        results: list[Any] = [None] * len(items)
+        if not items:
+            return results
+        failed: tuple[int, Exception] | None = None
+        with ThreadPoolExecutor(max_workers=min(max_concurrency, len(items)),
+                                thread_name_prefix="mixtral-batch") as pool:
+            futures = {pool.submit(self._create, messages, False, params): i
+                       for i, (messages, params) in enumerate(items)}
+            for future in as_completed(futures):
+                i = futures[future]
+                try:
+                    results[i] = future.result()
+                except CancelledError:
+                    continue
+                except Exception as exc:
+                    if return_exceptions:
+                        results[i] = exc
+                    elif failed is None:
+                        failed = (i, exc)
+                        for pending in futures:
+                            pending.cancel()  # not started: not sent
+        if failed is not None:
+            index, error = failed
+            error.add_note(f"(batch requests[{index}])")
+            raise error
+        return results
+
     @property
     def with_raw_response(self) -> RawCompletions:
         """``create()`` / ``parse()`` that return a ``RawResponse``: status, headers, retries taken, and
@@ -401,6 +436,34 @@ class AsyncCompletions:
         """The prompt tokens of ``create(messages=..., **params)`` (no I/O, so not awaited; see
         ``_ClientCore.count_tokens``)."""
         return self._core.count_tokens(messages, params)
+
+    async def batch(self, requests: Iterable[Mapping[str, Any]], *, max_concurrency: int = 8,
+                    return_exceptions: bool = False) -> list[Any]:
+        """Many ``create()`` requests answered concurrently by tasks, returned in order (see ``Completions.batch``)."""
+        items = checked_batch(requests, self._core, max_concurrency)
+        results: list[Any] = [None] * len(items)
+        limiter = anyio.CapacityLimiter(max_concurrency)
+        failed: list[tuple[int, Exception]] = []
+
+        async def one(i: int, messages: Any, params: dict[str, Any], scope: anyio.CancelScope) -> None:
+            async with limiter:
+                try:
+                    results[i] = await self._create(messages, False, params)
+                except Exception as exc:
+                    if return_exceptions:
+                        results[i] = exc
+                    elif not failed:
+                        failed.append((i, exc))
+                        scope.cancel()  # the rest stop: what has not been sent is not
+
+        async with anyio.create_task_group() as group:
+            for i, (messages, params) in enumerate(items):
+                group.start_soon(one, i, messages, params, group.cancel_scope)
+        if failed:
+            index, error = failed[0]
+            error.add_note(f"(batch requests[{index}])")
+            raise error
+        return results
 
     @property
     def with_raw_response(self) -> AsyncRawCompletions:

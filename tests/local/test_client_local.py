@@ -149,3 +149,16 @@ def test_a_hosted_provider_falls_back_to_local_weights(tiny_dir: Path) -> None:
             answer = client.chat.completions.create(messages=MESSAGES, max_tokens=4, temperature=0)
         assert len(host.requests) == 1
     assert answer.model == "mixtral-local" and answer.usage.completion_tokens == 4
+
+
+def test_a_batch_on_local_weights_decodes_together_and_answers_as_one_by_one(tiny_dir: Path) -> None:
+    """Eight greedy requests: the same answers as one at a time, in far fewer decode steps (they share them)."""
+    batch = [{"messages": [{"role": "user", "content": f"Count to {i}."}], "max_tokens": 24, "temperature": 0}
+             for i in range(8)]
+    with MixtralClient(provider="local", model_path=str(tiny_dir), env={}, **LOCAL) as client:
+        alone = [client.chat.completions.create(**request).choices[0].message.content for request in batch]
+        before = client._backend.stats()["decode_steps"]
+        together = client.chat.completions.batch(batch, max_concurrency=8)
+        steps = client._backend.stats()["decode_steps"] - before
+    assert [a.choices[0].message.content for a in together] == alone
+    assert steps < 8 * 24 / 2, steps  # one after another would take about 8 * 23 steps
