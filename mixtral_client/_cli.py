@@ -1,6 +1,7 @@
 """The ``mixtral`` command.
 
     mixtral chat ["prompt"] [-i] [--provider P] [--model M] [--system S] [--temperature T] [--max-tokens N] [--no-stream]
+                 [--fallback P ...] [--rate-limit RPM]
     mixtral serve [--provider P | --base-url URL | --model-path DIR] [--host H] [--port N] [--api-key K]
     mixtral models [--provider P | --base-url URL]
     mixtral local init-tiny DIR
@@ -72,6 +73,10 @@ def _parser() -> argparse.ArgumentParser:
     chat.add_argument("--model-path", help="a local checkpoint directory, or a model id in the Hugging Face cache "
                       "(provider local)")
     chat.add_argument("--local", action="append", default=[], metavar="KEY=VALUE", help=_LOCAL_HELP)
+    chat.add_argument("--fallback", action="append", choices=sorted(PROVIDERS), metavar="PROVIDER",
+                      help="a provider to try when the first fails (repeatable, in order; default: MIXTRAL_FALLBACKS)")
+    chat.add_argument("--rate-limit", type=float, metavar="RPM",
+                      help="pace requests to this many a minute (default: MIXTRAL_RATE_LIMIT)")
     chat.add_argument("--system", help="a system prompt")
     chat.add_argument("--temperature", type=float)
     chat.add_argument("--max-tokens", type=int)
@@ -84,6 +89,10 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--model-path", help="a local checkpoint directory, or a model id in the Hugging Face cache "
                        "(provider local)")
     serve.add_argument("--local", action="append", default=[], metavar="KEY=VALUE", help=_LOCAL_HELP)
+    serve.add_argument("--fallback", action="append", choices=sorted(PROVIDERS), metavar="PROVIDER",
+                      help="a provider to try when the first fails (repeatable, in order; default: MIXTRAL_FALLBACKS)")
+    serve.add_argument("--rate-limit", type=float, metavar="RPM",
+                      help="pace requests to this many a minute (default: MIXTRAL_RATE_LIMIT)")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--api-key", help="require this bearer key from callers (default: MIXTRAL_SERVER_API_KEY)")
@@ -125,8 +134,18 @@ def _configured(args: argparse.Namespace, env: Mapping[str, str]) -> dict[str, A
     local = _local_options(args.local)
     if kwargs.keys() - {"model"} or any(env.get(k) for k in ("MIXTRAL_PROVIDER", "MIXTRAL_BASE_URL",
                                                               "MIXTRAL_MODEL_PATH")):
-        return {**kwargs, "local_options": local} if local else kwargs
+        return {**kwargs, **({"local_options": local} if local else {}), **_pacing(args)}
     return None
+
+
+def _pacing(args: argparse.Namespace) -> dict[str, Any]:
+    """``--fallback`` and ``--rate-limit`` as client arguments (absent: the environment's, if any)."""
+    given: dict[str, Any] = {}
+    if args.fallback:
+        given["fallbacks"] = args.fallback
+    if args.rate_limit is not None:
+        given["rate_limit"] = args.rate_limit
+    return given
 
 
 def _serve(args: argparse.Namespace, env: Mapping[str, str]) -> int:

@@ -162,3 +162,19 @@ def test_a_batch_on_local_weights_decodes_together_and_answers_as_one_by_one(tin
         steps = client._backend.stats()["decode_steps"] - before
     assert [a.choices[0].message.content for a in together] == alone
     assert steps < 8 * 24 / 2, steps  # one after another would take about 8 * 23 steps
+
+
+def test_the_command_line_falls_back_and_paces(tiny_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from mixtral_client._cli import main
+    from tests.client.conftest import replying
+    from tests.loopback import LoopbackServer
+
+    env = {"MIXTRAL_API_KEY": "k", "MIXTRAL_MODEL_PATH": str(tiny_dir), "MIXTRAL_LOCAL_DTYPE": "float32",
+           "MIXTRAL_LOCAL_DEVICE": "cpu"}
+    with LoopbackServer(replying(503, "down")) as host:
+        code = main(["chat", "hi", "--base-url", host.url, "--fallback", "local", "--rate-limit", "600",
+                     "--max-tokens", "3", "--no-stream"], env=env)
+        assert code == 0 and capsys.readouterr().out.strip()
+        assert len(host.requests) == 3  # its own two retries, then the weights answered
+    assert main(["chat", "hi", "--base-url", "http://127.0.0.1:9/v1", "--rate-limit", "0"], env=env) == 2
+    assert "requests per minute must be a number > 0" in capsys.readouterr().err
