@@ -15,6 +15,8 @@ The text of prompts and answers is never recorded.
 from __future__ import annotations
 
 import contextlib
+import functools
+import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -30,6 +32,10 @@ __all__ = ["RequestSpan", "start"]
 
 _UNSET: Any = object()
 _tracer: Any = _UNSET  # the opentelemetry tracer, None without opentelemetry; looked up on the first request
+_instruments: Any = _UNSET  # (duration, token usage) histograms, None without opentelemetry
+#: the advised bucket boundaries of the GenAI conventions
+_DURATION_BUCKETS = [0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92]
+_TOKEN_BUCKETS = [1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 16777216, 67108864]
 
 #: gen_ai.provider.name: the well-known value where the conventions have one, else the preset's name
 _PROVIDER_NAMES = {"bedrock": "aws.bedrock"}
@@ -56,16 +62,46 @@ def _get_tracer() -> Any:
     return _tracer
 
 
-def _attributes(config: ClientConfig, request: ChatRequest) -> dict[str, Any]:
+def _get_instruments() -> Any:
+    global _instruments
+    if _instruments is _UNSET:
+        try:
+            from opentelemetry import metrics
+        except ImportError:
+            _instruments = None
+        else:
+            meter = metrics.get_meter("mixtral_client", __version__)
+            _instruments = (
+                meter.create_histogram("gen_ai.client.operation.duration", unit="s",
+                                       description="GenAI operation duration",
+                                       explicit_bucket_boundaries_advisory=_DURATION_BUCKETS),
+                meter.create_histogram("gen_ai.client.token.usage", unit="{token}",
+                                       description="Number of input and output tokens used",
+                                       explicit_bucket_boundaries_advisory=_TOKEN_BUCKETS),
+            )
+    return _instruments
+
+
+@functools.lru_cache(maxsize=64)
+def _server(base_url: str) -> tuple[str, int]:
+    url = httpx.URL(base_url)
+    return url.host, url.port or (443 if url.scheme == "https" else 80)
+
+
+def _common(config: ClientConfig, request: ChatRequest) -> dict[str, Any]:
+    """The attributes the span and the metrics share."""
     attributes: dict[str, Any] = {
         "gen_ai.operation.name": "chat",
         "gen_ai.provider.name": _PROVIDER_NAMES.get(config.provider, config.provider),
         "gen_ai.request.model": request.model,
     }
     if config.base_url:
-        url = httpx.URL(config.base_url)
-        attributes["server.address"] = url.host
-        attributes["server.port"] = url.port or (443 if url.scheme == "https" else 80)
+        attributes["server.address"], attributes["server.port"] = _server(config.base_url)
+    return attributes
+
+
+def _attributes(config: ClientConfig, request: ChatRequest) -> dict[str, Any]:
+    attributes = _common(config, request)
     params = request.params
     for name, attribute in _PARAMS.items():
         if name in params:
@@ -83,27 +119,34 @@ def _attributes(config: ClientConfig, request: ChatRequest) -> dict[str, Any]:
 
 
 def start(config: ClientConfig, request: ChatRequest) -> RequestSpan | None:
-    """A span for ``request``, or None when nothing records spans."""
+    """The observation of ``request`` (a span when a tracer records, the two metrics), or None without
+    opentelemetry."""
     tracer = _get_tracer()
     if tracer is None:
         return None
     from opentelemetry.trace import SpanKind
 
     span = tracer.start_span(f"chat {request.model}", kind=SpanKind.CLIENT)
-    if not span.is_recording():
-        return None
-    span.set_attributes(_attributes(config, request))
-    return RequestSpan(span)
+    if span.is_recording():
+        span.set_attributes(_attributes(config, request))
+    else:
+        span = None
+    return RequestSpan(span, _common(config, request))
 
 
 class RequestSpan:
-    """One request's span: made current while sending, ended with the answer, the stream's end or the error."""
+    """One request's span (None when no tracer records) and metrics: made current while sending, ended with the
+    answer, the stream's end or the error."""
 
-    __slots__ = ("_ended", "_finish", "_id", "_model", "_span", "_usage")
+    __slots__ = ("_ended", "_error", "_finish", "_id", "_metric_attributes", "_model", "_span", "_started",
+                 "_usage")
 
-    def __init__(self, span: Any) -> None:
+    def __init__(self, span: Any, metric_attributes: dict[str, Any]) -> None:
         self._span = span
+        self._metric_attributes = metric_attributes
+        self._started = time.monotonic()
         self._ended = False
+        self._error: str | None = None
         self._id = ""
         self._model = ""
         self._finish: dict[int, str] = {}
@@ -111,6 +154,9 @@ class RequestSpan:
 
     @contextlib.contextmanager
     def current(self) -> Iterator[None]:
+        if self._span is None:
+            yield
+            return
         from opentelemetry import trace
 
         with trace.use_span(self._span, end_on_exit=False, record_exception=False, set_status_on_exception=False):
@@ -131,17 +177,22 @@ class RequestSpan:
                 self._finish[choice.index] = choice.finish_reason
 
     def failed(self, exc: BaseException) -> None:
-        from opentelemetry.trace import Status, StatusCode
+        self._error = type(exc).__name__
+        if self._span is not None:
+            from opentelemetry.trace import Status, StatusCode
 
-        self._span.set_attribute("error.type", type(exc).__name__)
-        self._span.set_status(Status(StatusCode.ERROR, str(exc)[:500]))
+            self._span.set_attribute("error.type", self._error)
+            self._span.set_status(Status(StatusCode.ERROR, str(exc)[:500]))
         self.end()
 
     def end(self) -> None:
         if self._ended:
             return
         self._ended = True
+        self._record()
         span = self._span
+        if span is None:
+            return
         if self._id:
             span.set_attribute("gen_ai.response.id", self._id)
         if self._model:
@@ -152,6 +203,22 @@ class RequestSpan:
             span.set_attribute("gen_ai.usage.input_tokens", self._usage.prompt_tokens)
             span.set_attribute("gen_ai.usage.output_tokens", self._usage.completion_tokens)
         span.end()
+
+    def _record(self) -> None:
+        """The duration and token usage histograms of the conventions."""
+        instruments = _get_instruments()
+        if instruments is None:
+            return
+        duration, tokens = instruments
+        attributes = dict(self._metric_attributes)
+        if self._model:
+            attributes["gen_ai.response.model"] = self._model
+        if self._error is not None:
+            attributes["error.type"] = self._error
+        duration.record(time.monotonic() - self._started, attributes)
+        if self._usage is not None:
+            tokens.record(self._usage.prompt_tokens, {**attributes, "gen_ai.token.type": "input"})
+            tokens.record(self._usage.completion_tokens, {**attributes, "gen_ai.token.type": "output"})
 
     def chunks(self, chunks: Iterator[ChatCompletionChunk]) -> Iterator[ChatCompletionChunk]:
         """``chunks`` passed through, observed; the span ends with them."""

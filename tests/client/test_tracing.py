@@ -133,3 +133,31 @@ def test_without_a_recording_tracer_nothing_is_made(monkeypatch: pytest.MonkeyPa
     assert Driver("sync").complete(server).choices[0].message.content == "Hi"
     monkeypatch.setattr(tracing, "_tracer", None)  # opentelemetry not installed
     assert Driver("sync").complete(server).choices[0].message.content == "Hi"
+
+
+def test_the_duration_and_token_usage_metrics(serve, monkeypatch: pytest.MonkeyPatch) -> None:
+    metrics_sdk = pytest.importorskip("opentelemetry.sdk.metrics")
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+    reader = InMemoryMetricReader()
+    meter = metrics_sdk.MeterProvider(metric_readers=[reader]).get_meter("test")
+    monkeypatch.setattr(tracing, "_instruments", (meter.create_histogram("gen_ai.client.operation.duration"),
+                                                  meter.create_histogram("gen_ai.client.token.usage")))
+    monkeypatch.setattr(tracing, "_tracer", trace_sdk.TracerProvider().get_tracer("off"))  # no processor: records
+    server = serve(in_turn(replying(200, completion("Hi")), replying(429, {"error": {"message": "slow"}})))
+
+    Driver("sync").complete(server)
+    with pytest.raises(Exception, match="slow"):
+        Driver("sync").complete(server, client={"max_retries": 0})
+
+    points = {m.name: m.data.data_points for rm in reader.get_metrics_data().resource_metrics
+              for sm in rm.scope_metrics for m in sm.metrics}
+    durations = sorted(points["gen_ai.client.operation.duration"], key=lambda p: "error.type" in p.attributes)
+    assert [p.count for p in durations] == [1, 1]
+    ok, failed = (dict(p.attributes) for p in durations)
+    assert ok == {"gen_ai.operation.name": "chat", "gen_ai.provider.name": "openai",
+                  "gen_ai.request.model": "mistralai/Mixtral-8x7B-Instruct-v0.1", "server.address": "127.0.0.1",
+                  "server.port": server.port, "gen_ai.response.model": "m"}
+    assert failed["error.type"] == "RateLimitError" and "gen_ai.response.model" not in failed
+    tokens = {p.attributes["gen_ai.token.type"]: p.sum for p in points["gen_ai.client.token.usage"]}
+    assert tokens == {"input": 3, "output": 2}
