@@ -76,8 +76,8 @@ def _docstring(fn: Callable[..., Any]) -> tuple[str, dict[str, str]]:
 
 
 class FunctionTool(Generic[R]):
-    """A Python function the model may call: its ``param`` (the tool as sent) and ``call(arguments)`` (the
-    JSON arguments validated, then the function called). Made by ``tool()``."""
+    """A Python function the model may call: ``param`` (the tool as sent), ``arguments(json)`` (a call's JSON
+    arguments validated into keyword arguments), and the function itself when called. Made by ``tool()``."""
 
     def __init__(self, fn: Callable[..., R], *, name: str | None = None, description: str | None = None) -> None:
         self.fn = fn
