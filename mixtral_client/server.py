@@ -3,6 +3,7 @@
     POST /v1/chat/completions   OpenAI's chat completions: whole answers, and SSE streams ending in [DONE]
     GET  /v1/models             the one model served (and /v1/models/{id})
     GET  /health                200 once the backend is ready; on local weights, what the batch is doing
+    GET  /metrics               Prometheus text: requests by status, durations, tokens, and the local batch
 
 One ``AsyncMixtralClient`` answers every request, so what the client does the server does: validation
 before anything is sent or computed, tools and ``response_format`` on every backend, retries and
@@ -30,11 +31,12 @@ from typing import Any, TypeVar
 import anyio
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from ._client import AsyncMixtralClient
 from ._config import ClientConfig
+from ._metrics import ServerMetrics
 from ._providers import MODEL_ALIAS
 from ._serving import (
     DONE,
@@ -83,21 +85,27 @@ def _error(exc: Exception) -> JSONResponse:
     return JSONResponse(body, status_code=status, headers=headers)
 
 
-async def _events(stream: AsyncStream, include_usage: bool) -> AsyncIterator[bytes]:
+async def _events(stream: AsyncStream, include_usage: bool, done: Callable[[bool], None]) -> AsyncIterator[bytes]:
     """The stream as SSE. A failure after the first event is one last ``error`` event (OpenAI's shape, which
-    openai-python raises as an ``APIError``) and no ``[DONE]``, so no caller mistakes it for an answer."""
+    openai-python raises as an ``APIError``) and no ``[DONE]``, so no caller mistakes it for an answer.
+    ``done(failed)`` is called once the stream is over, however it ended."""
     shaper = StreamShaper(include_usage)
-    async with stream:  # a caller that goes away cancels this generator: the stream closes, the request ends
-        try:
-            async for chunk in stream:
-                if (out := shaper.feed(chunk)) is not None:
-                    yield sse(out)
-        except Exception as exc:
-            yield sse(_failure(exc)[1])
-            return
-    if (usage := shaper.end()) is not None:
-        yield sse(usage)
-    yield DONE
+    failed = False
+    try:
+        async with stream:  # a caller that goes away cancels this generator: the stream closes, the request ends
+            try:
+                async for chunk in stream:
+                    if (out := shaper.feed(chunk)) is not None:
+                        yield sse(out)
+            except Exception as exc:
+                failed = True
+                yield sse(_failure(exc)[1])
+                return
+        if (usage := shaper.end()) is not None:
+            yield sse(usage)
+        yield DONE
+    finally:
+        done(failed)
 
 
 async def _unless_gone(request: Request, make: Callable[[], Awaitable[T]]) -> T | None:
@@ -151,6 +159,7 @@ def create_app(client: AsyncMixtralClient, *, api_key: str | None = None, model_
     is refused with 413 before it is read to its end.
     """
     config = client.config
+    metrics = ServerMetrics()
     own_id = config.preset.resolve_model(config.model)
     name = model_name or own_id
     served = frozenset({name, own_id, MODEL_ALIAS})
@@ -163,21 +172,32 @@ def create_app(client: AsyncMixtralClient, *, api_key: str | None = None, model_
         return _error(Unauthorized("missing or wrong API key (Authorization: Bearer ...)"))
 
     async def chat_completions(request: Request) -> Response:
+        started, stream = metrics.started(), False
         if (denied := refused(request)) is not None:
+            metrics.finished(started, denied.status_code, stream)
             return denied
         try:
             served_request = read_body(await _body(request, max_body_bytes), served)
+            stream = served_request.stream
             raw = await _unless_gone(request, lambda: client.chat.completions.with_raw_response.create(
                 messages=served_request.messages, stream=served_request.stream, **served_request.params))
         except Exception as exc:  # every refusal or failure before the first byte is an HTTP error status
-            return _error(exc)
+            failure = _error(exc)
+            metrics.finished(started, failure.status_code, stream)
+            return failure
         if raw is None:  # the caller hung up while the answer was being made: it was cancelled
+            metrics.finished(started, 499, stream)
             return Response(status_code=499)
         headers = {**_passed(raw.headers), "x-request-id": _request_id(raw.request_id)}
         answer = raw.parse()
         if isinstance(answer, AsyncStream):
-            return StreamingResponse(_events(answer, served_request.include_usage), media_type="text/event-stream",
+            def done(failed: bool, stream: AsyncStream = answer) -> None:
+                metrics.finished(started, 200, True, stream._accumulator.usage, stream_failed=failed)
+
+            return StreamingResponse(_events(answer, served_request.include_usage, done),
+                                     media_type="text/event-stream",
                                      headers={"cache-control": "no-cache", "x-accel-buffering": "no", **headers})
+        metrics.finished(started, 200, False, answer.usage)
         return JSONResponse(answer.model_dump(mode="json"), headers=headers)
 
     listing = {"id": name, "object": "model", "created": created, "owned_by": config.provider}
@@ -197,12 +217,18 @@ def create_app(client: AsyncMixtralClient, *, api_key: str | None = None, model_
             return _error(exc)
         return JSONResponse({**listing, "id": asked})
 
+    def local_stats() -> dict[str, Any] | None:
+        stats = getattr(client._backend, "stats", None)  # local weights: the running batch
+        return None if stats is None else dict(stats())
+
     async def health(_request: Request) -> Response:
         body: dict[str, Any] = {"status": "ok", "provider": config.provider, "model": name}
-        stats = getattr(client._backend, "stats", None)  # local weights: the running batch
-        if stats is not None:
-            body["local"] = stats()
+        if (stats := local_stats()) is not None:
+            body["local"] = stats
         return JSONResponse(body)
+
+    async def prometheus(_request: Request) -> Response:
+        return PlainTextResponse(metrics.render(local_stats()), media_type="text/plain; version=0.0.4")
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: Starlette) -> AsyncIterator[None]:
@@ -217,6 +243,7 @@ def create_app(client: AsyncMixtralClient, *, api_key: str | None = None, model_
         Route("/v1/models", models, methods=["GET"]),
         Route("/v1/models/{model:path}", model, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
+        Route("/metrics", prometheus, methods=["GET"]),
     ], lifespan=lifespan)
 
 

@@ -270,3 +270,32 @@ def test_chat_mixtral_talks_to_the_server_as_to_any_openai_host(local_url: str, 
     said = llm.invoke([("system", "You are terse."), ("user", "Name three rivers.")])
     assert said.content == in_process(tiny_dir, temperature=0, max_tokens=6).choices[0].message.content
     assert said.usage_metadata is not None and said.usage_metadata["output_tokens"] == 6
+
+
+def test_metrics_count_answers_tokens_and_the_local_batch(tiny_dir: Path) -> None:
+    def scrape(base: str) -> dict[str, float]:
+        text = httpx.get(base.removesuffix("/v1") + "/metrics").text
+        return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+                for line in text.splitlines() if line and not line.startswith("#")}
+
+    with running(AsyncMixtralClient(provider="local", model_path=str(tiny_dir), env={}, **LOCAL),
+                 warmup=False) as url, openai_client(url) as sdk:
+        whole = sdk.chat.completions.create(model="mixtral-local", messages=MESSAGES, max_tokens=3)
+        with sdk.chat.completions.create(model="mixtral-local", messages=MESSAGES, max_tokens=4, stream=True,
+                                         stream_options={"include_usage": True}) as stream:
+            streamed = [c for c in stream if c.usage is not None][-1].usage
+        with pytest.raises(openai.BadRequestError):
+            sdk.chat.completions.create(model="mixtral-local", messages=MESSAGES, temperature=9)
+        seen = scrape(url)
+
+    assert seen['mixtral_serve_requests_total{code="200",stream="false"}'] == 1
+    assert seen['mixtral_serve_requests_total{code="200",stream="true"}'] == 1
+    assert seen['mixtral_serve_requests_total{code="400",stream="false"}'] == 1
+    assert seen['mixtral_serve_tokens_total{type="completion"}'] == whole.usage.completion_tokens + 4 == 7
+    assert seen['mixtral_serve_tokens_total{type="prompt"}'] == whole.usage.prompt_tokens + streamed.prompt_tokens
+    assert seen['mixtral_serve_request_duration_seconds_count{stream="false"}'] == 2
+    assert seen['mixtral_serve_request_duration_seconds_bucket{stream="true",le="+Inf"}'] == 1
+    assert seen["mixtral_serve_requests_in_flight"] == 0 and seen["mixtral_serve_stream_errors_total"] == 0
+    # the first token of each answer comes from its prefill: (3 - 1) + (4 - 1) decode steps at least (the engine
+    # may be shared with this module's other server)
+    assert seen["mixtral_local_decode_steps_total"] >= 5 and seen["mixtral_local_max_batch"] == 16

@@ -136,6 +136,10 @@ def test_stream_failing_midway_ends_in_an_error_event(host: Callable[[Handler], 
     with openai_client(url) as sdk, pytest.raises(openai.APIError, match="provider died"):
         for _ in sdk.chat.completions.create(model="mixtral-8x7b-instruct", messages=MESSAGES, stream=True):
             pass
+    metrics = httpx.get(url.removesuffix("/v1") + "/metrics").text.splitlines()
+    assert 'mixtral_serve_requests_total{code="200",stream="true"} 2' in metrics  # the status they got
+    assert "mixtral_serve_stream_errors_total 2" in metrics and "mixtral_serve_requests_in_flight 0" in metrics
+    assert not any(line.startswith("mixtral_local_") for line in metrics)  # a host: no local batch to show
 
 
 def test_prompted_tools_come_back_as_tool_calls(host: Callable[[Handler], LoopbackServer],
