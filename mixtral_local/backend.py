@@ -55,6 +55,7 @@ from mixtral_client.types import (
 )
 
 from .engine import Delta, Engine, SamplingParams, Ticket, TokenLogprob
+from .engine.engine import MAX_BATCH
 from .engine.grammar import GrammarError, check_grammar, json_grammar, tool_calls_grammar
 from .engine.kv_cache import KVCache
 from .engine.prefix_cache import PREFIX_CACHE_TOKENS
@@ -81,7 +82,7 @@ class LocalOptions:
     moe_backend: str = "auto"
     quantize: str | None = None
     progress: bool | None = None
-    max_batch: int = 16
+    max_batch: int = MAX_BATCH
     prefix_cache: int = PREFIX_CACHE_TOKENS
     kv_cache_memory: int | None = None  # bytes the running batch's KV cache may hold; None: "auto"
 
@@ -91,7 +92,7 @@ class LocalOptions:
             raise ConfigurationError("provider 'local' needs model_path= (or MIXTRAL_MODEL_PATH)")
         opts = dict(config.local_options)  # keys checked by resolve_config
         source = config.local_option_source
-        max_batch = _int_option(opts, "max_batch", 16, 1, source("max_batch"))
+        max_batch = _int_option(opts, "max_batch", MAX_BATCH, 1, source("max_batch"))
         prefix_cache = _int_option(opts, "prefix_cache", PREFIX_CACHE_TOKENS, 0, source("prefix_cache"),
                                    " (tokens of finished requests kept for reuse; 0: off)")
         kv_cache_memory = _memory_option(opts, "kv_cache_memory", source("kv_cache_memory"))

@@ -176,7 +176,7 @@ def test_health_shows_the_local_batch_at_work(sdk: openai.OpenAI, local_url: str
     while (busy := httpx.get(health).json()["local"])["decoding"] != 1 and time.monotonic() < deadline:
         time.sleep(0.02)
     stream.close()
-    assert busy["decoding"] == 1 and busy["kv_cache_bytes"] > 0 and busy["max_batch"] == 16
+    assert busy["decoding"] == 1 and busy["kv_cache_bytes"] > 0 and busy["max_batch"] == 32
     deadline = time.monotonic() + 5
     while httpx.get(health).json()["local"]["decoding"] and time.monotonic() < deadline:
         time.sleep(0.02)
@@ -298,4 +298,4 @@ def test_metrics_count_answers_tokens_and_the_local_batch(tiny_dir: Path) -> Non
     assert seen["mixtral_serve_requests_in_flight"] == 0 and seen["mixtral_serve_stream_errors_total"] == 0
     # the first token of each answer comes from its prefill: (3 - 1) + (4 - 1) decode steps at least (the engine
     # may be shared with this module's other server)
-    assert seen["mixtral_local_decode_steps_total"] >= 5 and seen["mixtral_local_max_batch"] == 16
+    assert seen["mixtral_local_decode_steps_total"] >= 5 and seen["mixtral_local_max_batch"] == 32
