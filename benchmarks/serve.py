@@ -9,7 +9,7 @@ load the same safetensors file; transformers gets a tokenizer.json converted fro
 and Mixtral's chat template. Both run as separate processes with ``--threads`` torch threads, started once;
 each workload runs against ours, then theirs, ``--repeats`` times. Per workload: median time to first token,
 the slowest caller's time to first token, and the aggregate completion tokens/s (all callers' tokens over the
-wall time). ``--max-batch`` sets our ``MIXTRAL_LOCAL_MAX_BATCH`` (default: the engine's 16 rows; callers beyond
+wall time). ``--max-batch`` sets our ``MIXTRAL_LOCAL_MAX_BATCH`` (default: the engine's ``MAX_BATCH`` rows; callers beyond
 it wait for a row). Prints a table with the ratios (theirs over ours for times, ours over theirs for tokens/s) and
 writes benchmarks/results/serve.json.
 """
@@ -40,6 +40,7 @@ import transformers
 from local_cpu import SHAPE, _cpu_name
 from transformers.convert_slow_tokenizer import SentencePieceExtractor
 
+from mixtral_local.engine.engine import MAX_BATCH
 from mixtral_local.tiny import write_tiny_checkpoint
 from mixtral_local.tokenizer import MixtralTokenizer
 
@@ -193,7 +194,7 @@ def main() -> None:
         "command": f"python benchmarks/serve.py --streams {' '.join(map(str, args.streams))} --tokens {args.tokens} "
                    f"--repeats {args.repeats} --threads {args.threads}"
                    + (f" --max-batch {args.max_batch}" if args.max_batch else ""),
-        "max_batch": args.max_batch or 16,
+        "max_batch": args.max_batch or MAX_BATCH,
         "cpu": _cpu_name(), "threads": args.threads, "torch": torch.__version__,
         "transformers": transformers.__version__, "model": SHAPE, "dtype": "float32", "new_tokens": args.tokens,
         "prompt_tokens": [min(prompt_tokens), max(prompt_tokens)],

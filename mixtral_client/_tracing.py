@@ -62,7 +62,17 @@ def _get_tracer() -> Any:
     return _tracer
 
 
+def _metrics_wanted() -> bool:
+    """Whether the application has set a meter provider (until it does, the API's proxy records nothing, and
+    the client skips the work of observing a request for it)."""
+    from opentelemetry import metrics
+
+    provider = metrics.get_meter_provider()
+    return not isinstance(provider, metrics.NoOpMeterProvider) and type(provider).__name__ != "_ProxyMeterProvider"
+
+
 def _get_instruments() -> Any:
+    """The two histograms, or None without opentelemetry or a meter provider set."""
     global _instruments
     if _instruments is _UNSET:
         try:
@@ -79,7 +89,7 @@ def _get_instruments() -> Any:
                                        description="Number of input and output tokens used",
                                        explicit_bucket_boundaries_advisory=_TOKEN_BUCKETS),
             )
-    return _instruments
+    return _instruments if _instruments is not None and _metrics_wanted() else None
 
 
 @functools.lru_cache(maxsize=64)
@@ -129,6 +139,8 @@ def start(config: ClientConfig, request: ChatRequest) -> RequestSpan | None:
     span = tracer.start_span(f"chat {request.model}", kind=SpanKind.CLIENT)
     if span.is_recording():
         span.set_attributes(_attributes(config, request))
+    elif _get_instruments() is None:
+        return None  # nothing records: no observation, and a stream's chunks pass unwrapped
     else:
         span = None
     return RequestSpan(span, _common(config, request))
@@ -205,7 +217,7 @@ class RequestSpan:
         span.end()
 
     def _record(self) -> None:
-        """The duration and token usage histograms of the conventions."""
+        """The duration and token usage histograms of the conventions (when a meter provider is set)."""
         instruments = _get_instruments()
         if instruments is None:
             return

@@ -143,6 +143,7 @@ def test_the_duration_and_token_usage_metrics(serve, monkeypatch: pytest.MonkeyP
     meter = metrics_sdk.MeterProvider(metric_readers=[reader]).get_meter("test")
     monkeypatch.setattr(tracing, "_instruments", (meter.create_histogram("gen_ai.client.operation.duration"),
                                                   meter.create_histogram("gen_ai.client.token.usage")))
+    monkeypatch.setattr(tracing, "_metrics_wanted", lambda: True)  # as when the application set its provider
     monkeypatch.setattr(tracing, "_tracer", trace_sdk.TracerProvider().get_tracer("off"))  # no processor: records
     server = serve(in_turn(replying(200, completion("Hi")), replying(429, {"error": {"message": "slow"}})))
 
@@ -161,3 +162,20 @@ def test_the_duration_and_token_usage_metrics(serve, monkeypatch: pytest.MonkeyP
     assert failed["error.type"] == "RateLimitError" and "gen_ai.response.model" not in failed
     tokens = {p.attributes["gen_ai.token.type"]: p.sum for p in points["gen_ai.client.token.usage"]}
     assert tokens == {"input": 3, "output": 2}
+
+
+def test_without_a_meter_provider_or_a_recording_tracer_a_stream_is_not_wrapped(serve,
+                                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nothing would record: the chunks pass through untouched (no observer per chunk)."""
+    from opentelemetry.trace import NoOpTracer
+
+    from mixtral_client import MixtralClient
+
+    monkeypatch.setattr(tracing, "_tracer", NoOpTracer())
+    assert not tracing._metrics_wanted()  # the API's proxy: no provider set in this process
+    server = serve(streaming(sse(chunk("a"), chunk(finish="stop"))))
+    with MixtralClient(base_url=server.url, api_key="k") as client:
+        stream = client.chat.completions.create(messages=[{"role": "user", "content": "Hi"}], stream=True)
+        with stream:
+            assert "chunks" not in getattr(stream._chunks, "__qualname__", "")
+            assert list(stream)
