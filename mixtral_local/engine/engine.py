@@ -142,7 +142,7 @@ class _LiveRow:
             v[slot, :, :length] = sv[src, :, :length]
 
 
-#: rows that decode together by default: on CPU, 32 callers of `mixtral serve` then get their first tokens 1.30 to
+#: rows that decode together by default: on CPU, 32 callers of `mixtral serve` then get their first tokens 1.17 to
 #: 1.33x sooner than transformers' continuous batching, where 16 rows left the second half waiting
 #: (docs/benchmarks/serve.md); on a GPU the KV cache's memory bound decides how many actually run
 MAX_BATCH = 32
