@@ -238,12 +238,8 @@ class Completions:
             return Stream(chunks if span is None else span.chunks(chunks))._open()
         if span is None:
             return rewrites.completion(self._backend.complete(request))
-        try:
-            with span.current():
-                completion = rewrites.completion(self._backend.complete(request))
-        except BaseException as exc:
-            span.failed(exc)
-            raise
+        with span.sending():
+            completion = rewrites.completion(self._backend.complete(request))
         span.answered(completion)
         return completion
 
@@ -394,12 +390,8 @@ class AsyncCompletions:
             return await AsyncStream(chunks if span is None else span.achunks(chunks))._open()
         if span is None:
             return rewrites.completion(await self._backend.complete(request))
-        try:
-            with span.current():
-                completion = rewrites.completion(await self._backend.complete(request))
-        except BaseException as exc:
-            span.failed(exc)
-            raise
+        with span.sending():
+            completion = rewrites.completion(await self._backend.complete(request))
         span.answered(completion)
         return completion
 

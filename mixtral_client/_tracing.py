@@ -174,6 +174,16 @@ class RequestSpan:
         with trace.use_span(self._span, end_on_exit=False, record_exception=False, set_status_on_exception=False):
             yield
 
+    @contextlib.contextmanager
+    def sending(self) -> Iterator[None]:
+        """Around sending a whole answer: the span current, a failure recorded (and raised on)."""
+        try:
+            with self.current():
+                yield
+        except BaseException as exc:
+            self.failed(exc)
+            raise
+
     def answered(self, completion: ChatCompletion) -> None:
         self._id, self._model, self._usage = completion.id, completion.model, completion.usage
         self._finish = {c.index: c.finish_reason for c in completion.choices if c.finish_reason}
