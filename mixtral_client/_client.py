@@ -621,6 +621,13 @@ class _ClientArgs(TypedDict, total=False):
     rate_limit: float | RateLimiter  # requests a minute, or a RateLimiter shared between clients
 
 
+def _extras(kwargs: Any, env: Mapping[str, str] | None) -> tuple[Mapping[str, str], Any, RateLimiter | None]:
+    """(the environment, ``fallbacks=``, the ``RateLimiter``): the client arguments that are not configuration,
+    taken out of ``kwargs``."""
+    env = os.environ if env is None else env
+    return env, kwargs.pop("fallbacks", None), as_limiter(kwargs.pop("rate_limit", None), env.get("MIXTRAL_RATE_LIMIT"))
+
+
 def _with_options(config: ClientConfig, timeout: float | Timeout | None, max_retries: int | None,
                   default_headers: Mapping[str, str] | None) -> ClientConfig:
     """``config`` with another default timeout, retry count, or more default headers (checked as the
@@ -665,10 +672,9 @@ class _Shell:
         def __init__(self, provider: str | None = None, *, env: Mapping[str, str] | None = None,
                      **kwargs: Unpack[_ClientArgs]) -> None: ...
 
-    def _set_fallbacks(self, given: Any, env: Mapping[str, str] | None, kwargs: Mapping[str, Any]) -> None:
+    def _set_fallbacks(self, given: Any, env: Mapping[str, str], kwargs: Mapping[str, Any]) -> None:
         """``fallbacks=`` (else ``MIXTRAL_FALLBACKS``): clients of this kind as given, provider names built here
         (from the same environment, with this client's explicit ``timeout`` / ``max_retries``)."""
-        env = os.environ if env is None else env
         self._fallback_clients: list[Any] = []
         self._owned_fallbacks: list[Any] = []
         try:
@@ -748,9 +754,7 @@ class MixtralClient(_Shell):
 
     def __init__(self, provider: str | None = None, *, http_client: httpx.Client | None = None,
                  env: Mapping[str, str] | None = None, **kwargs: Unpack[_ClientArgs]) -> None:
-        fallbacks = kwargs.pop("fallbacks", None)
-        rate_limit = as_limiter(kwargs.pop("rate_limit", None), (os.environ if env is None else env).get(
-            "MIXTRAL_RATE_LIMIT"))
+        env, fallbacks, rate_limit = _extras(kwargs, env)
         self.config = _configure(provider, env, http_client=http_client, **kwargs)
         self._core = _ClientCore(self.config)
         self._backend: SyncBackend = _backend_class(self.config, asynchronous=False)(self.config)
@@ -785,9 +789,7 @@ class AsyncMixtralClient(_Shell):
 
     def __init__(self, provider: str | None = None, *, http_client: httpx.AsyncClient | None = None,
                  env: Mapping[str, str] | None = None, **kwargs: Unpack[_ClientArgs]) -> None:
-        fallbacks = kwargs.pop("fallbacks", None)
-        rate_limit = as_limiter(kwargs.pop("rate_limit", None), (os.environ if env is None else env).get(
-            "MIXTRAL_RATE_LIMIT"))
+        env, fallbacks, rate_limit = _extras(kwargs, env)
         self.config = _configure(provider, env, async_http_client=http_client, **kwargs)
         self._core = _ClientCore(self.config)
         self._backend: AsyncBackend = _backend_class(self.config, asynchronous=True)(self.config)
