@@ -187,11 +187,7 @@ class HTTPCore:
 
     @staticmethod
     def timeout(request: ChatRequest, deadline: Deadline) -> httpx.Timeout:
-        t = request.options.timeout
-        connect = deadline.cap(t.connect)
-        # streams: a read may wait at most `idle`; whole answers: the rest of the total deadline
-        read = deadline.cap(t.idle if (request.stream or t.total is None) else None)
-        return httpx.Timeout(connect=connect, read=read, write=connect, pool=deadline.cap(None))
+        return _httpx_timeout(request.options.timeout, request.stream, deadline)
 
     def build(self, client: httpx.Client | httpx.AsyncClient, request: ChatRequest, deadline: Deadline) -> httpx.Request:
         opts = request.options
@@ -237,11 +233,8 @@ class HTTPCore:
         url = base.copy_with(path=base.path.rstrip("/") + "/models", query=None)
         headers = httpx.Headers(self.headers)
         del headers["Content-Type"]
-        connect = deadline.cap(timeout.connect)
-        read = deadline.cap(timeout.idle if timeout.total is None else None)
         return client.build_request("GET", url, headers=headers, params=self._base_query,
-                                    timeout=httpx.Timeout(connect=connect, read=read, write=connect,
-                                                          pool=deadline.cap(None)))
+                                    timeout=_httpx_timeout(timeout, False, deadline))
 
     def parse_models(self, response: httpx.Response, raw: bytes) -> list[Model]:
         """OpenAI's ``{"object": "list", "data": [...]}``, or a bare list of entries or ids."""
@@ -498,6 +491,14 @@ def _core_for(config: ClientConfig, core: WireCore | None,
     if own_client is not None:
         http.own(own_client)
     return http
+
+
+def _httpx_timeout(t: Timeout, stream: bool, deadline: Deadline) -> httpx.Timeout:
+    """httpx's timeouts for one send: a stream's read may wait at most ``idle``; a whole answer's, the rest of the
+    total deadline (``idle`` when there is none); nothing past the total deadline."""
+    connect = deadline.cap(t.connect)
+    read = deadline.cap(t.idle if (stream or t.total is None) else None)
+    return httpx.Timeout(connect=connect, read=read, write=connect, pool=deadline.cap(None))
 
 
 def _listing_core(core: WireCore) -> HTTPCore:
