@@ -180,8 +180,7 @@ class StreamEvents:
     """
 
     def __init__(self, stream: Stream | AsyncStream, response_format: Any = None) -> None:
-        self._stream = stream
-        self._accumulator = stream._accumulator
+        self._accumulator = stream._accumulator  # the stream's own merge: the snapshots and the final completion
         self._model = response_format if isinstance(response_format, type) else None
         self._json = response_format is not None and (
             self._model is not None or response_format.get("type") in ("json_object", "json_schema"))
