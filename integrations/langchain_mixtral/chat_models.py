@@ -38,9 +38,11 @@ from mixtral_client import (
     FunctionTool,
     MixtralClient,
     ProviderPreset,
+    RateLimiter,
     Timeout,
 )
 from mixtral_client._config import resolve_config
+from mixtral_client._providers import get_preset
 
 from ._convert import ChunkConverter, to_chat_result, to_wire_messages
 
@@ -140,6 +142,12 @@ class ChatMixtral(BaseChatModel):
     structured_output: Literal["auto", "native", "prompt"] | None = None
     """How ``response_format`` (``json_mode``, ``json_schema``) reaches the model: the provider's way, the host's
     field, or the prompt. Default: ``MIXTRAL_STRUCTURED_OUTPUT``, else ``auto``."""
+    fallbacks: list[str] | None = None
+    """Providers to try, in order, when this one fails (``["openrouter", "local"]``; default:
+    ``MIXTRAL_FALLBACKS``). Each gets the request built for it; see docs/providers.md."""
+    rate_limit: float | None = None
+    """Requests a minute to pace this model's calls to, sync and async together (default:
+    ``MIXTRAL_RATE_LIMIT``). LangChain's own ``rate_limiter`` works too."""
     include_response_headers: bool = False
     """Put the host's HTTP response headers (rate limits, request id) in ``response_metadata["headers"]``: on
     the answer of ``invoke``, on the first chunk of a stream (as ChatOpenAI does). Empty on local weights."""
@@ -147,6 +155,7 @@ class ChatMixtral(BaseChatModel):
     """Other ``create()`` parameters (``n``, ``presence_penalty``, ...); unknown ones go to ``extra_body``."""
 
     _clients_lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
+    _rate_limiter_shared: RateLimiter | None = PrivateAttr(default=None)
     _sync_client: MixtralClient | None = PrivateAttr(default=None)
     _close_sync_client: weakref.finalize[Any, Any] | None = PrivateAttr(default=None)
     _async_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, tuple[AsyncMixtralClient, Any]] = (
@@ -169,6 +178,10 @@ class ChatMixtral(BaseChatModel):
             structured_output=self.structured_output,
         )
         self.provider = config.provider
+        if self.rate_limit is not None:
+            RateLimiter(self.rate_limit)  # a bad value fails here (ConfigurationError), not at the first call
+        for name in self.fallbacks or []:
+            get_preset(name.strip().lower())  # an unknown provider fails here too
         if self.api_key is None and config.api_key:
             variable = next((v for v in _key_variables(config.preset) if os.environ.get(v) == config.api_key),
                             "MIXTRAL_API_KEY")
@@ -243,9 +256,18 @@ class ChatMixtral(BaseChatModel):
         args = {"base_url": self.base_url, "model": self.model, "model_path": self.model_path,
                 "local_options": self.local_options, "region": self.region,
                 "timeout": self.timeout, "max_retries": self.max_retries, "tool_calling": self.tool_calling,
-                "structured_output": self.structured_output,
+                "structured_output": self.structured_output, "fallbacks": self.fallbacks,
+                "rate_limit": self._limiter(),
                 "api_key": self.api_key.get_secret_value() if self.api_key else None}
         return {k: v for k, v in args.items() if v is not None}
+
+    def _limiter(self) -> RateLimiter | None:
+        """One ``RateLimiter`` for this model's sync client and every async one (one budget)."""
+        if self.rate_limit is None:
+            return None
+        if self._rate_limiter_shared is None:
+            self._rate_limiter_shared = RateLimiter(self.rate_limit)
+        return self._rate_limiter_shared
 
     def _client(self) -> MixtralClient:
         with self._clients_lock:

@@ -205,3 +205,30 @@ class TestChatMixtralLocalIntegration(ChatModelIntegrationTests):
     @property
     def has_structured_output(self) -> bool:
         return False  # the suite's schemas have unbounded strings: random weights fill them to max_tokens
+
+
+def test_chat_mixtral_falls_back_to_local_weights_and_paces_its_calls(tiny_checkpoint: str,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    import time
+
+    from langchain_mixtral import ChatMixtral
+    from mixtral_client import ConfigurationError
+    from tests.client.conftest import replying
+    from tests.loopback import LoopbackServer
+
+    for key, value in {"MIXTRAL_MODEL_PATH": tiny_checkpoint, "MIXTRAL_LOCAL_DTYPE": "float32",
+                       "MIXTRAL_LOCAL_DEVICE": "cpu"}.items():
+        monkeypatch.setenv(key, value)
+    with LoopbackServer(replying(503, "down")) as host:
+        llm = ChatMixtral(provider="openai", base_url=host.url, api_key="k", max_retries=0, max_tokens=3,
+                          fallbacks=["local"], rate_limit=300)  # one call every 0.2 s
+        started = time.monotonic()
+        first, second = llm.invoke("hi"), llm.invoke("hi again")
+        elapsed = time.monotonic() - started
+        llm.close()
+    assert first.response_metadata["model_name"] == second.response_metadata["model_name"] == "mixtral-local"
+    assert len(host.requests) == 2 and elapsed >= 0.19  # the host's two refusals were paced, then the weights
+    with pytest.raises(ConfigurationError, match="unknown provider 'nowhere'"):
+        ChatMixtral(provider="openai", base_url="http://127.0.0.1:9/v1", api_key="k", fallbacks=["nowhere"])
+    with pytest.raises(ConfigurationError, match="requests per minute"):
+        ChatMixtral(provider="openai", base_url="http://127.0.0.1:9/v1", api_key="k", rate_limit=0)
