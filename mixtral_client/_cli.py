@@ -4,6 +4,7 @@
                  [--fallback P ...] [--rate-limit RPM]
     mixtral serve [--provider P | --base-url URL | --model-path DIR] [--host H] [--port N] [--api-key K]
     mixtral models [--provider P | --base-url URL]
+    mixtral doctor [--provider P | --base-url URL | --model-path DIR] [--local KEY=VALUE] [--no-request]
     mixtral local init-tiny DIR
 
 With no provider configured (no ``--provider``, ``MIXTRAL_PROVIDER``, ``MIXTRAL_BASE_URL`` or
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
@@ -102,6 +104,18 @@ def _parser() -> argparse.ArgumentParser:
     models.add_argument("--provider", choices=sorted(PROVIDERS), help="default: MIXTRAL_PROVIDER")
     models.add_argument("--base-url", help="an OpenAI-compatible base URL (provider openai)")
 
+    doctor = commands.add_parser("doctor", help="show how the backend is configured, and try one request")
+    doctor.add_argument("--provider", choices=sorted(PROVIDERS), help="default: MIXTRAL_PROVIDER")
+    doctor.add_argument("--base-url", help="an OpenAI-compatible base URL (provider openai)")
+    doctor.add_argument("--model-path", help="a local checkpoint directory, or a model id in the Hugging Face cache")
+    doctor.add_argument("--model", help="model id (default: the provider's Mixtral id)")
+    doctor.add_argument("--local", action="append", default=[], metavar="KEY=VALUE", help=_LOCAL_HELP)
+    doctor.add_argument("--fallback", action="append", choices=sorted(PROVIDERS), metavar="PROVIDER",
+                        help="a provider to try when the first fails (default: MIXTRAL_FALLBACKS)")
+    doctor.add_argument("--rate-limit", type=float, metavar="RPM", help="default: MIXTRAL_RATE_LIMIT")
+    doctor.add_argument("--no-request", action="store_true",
+                        help="only the configuration (on local weights: no load)")
+
     local = commands.add_parser("local", help="local checkpoints")
     local_commands = local.add_subparsers(dest="local_command", required=True, parser_class=_Parser)
     tiny = local_commands.add_parser("init-tiny", help="write a tiny random Mixtral checkpoint (for tests and demos)")
@@ -170,6 +184,55 @@ def _models(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     with MixtralClient(env=env, **kwargs) as client:
         for model in client.models.list():
             print(model.id)
+    return 0
+
+
+def _masked(key: str) -> str:
+    return f"{key[:4]}...{key[-4:]}" if len(key) >= 16 else "set"
+
+
+def _doctor(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    """Each setting and where it came from, then one 1-token request (unless ``--no-request``): exit 0 when it
+    answered, 1 when it failed (the reason printed), 2 for a configuration that does not hold."""
+    kwargs = _configured(args, env)
+    if kwargs is None:
+        raise ConfigurationError("no backend configured: --provider, --base-url or --model-path (or MIXTRAL_PROVIDER, "
+                                 "MIXTRAL_BASE_URL, MIXTRAL_MODEL_PATH); see docs/providers.md")
+    with MixtralClient(env=env, **kwargs) as client:
+        config, preset = client.config, client.config.preset
+        rows = [("provider", f"{config.provider}"
+                 + (" (--provider)" if args.provider else " (MIXTRAL_PROVIDER)" if env.get("MIXTRAL_PROVIDER") else ""))]
+        rows.append(("model", preset.resolve_model(config.model)))
+        if preset.kind == "http":
+            rows.append(("base URL", config.base_url or ""))
+            variable = next((v for v in (preset.api_key_env, "MIXTRAL_API_KEY") if v and env.get(v) == config.api_key),
+                            "the api_key argument")
+            rows.append(("key", f"{variable} ({_masked(config.api_key or '')})"))
+        elif preset.kind == "bedrock":
+            rows.append(("region", config.region or "from the AWS profile"))
+            rows.append(("auth", "API key (AWS_BEARER_TOKEN_BEDROCK)" if config.api_key else "SigV4 (AWS credential chain)"))
+        else:
+            rows += _local_cli().describe(config)
+        rows.append(("tools", "in the prompt" if preset.prompts_tools else "native"))
+        rows.append(("json", "native response_format" if preset.supports_response_format else "in the prompt"))
+        if client.fallbacks:
+            rows.append(("fallbacks", ", ".join(client.fallbacks)))
+        limiter = client.chat.completions._limiter
+        if limiter is not None:
+            rows.append(("rate limit", f"{limiter.requests_per_minute:g} requests a minute (burst {limiter.burst})"))
+        for label, value in rows:
+            print(f"{label:<11} {value}")
+        if args.no_request:
+            return 0
+        started = time.monotonic()
+        try:
+            answer = client.chat.completions.create(messages=[{"role": "user", "content": "Reply with OK."}],
+                                                    max_tokens=1)
+        except APIError as exc:
+            print(f"{'request':<11} failed: {type(exc).__name__}: {exc}")
+            return 1
+        seen = f", request id {answer._request_id}" if answer._request_id else ""
+        print(f"{'request':<11} ok: model {answer.model}, {time.monotonic() - started:.2f} s{seen}")
     return 0
 
 
@@ -272,6 +335,8 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
             return _serve(args, env)
         if args.command == "models":
             return _models(args, env)
+        if args.command == "doctor":
+            return _doctor(args, env)
         _local_cli().init_tiny_main(args.path, seed=args.seed)
         return 0
     except ConfigurationError as exc:

@@ -180,3 +180,30 @@ def test_a_bad_local_option_exits_2_with_one_line(pair: str, message: str, capsy
     code = main(["chat", "hi", "--model-path", "/nonexistent", "--local", pair], env={})
     err = capsys.readouterr().err
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_doctor_shows_the_configuration_and_tries_one_request(capsys: pytest.CaptureFixture[str]) -> None:
+    from tests.client.conftest import completion, replying
+
+    key = "sk-test-1234567890abcd"
+    with LoopbackServer(replying(200, completion("OK"), {"x-request-id": "req-doc"})) as server:
+        code = main(["doctor", "--base-url", server.url, "--rate-limit", "30"], env={"MIXTRAL_API_KEY": key})
+        out = capsys.readouterr().out
+        assert code == 0
+        assert server.requests[0].json()["max_tokens"] == 1
+    lines = dict(line.split(None, 1) for line in out.splitlines() if not line.startswith(("base URL", "rate limit")))
+    assert lines["provider"] == "openai" and lines["tools"] == "native"
+    assert f"base URL    {server.url}" in out and "rate limit  30 requests a minute (burst 1)" in out
+    assert lines["key"] == "MIXTRAL_API_KEY (sk-t...abcd)" and key not in out  # never the key itself
+    assert lines["request"].startswith("ok: model m, ") and lines["request"].endswith("request id req-doc")
+
+
+def test_doctor_says_why_a_request_fails(capsys: pytest.CaptureFixture[str]) -> None:
+    from tests.client.conftest import replying
+
+    with LoopbackServer(replying(401, {"error": {"message": "bad key"}})) as server:
+        code = main(["doctor", "--provider", "nvidia", "--base-url", server.url], env={"NVIDIA_API_KEY": "nvapi-x"})
+    out = capsys.readouterr().out
+    assert code == 1 and "request     failed: AuthenticationError: 401 from nvidia: bad key" in out
+    assert "tools       in the prompt" in out and "key         NVIDIA_API_KEY (set)" in out
+    assert main(["doctor"], env={}) == 2 and "no backend configured" in capsys.readouterr().err

@@ -178,3 +178,19 @@ def test_the_command_line_falls_back_and_paces(tiny_dir: Path, capsys: pytest.Ca
         assert len(host.requests) == 3  # its own two retries, then the weights answered
     assert main(["chat", "hi", "--base-url", "http://127.0.0.1:9/v1", "--rate-limit", "0"], env=env) == 2
     assert "requests per minute must be a number > 0" in capsys.readouterr().err
+
+
+def test_doctor_describes_local_weights(tiny_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from mixtral_client._cli import main
+
+    env = {"MIXTRAL_LOCAL_DTYPE": "float32", "MIXTRAL_LOCAL_DEVICE": "cpu"}
+    assert main(["doctor", "--model-path", str(tiny_dir), "--no-request", "--local", "max_batch=8"], env=env) == 0
+    out = capsys.readouterr().out
+    assert f"checkpoint  {tiny_dir}  (RANDOM weights: answers are noise)" in out
+    assert "shape       2 layers, 4 experts (top 2), hidden 64, vocabulary 32000" in out
+    assert "in float32 on cpu" in out and "moe         torch reference" in out
+    assert "batch       up to 8 rows; KV cache unbound (CPU)" in out and "request" not in out
+    assert main(["doctor", "--model-path", str(tiny_dir)], env=env) == 0
+    assert "request     ok: model mixtral-local" in capsys.readouterr().out
+    (tiny_dir.parent / "broken").mkdir(exist_ok=True)
+    assert main(["doctor", "--model-path", str(tiny_dir.parent / "broken"), "--no-request"], env=env) == 2
