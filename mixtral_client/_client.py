@@ -11,10 +11,10 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import os
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import CancelledError, ThreadPoolExecutor, as_completed
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, ClassVar, Literal, Self, TypedDict, TypeVar, Unpack, overload
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Self, TypedDict, Unpack, overload
 
 import anyio
 import httpx
@@ -25,10 +25,11 @@ from ._config import ClientConfig, check_max_retries, client_default_timeout, re
 from ._exceptions import APIError, ConfigurationError, MixtralError
 from ._fallback import fallback_names, fallback_params, falls_back, switching
 from ._logging import setup_logging
+from ._models import AsyncModels, Models
 from ._parse import Repairs, format_for
 from ._ratelimit import RateLimiter, apace, as_limiter, pace
 from ._request import ChatRequest, RequestOptions, build_request
-from ._response import RawResponse, ResponseRecord
+from ._response import AsyncRawCompletions, RawCompletions, ResponseRecord
 from ._rewrite import Rewrites
 from ._streaming import AsyncStream, Stream
 from ._timeouts import Timeout, coerce_timeout
@@ -39,16 +40,12 @@ from .types import (
     ChatCompletion,
     ChatCompletionMessageParam,
     ChatCompletionToolParam,
-    Model,
     ParsedChatCompletion,
     ParsedT,
 )
 
-__all__ = ["AsyncMixtralClient", "AsyncModels", "AsyncRawCompletions", "CompletionParams", "MixtralClient",
-           "ModelPage", "Models", "ParseParams", "RawCompletions", "StreamParams"]
-
-T = TypeVar("T")
-
+__all__ = ["AsyncCompletions", "AsyncMixtralClient", "CompletionParams", "Completions", "MixtralClient",
+           "ParseParams", "StreamParams"]
 
 class ParseParams(TypedDict, total=False):
     """The optional arguments of ``parse()``: those of ``create()`` but ``response_format`` and ``stream_options``."""
@@ -479,128 +476,9 @@ class AsyncCompletions:
                 return result
 
 
-def _raw(answer: T, record: ResponseRecord) -> RawResponse[T]:
-    request_id = answer.request_id if isinstance(answer, Stream | AsyncStream) else getattr(answer, "_request_id", None)
-    return RawResponse(answer, record, request_id)
-
-
-class RawCompletions:
-    """``client.chat.completions.with_raw_response``: the same calls, answered with a ``RawResponse``."""
-
-    def __init__(self, completions: Completions) -> None:
-        self._completions = completions
-
-    @overload
-    def create(self, *, messages: Sequence[ChatCompletionMessageParam], stream: Literal[False] = False,
-               **params: Unpack[CompletionParams]) -> RawResponse[ChatCompletion]: ...
-
-    @overload
-    def create(self, *, messages: Sequence[ChatCompletionMessageParam], stream: Literal[True],
-               **params: Unpack[CompletionParams]) -> RawResponse[Stream]: ...
-
-    @overload
-    def create(self, *, messages: Sequence[ChatCompletionMessageParam], stream: bool,
-               **params: Unpack[CompletionParams]) -> RawResponse[ChatCompletion | Stream]: ...
-
-    def create(self, *, messages: Sequence[ChatCompletionMessageParam], stream: bool = False,
-               **params: Unpack[CompletionParams]) -> RawResponse[Any]:
-        record = ResponseRecord()
-        return _raw(self._completions._create(messages, stream, params, record), record)
-
-    def parse(self, *, messages: Sequence[ChatCompletionMessageParam], response_format: type[ParsedT],
-              max_repairs: int = 0, **params: Unpack[ParseParams]) -> RawResponse[ParsedChatCompletion[ParsedT]]:
-        record = ResponseRecord()
-        return _raw(self._completions._parse(messages, response_format, params, record, max_repairs), record)
-
-
-class AsyncRawCompletions:
-    """``async_client.chat.completions.with_raw_response``."""
-
-    def __init__(self, completions: AsyncCompletions) -> None:
-        self._completions = completions
-
-    @overload
-    async def create(self, *, messages: Sequence[ChatCompletionMessageParam], stream: Literal[False] = False,
-                     **params: Unpack[CompletionParams]) -> RawResponse[ChatCompletion]: ...
-
-    @overload
-    async def create(self, *, messages: Sequence[ChatCompletionMessageParam], stream: Literal[True],
-                     **params: Unpack[CompletionParams]) -> RawResponse[AsyncStream]: ...
-
-    @overload
-    async def create(self, *, messages: Sequence[ChatCompletionMessageParam], stream: bool,
-                     **params: Unpack[CompletionParams]) -> RawResponse[ChatCompletion | AsyncStream]: ...
-
-    async def create(self, *, messages: Sequence[ChatCompletionMessageParam], stream: bool = False,
-                     **params: Unpack[CompletionParams]) -> RawResponse[Any]:
-        record = ResponseRecord()
-        return _raw(await self._completions._create(messages, stream, params, record), record)
-
-    async def parse(self, *, messages: Sequence[ChatCompletionMessageParam], response_format: type[ParsedT],
-                    max_repairs: int = 0,
-                    **params: Unpack[ParseParams]) -> RawResponse[ParsedChatCompletion[ParsedT]]:
-        record = ResponseRecord()
-        return _raw(await self._completions._parse(messages, response_format, params, record, max_repairs), record)
-
-
 class _Chat:
     def __init__(self, completions: Any) -> None:
         self.completions = completions
-
-
-class ModelPage:
-    """What ``client.models.list()`` returns: ``data``, a list of ``Model``; iterate it for the models."""
-
-    object = "list"
-
-    def __init__(self, data: list[Model]) -> None:
-        self.data = data
-
-    def __iter__(self) -> Iterator[Model]:
-        return iter(self.data)
-
-    def __len__(self) -> int:
-        return len(self.data)
-
-    def __repr__(self) -> str:
-        return f"ModelPage({[m.id for m in self.data]!r})"
-
-
-def _own_model(config: ClientConfig) -> list[Model]:
-    """What a backend without a listing serves: the model it sends to (Bedrock) or runs (local weights)."""
-    entry = Model(id=config.preset.resolve_model(config.model), owned_by=config.provider)
-    if config.model_path is not None:
-        entry = Model(id=entry.id, owned_by=entry.owned_by, path=config.model_path)
-    return [entry]
-
-
-class Models:
-    """``client.models``: ``list()`` asks a host's ``GET /models`` (retried as a request is); Bedrock and local
-    weights answer with the one model the client uses, without a request."""
-
-    def __init__(self, config: ClientConfig, backend: SyncBackend) -> None:
-        self._config = config
-        self._backend = backend
-
-    def list(self, *, timeout: float | Timeout | None = None) -> ModelPage:
-        if self._config.preset.kind != "http":
-            return ModelPage(_own_model(self._config))
-        listing = self._backend.list_models  # type: ignore[attr-defined]
-        return ModelPage(listing(coerce_timeout(timeout, self._config.timeout)))
-
-
-class AsyncModels:
-    """``async_client.models``: ``await client.models.list()``."""
-
-    def __init__(self, config: ClientConfig, backend: AsyncBackend) -> None:
-        self._config = config
-        self._backend = backend
-
-    async def list(self, *, timeout: float | Timeout | None = None) -> ModelPage:
-        if self._config.preset.kind != "http":
-            return ModelPage(_own_model(self._config))
-        listing = self._backend.list_models  # type: ignore[attr-defined]
-        return ModelPage(await listing(coerce_timeout(timeout, self._config.timeout)))
 
 
 class _ClientArgs(TypedDict, total=False):

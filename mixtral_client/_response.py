@@ -11,12 +11,19 @@ writes nothing: its raw response has status 200, empty headers and no ``http_res
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar, Unpack, overload
 
 import httpx
 
-__all__ = ["RawResponse", "ResponseRecord"]
+from ._streaming import AsyncStream, Stream
+from .types import ChatCompletion, ChatCompletionMessageParam, ParsedChatCompletion, ParsedT
+
+if TYPE_CHECKING:
+    from ._client import AsyncCompletions, CompletionParams, Completions, ParseParams
+
+__all__ = ["AsyncRawCompletions", "RawCompletions", "RawResponse", "ResponseRecord"]
 
 T = TypeVar("T")
 
@@ -70,3 +77,67 @@ class RawResponse(Generic[T]):
 
     def __repr__(self) -> str:
         return f"<RawResponse [{self.status_code}] {type(self._parsed).__name__}>"
+
+
+def _raw(answer: T, record: ResponseRecord) -> RawResponse[T]:
+    request_id = answer.request_id if isinstance(answer, Stream | AsyncStream) else getattr(answer, "_request_id", None)
+    return RawResponse(answer, record, request_id)
+
+
+class RawCompletions:
+    """``client.chat.completions.with_raw_response``: the same calls, answered with a ``RawResponse``."""
+
+    def __init__(self, completions: Completions) -> None:
+        self._completions = completions
+
+    @overload
+    def create(self, *, messages: Sequence[ChatCompletionMessageParam], stream: Literal[False] = False,
+               **params: Unpack[CompletionParams]) -> RawResponse[ChatCompletion]: ...
+
+    @overload
+    def create(self, *, messages: Sequence[ChatCompletionMessageParam], stream: Literal[True],
+               **params: Unpack[CompletionParams]) -> RawResponse[Stream]: ...
+
+    @overload
+    def create(self, *, messages: Sequence[ChatCompletionMessageParam], stream: bool,
+               **params: Unpack[CompletionParams]) -> RawResponse[ChatCompletion | Stream]: ...
+
+    def create(self, *, messages: Sequence[ChatCompletionMessageParam], stream: bool = False,
+               **params: Unpack[CompletionParams]) -> RawResponse[Any]:
+        record = ResponseRecord()
+        return _raw(self._completions._create(messages, stream, params, record), record)
+
+    def parse(self, *, messages: Sequence[ChatCompletionMessageParam], response_format: type[ParsedT],
+              max_repairs: int = 0, **params: Unpack[ParseParams]) -> RawResponse[ParsedChatCompletion[ParsedT]]:
+        record = ResponseRecord()
+        return _raw(self._completions._parse(messages, response_format, params, record, max_repairs), record)
+
+
+class AsyncRawCompletions:
+    """``async_client.chat.completions.with_raw_response``."""
+
+    def __init__(self, completions: AsyncCompletions) -> None:
+        self._completions = completions
+
+    @overload
+    async def create(self, *, messages: Sequence[ChatCompletionMessageParam], stream: Literal[False] = False,
+                     **params: Unpack[CompletionParams]) -> RawResponse[ChatCompletion]: ...
+
+    @overload
+    async def create(self, *, messages: Sequence[ChatCompletionMessageParam], stream: Literal[True],
+                     **params: Unpack[CompletionParams]) -> RawResponse[AsyncStream]: ...
+
+    @overload
+    async def create(self, *, messages: Sequence[ChatCompletionMessageParam], stream: bool,
+                     **params: Unpack[CompletionParams]) -> RawResponse[ChatCompletion | AsyncStream]: ...
+
+    async def create(self, *, messages: Sequence[ChatCompletionMessageParam], stream: bool = False,
+                     **params: Unpack[CompletionParams]) -> RawResponse[Any]:
+        record = ResponseRecord()
+        return _raw(await self._completions._create(messages, stream, params, record), record)
+
+    async def parse(self, *, messages: Sequence[ChatCompletionMessageParam], response_format: type[ParsedT],
+                    max_repairs: int = 0,
+                    **params: Unpack[ParseParams]) -> RawResponse[ParsedChatCompletion[ParsedT]]:
+        record = ResponseRecord()
+        return _raw(await self._completions._parse(messages, response_format, params, record, max_repairs), record)
