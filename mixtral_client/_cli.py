@@ -60,6 +60,21 @@ def _local_options(pairs: Sequence[str]) -> dict[str, Any]:
     return options
 
 
+def _backend_arguments(command: argparse.ArgumentParser, provider_default: str) -> None:
+    """The options that choose and shape the backend, as ``chat``, ``serve`` and ``doctor`` take them."""
+    command.add_argument("--provider", choices=sorted(PROVIDERS), help=f"default: {provider_default}")
+    command.add_argument("--model", help="model id (default: the provider's Mixtral id)")
+    command.add_argument("--base-url", help="an OpenAI-compatible base URL (provider openai)")
+    command.add_argument("--model-path", help="a local checkpoint directory, or a model id in the Hugging Face cache "
+                         "(provider local)")
+    command.add_argument("--local", action="append", default=[], metavar="KEY=VALUE", help=_LOCAL_HELP)
+    command.add_argument("--fallback", action="append", choices=sorted(PROVIDERS), metavar="PROVIDER",
+                         help="a provider to try when the first fails (repeatable, in order; default: "
+                              "MIXTRAL_FALLBACKS)")
+    command.add_argument("--rate-limit", type=float, metavar="RPM",
+                         help="pace requests to this many a minute (default: MIXTRAL_RATE_LIMIT)")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="mixtral", description="Chat with Mixtral-8x7B-Instruct on any backend.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -69,32 +84,14 @@ def _parser() -> argparse.ArgumentParser:
                                                 "conversation)")
     chat.add_argument("-i", "--interactive", action="store_true",
                       help="a conversation: a line a turn, /reset to start again, /exit or end of input to stop")
-    chat.add_argument("--provider", choices=sorted(PROVIDERS), help="default: MIXTRAL_PROVIDER, else local")
-    chat.add_argument("--model", help="model id (default: the provider's Mixtral id)")
-    chat.add_argument("--base-url", help="an OpenAI-compatible base URL (provider openai)")
-    chat.add_argument("--model-path", help="a local checkpoint directory, or a model id in the Hugging Face cache "
-                      "(provider local)")
-    chat.add_argument("--local", action="append", default=[], metavar="KEY=VALUE", help=_LOCAL_HELP)
-    chat.add_argument("--fallback", action="append", choices=sorted(PROVIDERS), metavar="PROVIDER",
-                      help="a provider to try when the first fails (repeatable, in order; default: MIXTRAL_FALLBACKS)")
-    chat.add_argument("--rate-limit", type=float, metavar="RPM",
-                      help="pace requests to this many a minute (default: MIXTRAL_RATE_LIMIT)")
+    _backend_arguments(chat, "MIXTRAL_PROVIDER, else local")
     chat.add_argument("--system", help="a system prompt")
     chat.add_argument("--temperature", type=float)
     chat.add_argument("--max-tokens", type=int)
     chat.add_argument("--no-stream", action="store_true", help="wait for the whole answer")
 
     serve = commands.add_parser("serve", help="serve the OpenAI chat-completions API over HTTP")
-    serve.add_argument("--provider", choices=sorted(PROVIDERS), help="default: MIXTRAL_PROVIDER")
-    serve.add_argument("--model", help="model id sent to the provider (default: its Mixtral id)")
-    serve.add_argument("--base-url", help="an OpenAI-compatible base URL (provider openai)")
-    serve.add_argument("--model-path", help="a local checkpoint directory, or a model id in the Hugging Face cache "
-                       "(provider local)")
-    serve.add_argument("--local", action="append", default=[], metavar="KEY=VALUE", help=_LOCAL_HELP)
-    serve.add_argument("--fallback", action="append", choices=sorted(PROVIDERS), metavar="PROVIDER",
-                      help="a provider to try when the first fails (repeatable, in order; default: MIXTRAL_FALLBACKS)")
-    serve.add_argument("--rate-limit", type=float, metavar="RPM",
-                      help="pace requests to this many a minute (default: MIXTRAL_RATE_LIMIT)")
+    _backend_arguments(serve, "MIXTRAL_PROVIDER")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--api-key", help="require this bearer key from callers (default: MIXTRAL_SERVER_API_KEY)")
@@ -105,14 +102,7 @@ def _parser() -> argparse.ArgumentParser:
     models.add_argument("--base-url", help="an OpenAI-compatible base URL (provider openai)")
 
     doctor = commands.add_parser("doctor", help="show how the backend is configured, and try one request")
-    doctor.add_argument("--provider", choices=sorted(PROVIDERS), help="default: MIXTRAL_PROVIDER")
-    doctor.add_argument("--base-url", help="an OpenAI-compatible base URL (provider openai)")
-    doctor.add_argument("--model-path", help="a local checkpoint directory, or a model id in the Hugging Face cache")
-    doctor.add_argument("--model", help="model id (default: the provider's Mixtral id)")
-    doctor.add_argument("--local", action="append", default=[], metavar="KEY=VALUE", help=_LOCAL_HELP)
-    doctor.add_argument("--fallback", action="append", choices=sorted(PROVIDERS), metavar="PROVIDER",
-                        help="a provider to try when the first fails (default: MIXTRAL_FALLBACKS)")
-    doctor.add_argument("--rate-limit", type=float, metavar="RPM", help="default: MIXTRAL_RATE_LIMIT")
+    _backend_arguments(doctor, "MIXTRAL_PROVIDER")
     doctor.add_argument("--no-request", action="store_true",
                         help="only the configuration (on local weights: no load)")
 
