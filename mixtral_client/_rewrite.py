@@ -22,7 +22,8 @@ from ._exceptions import APIError
 from ._request import ChatRequest
 from .types import ChatCompletion, ChatCompletionChunk, ChoiceDelta, ChunkChoice
 
-__all__ = ["ChunkRewrite", "Rewrite", "Rewrites", "held_chunk", "passing", "rewrite_astream", "rewrite_stream"]
+__all__ = ["ChunkRewrite", "Rewrite", "Rewrites", "aclose_chunks", "close_chunks", "held_chunk", "passing",
+           "rewrite_astream", "rewrite_stream"]
 
 
 class ChunkRewrite(Protocol):
@@ -69,9 +70,23 @@ def rewrite_stream(chunks: Iterator[ChatCompletionChunk], rewrite: ChunkRewrite)
     else:
         yield from rewrite.end(failed=False)
     finally:
-        close = getattr(chunks, "close", None)
-        if close is not None:
-            close()
+        close_chunks(chunks)
+
+
+def close_chunks(chunks: Iterator[ChatCompletionChunk]) -> None:
+    """Close a chunk generator that a wrapper leaves early (a plain iterator has nothing to close)."""
+    close = getattr(chunks, "close", None)
+    if close is not None:
+        close()
+
+
+async def aclose_chunks(chunks: AsyncIterator[ChatCompletionChunk]) -> None:
+    """Close an async chunk generator, even inside a cancelled scope: a cancelled caller still releases the
+    connection (or the local batch row) behind it."""
+    aclose = getattr(chunks, "aclose", None)
+    if aclose is not None:
+        with anyio.CancelScope(shield=True):
+            await aclose()
 
 
 async def rewrite_astream(chunks: AsyncIterator[ChatCompletionChunk],
@@ -88,10 +103,7 @@ async def rewrite_astream(chunks: AsyncIterator[ChatCompletionChunk],
         for tail in rewrite.end(failed=False):
             yield tail
     finally:
-        aclose = getattr(chunks, "aclose", None)
-        if aclose is not None:
-            with anyio.CancelScope(shield=True):
-                await aclose()
+        await aclose_chunks(chunks)
 
 
 @dataclass(frozen=True, slots=True)

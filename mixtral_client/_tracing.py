@@ -20,11 +20,11 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
-import anyio
 import httpx
 
 from ._config import ClientConfig
 from ._request import ChatRequest
+from ._rewrite import aclose_chunks, close_chunks
 from ._version import __version__
 from .types import ChatCompletion, ChatCompletionChunk
 
@@ -258,9 +258,7 @@ class RequestSpan:
                 self.failed(exc)
             raise
         finally:
-            close = getattr(chunks, "close", None)
-            if close is not None:
-                close()
+            close_chunks(chunks)
             self.end()
 
     async def achunks(self, chunks: AsyncIterator[ChatCompletionChunk]) -> AsyncIterator[ChatCompletionChunk]:
@@ -279,8 +277,5 @@ class RequestSpan:
                 self.failed(exc)
             raise
         finally:
-            aclose = getattr(chunks, "aclose", None)
-            if aclose is not None:
-                with anyio.CancelScope(shield=True):  # a cancelled caller still releases the connection
-                    await aclose()
+            await aclose_chunks(chunks)
             self.end()
