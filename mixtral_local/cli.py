@@ -43,9 +43,8 @@ def describe(config: Any) -> list[tuple[str, str]]:
     where = str(plan.device)
     if plan.device.type == "cuda":
         where += f" ({torch.cuda.get_device_name(plan.device)})"
-    random = (plan.root / "config.json").read_text(encoding="utf-8").find('"random_weights": true') >= 0
     rows = [
-        ("checkpoint", f"{plan.root}" + ("  (RANDOM weights: answers are noise)" if random else "")),
+        ("checkpoint", f"{plan.root}" + ("  (RANDOM weights: answers are noise)" if shape.random_weights else "")),
         ("shape", f"{shape.num_hidden_layers} layers, {shape.num_local_experts} experts (top {shape.num_experts_per_tok}), "
                   f"hidden {shape.hidden_size}, vocabulary {shape.vocab_size}"),
         ("weights", f"{_gib(plan.needed_bytes())} in {how} on {where}"
