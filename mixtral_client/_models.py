@@ -36,10 +36,8 @@ class ModelPage:
 
 def _own_model(config: ClientConfig) -> list[Model]:
     """What a backend without a listing serves: the model it sends to (Bedrock) or runs (local weights)."""
-    entry = Model(id=config.preset.resolve_model(config.model), owned_by=config.provider)
-    if config.model_path is not None:
-        entry = Model(id=entry.id, owned_by=entry.owned_by, path=config.model_path)
-    return [entry]
+    where = {"path": config.model_path} if config.model_path is not None else {}
+    return [Model(id=config.preset.resolve_model(config.model), owned_by=config.provider, **where)]
 
 
 class Models:
