@@ -31,10 +31,11 @@ from ._ratelimit import RateLimiter
 from ._response import RawResponse
 from ._retry import RetryPolicy
 from ._streaming import AsyncStream, Stream
+from ._text_client import AsyncTextStream, TextCompletionParams, TextStream
 from ._timeouts import Timeout
 from ._version import __version__
 from .tools import FunctionTool, tool
-from .types import ChatCompletion, ChatCompletionChunk, ParsedChatCompletion
+from .types import ChatCompletion, ChatCompletionChunk, Completion, ParsedChatCompletion
 
 __all__ = [
     "MODEL_ALIAS",
@@ -45,10 +46,12 @@ __all__ = [
     "APITimeoutError",
     "AsyncMixtralClient",
     "AsyncStream",
+    "AsyncTextStream",
     "AuthenticationError",
     "BadRequestError",
     "ChatCompletion",
     "ChatCompletionChunk",
+    "Completion",
     "CompletionParams",
     "ConfigurationError",
     "FunctionTool",
@@ -67,6 +70,8 @@ __all__ = [
     "RetryPolicy",
     "Stream",
     "StructuredOutputError",
+    "TextCompletionParams",
+    "TextStream",
     "Timeout",
     "UnprocessableEntityError",
     "UnsupportedFeatureError",

@@ -32,6 +32,7 @@ from ._request import ChatRequest, RequestOptions, build_request
 from ._response import AsyncRawCompletions, RawCompletions, ResponseRecord
 from ._rewrite import Rewrites
 from ._streaming import AsyncStream, Stream
+from ._text_client import AsyncTextCompletions, TextCompletions
 from ._timeouts import Timeout, coerce_timeout
 from ._tracing import start as start_span
 from .events import AsyncChatCompletionStreamManager, ChatCompletionStreamManager
@@ -134,8 +135,9 @@ class _ClientCore:
             self._tokenizer = MixtralTokenizer.from_pretrained(self.config.model_path)
         return len(self._tokenizer.encode_chat(request.messages))
 
-    def request(self, messages: Sequence[ChatCompletionMessageParam], stream: bool,
-                params: Mapping[str, Any], record: ResponseRecord | None = None) -> ChatRequest:
+    def request(self, messages: Sequence[ChatCompletionMessageParam] | None, stream: bool,
+                params: Mapping[str, Any], record: ResponseRecord | None = None,
+                prompt: str | None = None) -> ChatRequest:
         unknown = params.keys() - _KNOWN
         if unknown:
             raise TypeError(f"create() got unexpected keyword arguments: {', '.join(sorted(unknown))}")
@@ -150,7 +152,7 @@ class _ClientCore:
         sampling = {k: v for k, v in params.items() if k not in _TRANSPORT}
         model = params.get("model")
         return build_request(config.preset, model=config.model if model is None else model, messages=messages,
-                             stream=stream, options=options, params=sampling)
+                             stream=stream, options=options, params=sampling, prompt=prompt)
 
 
 def _configure(provider: str | None, env: Mapping[str, str] | None, **kwargs: Any) -> ClientConfig:
@@ -208,10 +210,11 @@ class Completions:
         """
         return self._create(messages, stream, params)
 
-    def _create(self, messages: Sequence[ChatCompletionMessageParam], stream: bool, params: Mapping[str, Any],
-                record: ResponseRecord | None = None) -> ChatCompletion | Stream:
+    def _create(self, messages: Sequence[ChatCompletionMessageParam] | None, stream: bool, params: Mapping[str, Any],
+                record: ResponseRecord | None = None, prompt: str | None = None) -> ChatCompletion | Stream:
+        """``create()``; with ``messages`` None and a ``prompt``, a raw-prompt request (``client.completions``)."""
         try:
-            return self._send(Rewrites.for_request(self._core.request(messages, stream, params, record)))
+            return self._send(Rewrites.for_request(self._core.request(messages, stream, params, record, prompt)))
         except APIError as exc:
             if not (self._fallbacks and falls_back(exc)):
                 raise
@@ -219,7 +222,7 @@ class Completions:
         for fallback in self._fallbacks:
             switching(failed, provider, fallback._core.config.provider)
             try:
-                return fallback._create(messages, stream, fallback_params(params), record)
+                return fallback._create(messages, stream, fallback_params(params), record, prompt)
             except MixtralError as exc:
                 exc.add_note(f"(after {provider} failed: {type(failed).__name__}: {failed})")
                 if not (isinstance(exc, APIError) and falls_back(exc)):
@@ -360,10 +363,12 @@ class AsyncCompletions:
                      **params: Unpack[CompletionParams]) -> ChatCompletion | AsyncStream:
         return await self._create(messages, stream, params)
 
-    async def _create(self, messages: Sequence[ChatCompletionMessageParam], stream: bool,
-                      params: Mapping[str, Any], record: ResponseRecord | None = None) -> ChatCompletion | AsyncStream:
+    async def _create(self, messages: Sequence[ChatCompletionMessageParam] | None, stream: bool,
+                      params: Mapping[str, Any], record: ResponseRecord | None = None,
+                      prompt: str | None = None) -> ChatCompletion | AsyncStream:
         try:
-            return await self._send(Rewrites.for_request(self._core.request(messages, stream, params, record)))
+            return await self._send(Rewrites.for_request(self._core.request(messages, stream, params, record,
+                                                                            prompt)))
         except APIError as exc:
             if not (self._fallbacks and falls_back(exc)):
                 raise
@@ -371,7 +376,7 @@ class AsyncCompletions:
         for fallback in self._fallbacks:
             switching(failed, provider, fallback._core.config.provider)
             try:
-                return await fallback._create(messages, stream, fallback_params(params), record)
+                return await fallback._create(messages, stream, fallback_params(params), record, prompt)
             except MixtralError as exc:
                 exc.add_note(f"(after {provider} failed: {type(failed).__name__}: {failed})")
                 if not (isinstance(exc, APIError) and falls_back(exc)):
@@ -645,6 +650,11 @@ class MixtralClient(_Shell):
             self._backend.close()
             raise
 
+    @property
+    def completions(self) -> TextCompletions:
+        """Raw-prompt completions (OpenAI's legacy completions API): ``client.completions.create(prompt=...)``."""
+        return TextCompletions(self.chat.completions)
+
     def close(self) -> None:
         if not self._borrowed:
             self._backend.close()
@@ -675,6 +685,11 @@ class AsyncMixtralClient(_Shell):
         self.chat.completions._limiter = rate_limit
         self.models = AsyncModels(self.config, self._backend)
         self._set_fallbacks(fallbacks, env, kwargs)
+
+    @property
+    def completions(self) -> AsyncTextCompletions:
+        """Raw-prompt completions (OpenAI's legacy completions API): ``client.completions.create(prompt=...)``."""
+        return AsyncTextCompletions(self.chat.completions)
 
     async def aclose(self) -> None:
         if not self._borrowed:

@@ -72,10 +72,19 @@ class ChatRequest:
     stream: bool
     options: RequestOptions
     prompted_calls: PromptedCalls | None = None
+    #: a raw prompt (``client.completions``): sent as it is, with no chat template; ``messages`` is then empty
+    prompt: str | None = None
 
     def body(self) -> dict[str, Any]:
-        """The OpenAI chat-completions JSON body."""
-        body: dict[str, Any] = {"model": self.model, "messages": self.messages, **self.params}
+        """The OpenAI chat-completions JSON body; for a raw prompt, the completions body (whose ``logprobs`` is
+        the number of alternatives, which a chat request gives as ``top_logprobs``)."""
+        if self.prompt is None:
+            body: dict[str, Any] = {"model": self.model, "messages": self.messages, **self.params}
+        else:
+            params = dict(self.params)
+            if params.pop("logprobs", False):
+                params["logprobs"] = params.pop("top_logprobs", 0)
+            body = {"model": self.model, "prompt": self.prompt, **params}
         if self.stream:
             body["stream"] = True
         if self.options.extra_body:
@@ -235,6 +244,10 @@ def _logit_bias(value: Any, preset: ProviderPreset) -> dict[str, float]:
     return checked
 
 
+#: the chat parameters a raw prompt cannot take (they act on messages or on a chat answer)
+_CHAT_ONLY = ("tools", "tool_choice", "parallel_tool_calls", "response_format")
+
+
 def build_request(
     preset: ProviderPreset,
     *,
@@ -243,13 +256,23 @@ def build_request(
     stream: bool,
     options: RequestOptions,
     params: dict[str, Any],
+    prompt: Any = None,
 ) -> ChatRequest:
-    """Validate everything ``create()`` was given against the provider's limits."""
+    """Validate everything ``create()`` was given against the provider's limits. With ``prompt`` (and
+    ``messages`` None) it is a raw-prompt request (``client.completions.create``)."""
     limits = preset.limits
     given = {k: v for k, v in params.items() if v is not None}
     if model is not None and (not isinstance(model, str) or not model):
         raise _fail(f"must be a non-empty string, got {model!r}", "model", preset)
-    checked = _check_messages(messages, preset)
+    if messages is None:
+        if not isinstance(prompt, str) or not prompt:
+            raise _fail(f"must be a non-empty string, got {prompt!r}", "prompt", preset)
+        for name in _CHAT_ONLY:
+            if name in given:
+                raise _fail("applies to chat completions only (client.chat.completions.create)", name, preset)
+        checked: list[dict[str, Any]] = []
+    else:
+        checked = _check_messages(messages, preset)
     if not isinstance(stream, bool):
         raise _fail(f"must be True or False, got {stream!r}", "stream", preset)
 
@@ -331,4 +354,5 @@ def build_request(
         params=given,
         stream=stream,
         options=options,
+        prompt=prompt if messages is None else None,
     )

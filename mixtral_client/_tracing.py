@@ -98,10 +98,15 @@ def _server(base_url: str) -> tuple[str, int]:
     return url.host, url.port or (443 if url.scheme == "https" else 80)
 
 
+def _operation(request: ChatRequest) -> str:
+    """The GenAI operation: ``chat``, or ``text_completion`` for a raw prompt."""
+    return "chat" if request.prompt is None else "text_completion"
+
+
 def _common(config: ClientConfig, request: ChatRequest) -> dict[str, Any]:
     """The attributes the span and the metrics share."""
     attributes: dict[str, Any] = {
-        "gen_ai.operation.name": "chat",
+        "gen_ai.operation.name": _operation(request),
         "gen_ai.provider.name": _PROVIDER_NAMES.get(config.provider, config.provider),
         "gen_ai.request.model": request.model,
     }
@@ -136,7 +141,7 @@ def start(config: ClientConfig, request: ChatRequest) -> RequestSpan | None:
         return None
     from opentelemetry.trace import SpanKind
 
-    span = tracer.start_span(f"chat {request.model}", kind=SpanKind.CLIENT)
+    span = tracer.start_span(f"{_operation(request)} {request.model}", kind=SpanKind.CLIENT)
     if span.is_recording():
         span.set_attributes(_attributes(config, request))
     elif _get_instruments() is None:

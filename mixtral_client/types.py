@@ -26,6 +26,9 @@ __all__ = [
     "ChoiceDeltaToolCallFunction",
     "ChoiceLogprobs",
     "ChunkChoice",
+    "Completion",
+    "CompletionChoice",
+    "CompletionLogprobs",
     "FinishReason",
     "FunctionCall",
     "FunctionDefinition",
@@ -210,6 +213,39 @@ class ChatCompletionChunk(_Model):
     choices: list[ChunkChoice] = []
     usage: Usage | None = None
     _request_id: str | None = PrivateAttr(default=None)  # the stream's HTTP request id (``ChatCompletion``'s)
+
+
+# --------------------------------------------------------------------------- text completions (client.completions)
+
+
+class CompletionLogprobs(_Model):
+    """The legacy completions API's log probabilities: per generated token its text, log probability, the most
+    likely alternatives (token -> log probability) and where it starts in the completion's text."""
+
+    tokens: list[str] = []
+    token_logprobs: list[float | None] = []
+    top_logprobs: list[dict[str, float]] | None = None
+    text_offset: list[int] = []
+
+
+class CompletionChoice(_Model):
+    index: int = 0
+    text: str = ""
+    finish_reason: FinishReason | None = None
+    logprobs: CompletionLogprobs | dict[str, Any] | None = Field(default=None, union_mode="left_to_right")
+
+
+class Completion(_Model):
+    """A raw-prompt completion (``client.completions.create``), as OpenAI's legacy completions API answers;
+    each chunk of its stream is a ``Completion`` too (``choices[i].text`` the new text), as in openai-python."""
+
+    id: str = ""
+    object: str = "text_completion"
+    created: int = 0
+    model: str = ""
+    choices: list[CompletionChoice] = []
+    usage: Usage | None = None
+    _request_id: str | None = PrivateAttr(default=None)
 
 
 # --------------------------------------------------------------------------- parsed answers (chat.completions.parse)

@@ -38,6 +38,7 @@ from mixtral_client._exceptions import (
 from mixtral_client._request import ChatRequest
 from mixtral_client._retry import RetryPolicy
 from mixtral_client._sse import ServerSentEvent, SSEDecoder
+from mixtral_client._text import chat_shaped, is_text_shaped
 from mixtral_client._timeouts import Deadline, Timeout
 from mixtral_client._version import __version__
 from mixtral_client.types import ChatCompletion, ChatCompletionChunk, ChoiceDelta, ChunkChoice, Model
@@ -150,6 +151,7 @@ class HTTPCore:
             raise ConfigurationError(f"provider {self.provider!r} has no base_url")
         base = httpx.URL(config.base_url)  # a query in base_url (?api-version=...) goes on every request
         self.url = str(base.copy_with(path=base.path.rstrip("/") + "/chat/completions"))
+        self.text_url = str(base.copy_with(path=base.path.rstrip("/") + "/completions"))  # raw prompts
         self._base_query = httpx.QueryParams(base.query)  # merged into every request's params (_query)
         headers = {
             "Authorization": f"Bearer {config.api_key}",
@@ -173,6 +175,7 @@ class HTTPCore:
         """
         self._owned = client
         self._endpoint = httpx.URL(self.url)
+        self._text_endpoint = httpx.URL(self.text_url)
         self._client_headers = httpx.Headers(client.headers)
         self._merged = self._merge(self.headers)
         self._merged_stream = self._merge({**self.headers, "Accept": "text/event-stream"})
@@ -199,10 +202,12 @@ class HTTPCore:
                 merged = self._merge(headers)
             else:
                 merged = self._merged_stream if request.stream else self._merged
-            built = httpx.Request("POST", self._endpoint, params=params, content=content, headers=merged,
+            built = httpx.Request("POST", self._endpoint if request.prompt is None else self._text_endpoint,
+                                  params=params, content=content, headers=merged,
                                   extensions={"timeout": self.timeout(request, deadline).as_dict()})
         else:
-            built = client.build_request("POST", self.url, content=content, headers=headers, params=params,
+            built = client.build_request("POST", self.url if request.prompt is None else self.text_url,
+                                         content=content, headers=headers, params=params,
                                          timeout=self.timeout(request, deadline))
         if log.isEnabledFor(logging.DEBUG):  # asked per request: logging may be set up after the client
             log_request(built, content)
@@ -320,7 +325,7 @@ class HTTPCore:
         if isinstance(body, dict) and body.get("error") and "choices" not in body:
             raise self.error_from_payload(body["error"], request_id=rid, body=body)
         try:
-            completion = ChatCompletion.model_validate(body)
+            completion = ChatCompletion.model_validate(chat_shaped(body, chunk=False) if is_text_shaped(body) else body)
         except pydantic.ValidationError as exc:
             raise APIConnectionError(f"{self.provider} sent an answer that is not a chat completion: {exc}",
                                      provider=self.provider, request_id=rid,
@@ -359,6 +364,8 @@ class HTTPCore:
         except pydantic.ValidationError as exc:
             raise APIConnectionError(f"{self.provider} sent an unreadable stream event: {data[:200]!r}",
                                      provider=self.provider, request_id=request_id, body=data) from exc
+        if chunk.choices and "text" in (chunk.choices[0].model_extra or ()):  # a raw prompt's: the chat shape
+            chunk = ChatCompletionChunk.model_validate(chat_shaped(json.loads(data), chunk=True))
         extra = chunk.model_extra
         if extra and extra.get("error") is not None:
             raise self.error_from_payload(extra["error"], request_id=request_id, body=json.loads(data))

@@ -15,9 +15,11 @@ import pytest
 from mixtral_client import AsyncMixtralClient, ChatCompletion, ChatCompletionChunk, MixtralClient
 from mixtral_client._accumulate import ChunkAccumulator
 from mixtral_client._rewrite import rewrite_stream
+from mixtral_client.types import Completion
 from tests.loopback import Conn, Handler, LoopbackServer, Received, sse
 
 MESSAGES = [{"role": "user", "content": "Hi"}]
+PROMPT = "<s>[INST] Hi [/INST]"
 
 
 # --------------------------------------------------------------------------- payload builders
@@ -229,6 +231,40 @@ class Driver:
 
         return self._run(run)
 
+    def text_completion(self, server: LoopbackServer, *, client: dict[str, Any] | None = None,
+                        **params: Any) -> Completion:
+        """``client.completions.create(...)`` (a raw prompt; ``prompt`` defaults to ``PROMPT``)."""
+        params.setdefault("prompt", PROMPT)
+        if self.mode == "sync":
+            with self._sync(server, client) as c:
+                return c.completions.create(**params)
+
+        async def run() -> Completion:
+            async with self._async(server, client) as c:
+                result: Completion = await c.completions.create(**params)
+                return result
+
+        return self._run(run)
+
+    def text_chunks(self, server: LoopbackServer, *, client: dict[str, Any] | None = None,
+                    **params: Any) -> tuple[list[Completion], Completion]:
+        """A raw-prompt stream: its chunks, then ``get_final_completion()``; an error escapes with the chunks
+        seen so far on ``self.seen``."""
+        params.setdefault("prompt", PROMPT)
+        self.seen = []
+        if self.mode == "sync":
+            with self._sync(server, client) as c, c.completions.create(stream=True, **params) as stream:
+                self.seen.extend(stream)
+                return self.seen, stream.get_final_completion()
+
+        async def run() -> tuple[list[Completion], Completion]:
+            async with self._async(server, client) as c:
+                async with await c.completions.create(stream=True, **params) as stream:
+                    async for item in stream:
+                        self.seen.append(item)
+                    return self.seen, await stream.get_final_completion()
+
+        return self._run(run)
 
     def raw(self, server: LoopbackServer, *, client: dict[str, Any] | None = None, method: str = "create",
             **params: Any) -> RawSeen:

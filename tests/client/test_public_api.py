@@ -45,6 +45,7 @@ def test_import_does_not_load_torch_or_the_local_backend() -> None:
 
 
 @pytest.mark.parametrize("cls", [mixtral_client.AsyncMixtralClient, mixtral_client.AsyncStream, AsyncHTTPBackend,
+                                 mixtral_client.AsyncTextStream, mixtral_client.TextStream,
                                  mixtral_client.MixtralClient, mixtral_client.Stream])
 def test_no_finalizer_schedules_work(cls: type) -> None:
     assert not hasattr(cls, "__del__")
