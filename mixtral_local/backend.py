@@ -448,7 +448,9 @@ class LocalCore:
             raise InvalidRequestError(f"logit_bias: token {outside[0]} is not in the model's vocabulary "
                                       f"({self.vocab_size} tokens)", param="logit_bias", provider="local")
         engine = self.load(cancel)
-        prompt = engine.tokenizer.encode_chat(request.messages)
+        tokenizer = engine.tokenizer
+        prompt = tokenizer.encode_chat(request.messages) if request.prompt is None else \
+            tokenizer.encode_prompt(request.prompt)
         per_choice = [params if params.seed is None else dataclasses.replace(params, seed=params.seed + i)
                       for i in range(int(request.params.get("n", 1)))]
         return engine.submit_all([prompt] * len(per_choice), per_choice)  # refuses a prompt that does not fit

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib.resources
 import os
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from .config import CheckpointError
 __all__ = ["IncrementalDetokenizer", "MixtralTokenizer", "v1_tokenizer_path"]
 
 _JOIN = "\n\n"
+_CONTROL = re.compile("(<s>|</s>)")  # BOS and EOS as a raw prompt writes them
 
 
 def v1_tokenizer_path() -> Path:
@@ -80,6 +82,23 @@ class MixtralTokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         text: str = self.sp.decode(list(ids))
         return text
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """A raw prompt's ids (``client.completions``): ``<s>`` and ``</s>`` written in it are BOS and EOS, as
+        Mixtral's prompt format writes them, and the text between them is sentencepiece-encoded piece by piece
+        (``<s>[INST] a [/INST] b</s>[INST] c [/INST]`` gives ``encode_chat``'s ids for that conversation). A
+        prompt that does not open with ``<s>`` gets BOS first, as every Mixtral prompt has one."""
+        ids: list[int] = []
+        for part in _CONTROL.split(text):
+            if part == "<s>":
+                ids.append(self.bos_id)
+            elif part == "</s>":
+                ids.append(self.eos_id)
+            elif part:
+                ids += self.sp.encode(part)
+        if not ids or ids[0] != self.bos_id:
+            ids.insert(0, self.bos_id)
+        return ids
 
     def encode_chat(self, messages: Sequence[Mapping[str, Any]]) -> list[int]:
         """OpenAI-style message dicts -> prompt token ids (see the module docstring)."""

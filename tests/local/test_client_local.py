@@ -194,3 +194,55 @@ def test_doctor_describes_local_weights(tiny_dir: Path, capsys: pytest.CaptureFi
     assert "request     ok: model mixtral-local" in capsys.readouterr().out
     (tiny_dir.parent / "broken").mkdir(exist_ok=True)
     assert main(["doctor", "--model-path", str(tiny_dir.parent / "broken"), "--no-request"], env=env) == 2
+
+
+RENDERED = "<s>[INST] You are terse.\n\nName three rivers. [/INST]"  # MESSAGES in Mixtral's prompt format
+
+
+def test_a_raw_prompt_in_the_chat_format_answers_as_the_chat_request(tiny_dir: Path) -> None:
+    with MixtralClient(provider="local", model_path=str(tiny_dir), env={}, **LOCAL) as client:
+        chat = client.chat.completions.create(messages=MESSAGES, temperature=0, max_tokens=12)
+        text = client.completions.create(prompt=RENDERED, temperature=0, max_tokens=12)
+        with client.completions.create(prompt=RENDERED, temperature=0, max_tokens=12, stream=True) as stream:
+            pieces = [c.choices[0].text for c in stream if c.choices]
+            streamed = stream.get_final_completion()
+
+    assert text.object == "text_completion"
+    assert text.choices[0].text == chat.choices[0].message.content
+    assert (text.usage.prompt_tokens, text.usage.completion_tokens) == (chat.usage.prompt_tokens,
+                                                                       chat.usage.completion_tokens)
+    assert "".join(pieces) == streamed.choices[0].text == text.choices[0].text
+    assert streamed.choices[0].finish_reason == text.choices[0].finish_reason
+
+
+def test_a_raw_prompt_continues_text_with_no_chat_template(tiny_dir: Path, tokenizer: MixtralTokenizer) -> None:
+    with MixtralClient(provider="local", model_path=str(tiny_dir), env={}, **LOCAL) as client:
+        text = client.completions.create(prompt="The river", temperature=0, max_tokens=4)
+
+    assert text.usage.prompt_tokens == len(tokenizer.encode_prompt("The river")) == 1 + len(tokenizer.sp.encode("The river"))
+
+
+def test_raw_prompt_logprobs_come_in_the_legacy_shape(tiny_dir: Path) -> None:
+    with MixtralClient(provider="local", model_path=str(tiny_dir), env={}, **LOCAL) as client:
+        text = client.completions.create(prompt=RENDERED, temperature=0, max_tokens=6, logprobs=2)
+
+    logprobs = text.choices[0].logprobs
+    assert logprobs is not None and not isinstance(logprobs, dict)
+    assert len(logprobs.tokens) == len(logprobs.token_logprobs) == text.usage.completion_tokens == 6
+    assert all(lp is not None and lp <= 0 for lp in logprobs.token_logprobs)
+    assert logprobs.top_logprobs is not None and all(len(top) == 2 for top in logprobs.top_logprobs)
+    # greedy: the chosen token is the most likely one
+    assert [max(top, key=top.__getitem__) for top in logprobs.top_logprobs] == logprobs.tokens
+    assert logprobs.text_offset == [sum(len(t) for t in logprobs.tokens[:i]) for i in range(6)]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio", "trio"])
+async def test_async_raw_prompt_streams(tiny_dir: Path, anyio_backend: str) -> None:
+    async with AsyncMixtralClient(provider="local", model_path=str(tiny_dir), env={}, **LOCAL) as client:
+        whole = await client.completions.create(prompt=RENDERED, temperature=0, max_tokens=6)
+        async with await client.completions.create(prompt=RENDERED, temperature=0, max_tokens=6,
+                                                   stream=True) as stream:
+            pieces = [c.choices[0].text async for c in stream if c.choices]
+
+    assert "".join(pieces) == whole.choices[0].text

@@ -144,3 +144,40 @@ def test_from_pretrained_none_is_mistral_commons_v1(tokenizer: MixtralTokenizer,
 def test_from_pretrained_without_tokenizer_model_raises(tmp_path: Any) -> None:
     with pytest.raises(CheckpointError, match="tokenizer.model"):
         MixtralTokenizer.from_pretrained(tmp_path)
+
+
+def _rendered(messages: list[dict[str, str]]) -> str:
+    """A conversation written out in Mixtral's prompt format, as a raw-prompt user writes it."""
+    text, system = "<s>", "\n\n".join(m["content"] for m in messages if m["role"] == "system")
+    turns = [m for m in messages if m["role"] != "system"]
+    for i, m in enumerate(turns):
+        if m["role"] == "user":
+            content = f"{system}\n\n{m['content']}" if i == 0 and system else m["content"]
+            text += f"[INST] {content} [/INST]"
+        else:
+            text += f" {m['content']}" + ("</s>" if i < len(turns) - 1 else "")
+    return text
+
+
+@pytest.mark.parametrize("messages", [
+    [{"role": "user", "content": "Hi"}],
+    [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Name a river."}],
+    [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4."}, {"role": "user", "content": "日本語?"}],
+    [{"role": "user", "content": "Write JSON"}, {"role": "assistant", "content": "{\"a\":"}],  # a prefill
+])
+def test_encode_prompt_of_the_written_out_format_is_mistral_commons_encoding(
+    tokenizer: MixtralTokenizer, reference: MistralTokenizer, messages: list[dict[str, str]]
+) -> None:
+    prefix = messages[-1]["role"] == "assistant"
+
+    assert tokenizer.encode_prompt(_rendered(messages)) == _oracle(reference, messages, prefix=prefix)
+
+
+def test_encode_prompt_adds_bos_once_and_reads_eos(tokenizer: MixtralTokenizer) -> None:
+    plain = tokenizer.encode_prompt("Once upon a time")
+
+    assert plain == [tokenizer.bos_id, *tokenizer.sp.encode("Once upon a time")]
+    assert tokenizer.encode_prompt("<s>Once upon a time") == plain
+    assert tokenizer.encode_prompt("a</s>b") == [tokenizer.bos_id, *tokenizer.sp.encode("a"), tokenizer.eos_id,
+                                                 *tokenizer.sp.encode("b")]
+    assert tokenizer.encode_prompt("<s>") == [tokenizer.bos_id]
