@@ -1,4 +1,5 @@
-"""Bedrock's Converse API for Mixtral: request bodies, answers, stream events and errors, with no I/O.
+"""Bedrock's Converse API for Mixtral (and InvokeModel for raw prompts): request bodies, answers, stream events
+and errors, with no I/O.
 
 - ``converse_body()`` turns a validated ``ChatRequest`` into a Converse body. Mixtral on Bedrock refuses
   system messages, so they are folded into the first user turn (``system + "\\n\\n" + user``, as
@@ -13,6 +14,9 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
+import json
 from collections.abc import Mapping
 from typing import Any
 from urllib.parse import quote, unquote
@@ -34,10 +38,13 @@ __all__ = [
     "api_error",
     "chunk_from_event",
     "completion_from_converse",
+    "completion_from_invoke",
     "converse_body",
     "converse_messages",
     "converse_path",
     "finish_reason",
+    "invoke_body",
+    "invoke_path",
     "model_from_path",
 ]
 
@@ -141,10 +148,64 @@ def converse_body(request: ChatRequest) -> dict[str, Any]:
     merged into the body as given (``guardrailConfig``, ``performanceConfig``, ``requestMetadata``, ...).
     """
     provider = request.provider.name
+    params = _checked_params(request)
+    config: dict[str, Any] = {}
+    if "max_tokens" in params:
+        config["maxTokens"] = params["max_tokens"]
+    if "temperature" in params:
+        config["temperature"] = params["temperature"]
+    if "top_p" in params:
+        config["topP"] = params["top_p"]
+    if "stop" in params:
+        config["stopSequences"] = _stops(params["stop"])
+
+    body: dict[str, Any] = {"messages": converse_messages(request.messages, provider)}
+    if config:
+        body["inferenceConfig"] = config
+    extra = dict(request.options.extra_body)
+    top_k = extra.pop("top_k", None)
+    if top_k is not None:
+        body["additionalModelRequestFields"] = {"top_k": top_k}
+    return _merged(body, extra)
+
+
+def invoke_path(model: str, stream: bool) -> str:
+    """InvokeModel's ``/model/{id}/invoke`` or ``/invoke-with-response-stream`` (raw prompts)."""
+    return f"/model/{quote(model, safe='')}/{'invoke-with-response-stream' if stream else 'invoke'}"
+
+
+def invoke_body(request: ChatRequest) -> dict[str, Any]:
+    """The InvokeModel body for a raw prompt (``client.completions``): Mistral's native request, ``prompt``
+    as written, the sampling parameters by their own names, ``extra_body`` (``top_k``, ...) merged in."""
+    params = _checked_params(request)
+    body: dict[str, Any] = {"prompt": request.prompt}
+    body.update({name: params[name] for name in ("max_tokens", "temperature", "top_p") if name in params})
+    if "stop" in params:
+        body["stop"] = _stops(params["stop"])
+    return _merged(body, dict(request.options.extra_body))
+
+
+def _stops(stop: str | list[str]) -> list[str]:
+    return [stop] if isinstance(stop, str) else list(stop)
+
+
+def _merged(body: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+    """``extra_body`` over ``body``: a dict given for a dict field is merged into it."""
+    for key, value in extra.items():
+        if isinstance(value, Mapping) and isinstance(body.get(key), dict):
+            body[key] = {**body[key], **value}
+        else:
+            body[key] = value
+    return body
+
+
+def _checked_params(request: ChatRequest) -> dict[str, Any]:
+    """The request's parameters, once none is one that Mixtral on Bedrock cannot take."""
+    provider = request.provider.name
     params = request.params
     for name in _UNSUPPORTED:
         if name in params and params[name] is not False:
-            raise _unsupported("Mixtral on Bedrock (Converse) does not support it", name, provider)
+            raise _unsupported("Mixtral on Bedrock does not support it", name, provider)
     for name in ("tools", "tool_choice"):  # the client writes tools into the prompt before this is reached
         if name in params:
             raise _unsupported("Mixtral on Bedrock has no toolConfig; the client sends tools in the prompt "
@@ -154,34 +215,11 @@ def converse_body(request: ChatRequest) -> dict[str, Any]:
         raise _unsupported("Mixtral on Bedrock has no structured output; the client writes response_format "
                            "into the prompt (mixtral_client._format)", "response_format", provider)
 
-    config: dict[str, Any] = {}
-    if "max_tokens" in params:
-        config["maxTokens"] = params["max_tokens"]
-    if "temperature" in params:
-        config["temperature"] = params["temperature"]
-    if "top_p" in params:
-        config["topP"] = params["top_p"]
-    if "stop" in params:
-        stop = params["stop"]
-        config["stopSequences"] = [stop] if isinstance(stop, str) else list(stop)
     known = {"max_tokens", "temperature", "top_p", "stop", "response_format", *_UNSUPPORTED, *_IGNORED}
     leftover = sorted(params.keys() - known)
     if leftover:  # build_request() admits nothing else today; refuse rather than drop what a newer one admits
         raise _unsupported("not supported by Mixtral on Bedrock", leftover[0], provider)
-
-    body: dict[str, Any] = {"messages": converse_messages(request.messages, provider)}
-    if config:
-        body["inferenceConfig"] = config
-    extra = dict(request.options.extra_body)
-    top_k = extra.pop("top_k", None)
-    if top_k is not None:
-        body["additionalModelRequestFields"] = {"top_k": top_k}
-    for key, value in extra.items():
-        if isinstance(value, Mapping) and isinstance(body.get(key), dict):
-            body[key] = {**body[key], **value}
-        else:
-            body[key] = value
-    return body
+    return params
 
 
 # --------------------------------------------------------------------------- answers
@@ -215,17 +253,63 @@ def completion_from_converse(body: Mapping[str, Any], *, id: str, model: str, cr
     return ChatCompletion(id=id, created=created, model=model, choices=[choice], usage=_usage(body), **extra)
 
 
+def _invoke_usage(input_tokens: Any, output_tokens: Any) -> Usage | None:
+    if input_tokens is None and output_tokens is None:
+        return None
+    prompt, completion = int(input_tokens or 0), int(output_tokens or 0)
+    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+
+
+def completion_from_invoke(body: Mapping[str, Any], headers: Mapping[str, str], *, id: str, model: str,
+                           created: int) -> ChatCompletion:
+    """An InvokeModel answer (``{"outputs": [{"text", "stop_reason"}]}``) as a ``ChatCompletion``, its token
+    counts from the ``x-amzn-bedrock-*-token-count`` headers."""
+    outputs = body["outputs"]
+    if not isinstance(outputs, list):
+        raise ValueError("'outputs' is not a list")
+    choices = [Choice(index=i, message=ChatCompletionMessage(content=out.get("text") or ""),
+                      finish_reason=finish_reason(out.get("stop_reason"))) for i, out in enumerate(outputs)]
+    usage = _invoke_usage(headers.get("x-amzn-bedrock-input-token-count"),
+                          headers.get("x-amzn-bedrock-output-token-count"))
+    return ChatCompletion(id=id, created=created, model=model, choices=choices, usage=usage)
+
+
+def _invoke_chunk(payload: Mapping[str, Any], *, id: str, model: str, created: int) -> ChatCompletionChunk | None:
+    """An InvokeModelWithResponseStream ``chunk`` event: ``{"bytes": base64 of {"outputs": [...]}}``; the last
+    adds ``amazon-bedrock-invocationMetrics`` (the usage)."""
+    try:
+        inner = json.loads(base64.b64decode(payload.get("bytes") or "", validate=True))
+    except (ValueError, binascii.Error) as exc:
+        raise ValueError(f"a chunk event whose bytes are not base64 JSON: {exc}") from exc
+    if not isinstance(inner, Mapping):
+        return None
+    choices = [ChunkChoice(index=i, delta=ChoiceDelta(content=out.get("text") or None),
+                           finish_reason=finish_reason(out.get("stop_reason")))
+               for i, out in enumerate(inner.get("outputs") or []) if isinstance(out, Mapping)]
+    metrics = inner.get("amazon-bedrock-invocationMetrics")
+    usage = _invoke_usage(metrics.get("inputTokenCount"), metrics.get("outputTokenCount")) \
+        if isinstance(metrics, Mapping) else None
+    if not choices and usage is None:
+        return None
+    extra = {"metrics": metrics} if isinstance(metrics, Mapping) else {}
+    return ChatCompletionChunk(id=id, created=created, model=model, choices=choices, usage=usage, **extra)
+
+
 def chunk_from_event(event_type: str, payload: Any, *, id: str, model: str,
                      created: int) -> ChatCompletionChunk | None:
-    """One ConverseStream event as a chunk, or None for events that carry nothing for the caller.
+    """One ConverseStream (or InvokeModelWithResponseStream) event as a chunk, or None for events that carry
+    nothing for the caller.
 
     ``messageStart`` gives the role, ``contentBlockDelta`` text, ``messageStop`` the finish reason and
-    ``metadata`` (the last event) the usage, on a chunk without choices as OpenAI streams it.
+    ``metadata`` (the last event) the usage, on a chunk without choices as OpenAI streams it. InvokeModel's
+    ``chunk`` events carry text, the stop reason and, on the last, the usage (``_invoke_chunk``).
     """
     if not isinstance(payload, Mapping):
         return None
     delta: ChoiceDelta | None = None
     reason: str | None = None
+    if event_type == "chunk":
+        return _invoke_chunk(payload, id=id, model=model, created=created)
     if event_type == "messageStart":
         delta = ChoiceDelta(role=payload.get("role") or "assistant")
     elif event_type == "contentBlockDelta":

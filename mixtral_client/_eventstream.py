@@ -1,8 +1,9 @@
-"""AWS event-stream decoding for ConverseStream, with no I/O: bytes in, chat chunks out.
+"""AWS event-stream decoding for ConverseStream and InvokeModelWithResponseStream, with no I/O: bytes in, chat
+chunks out.
 
 ``FrameDecoder`` turns bytes, split anywhere, into ``Frame``s with botocore's ``EventStreamBuffer``
 (prelude, headers, payload, both CRCs checked). ``ConverseStreamDecoder`` maps the frames of one
-ConverseStream answer onto ``ChatCompletionChunk``s and raises the error tree for exception frames,
+ConverseStream (or InvokeModelWithResponseStream) answer onto ``ChatCompletionChunk``s and raises the error tree for exception frames,
 corrupt bytes and a stream cut inside a frame. Needs botocore (the ``bedrock`` extra).
 """
 
@@ -112,8 +113,11 @@ class ConverseStreamDecoder:
         chunks = []
         for frame in frames:
             if frame.kind == "event":
-                chunk = chunk_from_event(frame.name, frame.payload, id=self.id, model=self.model,
-                                         created=self.created)
+                try:
+                    chunk = chunk_from_event(frame.name, frame.payload, id=self.id, model=self.model,
+                                             created=self.created)
+                except ValueError as exc:  # an InvokeModel chunk whose bytes do not decode
+                    raise self._corrupt(exc) from exc
                 if chunk is not None:
                     chunks.append(chunk)
                 continue
@@ -142,6 +146,6 @@ class ConverseStreamDecoder:
         return api_error(frame.name or frame.kind, str(message or f"{frame.kind} frame"), provider=self.provider,
                          request_id=self.request_id, body=payload)
 
-    def _corrupt(self, exc: FrameError) -> APIConnectionError:
+    def _corrupt(self, exc: ValueError) -> APIConnectionError:
         return APIConnectionError(f"{self.provider} sent an unreadable event stream: {exc}",
                                   provider=self.provider, request_id=self.request_id)

@@ -1,4 +1,5 @@
-"""The Amazon Bedrock backend: Mixtral through the Converse and ConverseStream APIs.
+"""The Amazon Bedrock backend: Mixtral through the Converse and ConverseStream APIs (raw prompts through
+InvokeModel and InvokeModelWithResponseStream).
 
 ``BedrockCore`` does the Bedrock-specific work without I/O: the Converse body (``_converse``), the URL
 (``/model/{id}/converse`` or ``/converse-stream``), authentication (a Bedrock API key as a bearer token,
@@ -28,8 +29,11 @@ from mixtral_client._config import ClientConfig
 from mixtral_client._converse import (
     api_error,
     completion_from_converse,
+    completion_from_invoke,
     converse_body,
     converse_path,
+    invoke_body,
+    invoke_path,
     model_from_path,
 )
 from mixtral_client._eventstream import ConverseStreamDecoder
@@ -106,12 +110,16 @@ class BedrockCore:
 
     def build(self, client: httpx.Client | httpx.AsyncClient, request: ChatRequest, deadline: Deadline) -> httpx.Request:
         opts = request.options
-        content = json.dumps(converse_body(request), ensure_ascii=False, separators=(",", ":")).encode()
+        if request.prompt is None:
+            body, path = converse_body(request), converse_path(request.model, request.stream)
+        else:  # a raw prompt: InvokeModel, Mistral's native text API
+            body, path = invoke_body(request), invoke_path(request.model, request.stream)
+        content = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
         headers = httpx.Headers(self.headers)  # case-insensitive: extra_headers replace, never duplicate
         headers["Accept"] = "application/vnd.amazon.eventstream" if request.stream else "application/json"
         headers.update(opts.extra_headers)
         built = client.build_request(
-            "POST", self.endpoint + converse_path(request.model, request.stream), content=content,
+            "POST", self.endpoint + path, content=content,
             headers=headers, params=self._base_query.merge(opts.extra_query) or None,
             timeout=HTTPCore.timeout(request, deadline),
         )
@@ -157,14 +165,21 @@ class BedrockCore:
 
     def parse_completion(self, response: httpx.Response, raw: bytes) -> ChatCompletion:
         rid = self.request_id(response.headers)
+        invoked = response.request.url.path.endswith("/invoke")
         try:
             body = json.loads(raw)
+            if invoked:
+                if not isinstance(body, dict):
+                    raise ValueError("not a JSON object")
+                return completion_from_invoke(body, response.headers, id=rid or "", model=self._model(response),
+                                              created=int(time.time()))
             if not isinstance(body, dict) or not isinstance(body.get("output"), dict):
                 raise ValueError("no 'output' object")
             return completion_from_converse(body, id=rid or "", model=self._model(response),
                                             created=int(time.time()))
-        except (ValueError, TypeError, AttributeError) as exc:
-            raise APIConnectionError(f"{self.provider} sent an answer that is not a Converse answer: {exc}",
+        except (ValueError, TypeError, AttributeError, KeyError) as exc:
+            kind = "an InvokeModel" if invoked else "a Converse"
+            raise APIConnectionError(f"{self.provider} sent an answer that is not {kind} answer: {exc}",
                                      provider=self.provider, request_id=rid,
                                      body=raw.decode("utf-8", errors="replace")) from exc
 

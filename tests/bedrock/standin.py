@@ -14,6 +14,7 @@ received (at the ``X-Amz-Date`` the client sent) and refusing a mismatch with 40
 
 from __future__ import annotations
 
+import base64
 import binascii
 import hmac
 import json
@@ -40,7 +41,8 @@ _AUTH = re.compile(
     r"AWS4-HMAC-SHA256 Credential=(?P<key>[^/]+)/(?P<date>\d{8})/(?P<region>[^/]+)/(?P<service>[^/]+)/aws4_request, "
     r"SignedHeaders=(?P<signed>[a-z0-9;-]+), Signature=(?P<signature>[0-9a-f]{64})"
 )
-_PATH = re.compile(r"(?:/[^?]*)?/model/(?P<model>[^/?]+)/(?P<op>converse|converse-stream)(?:\?.*)?")  # behind a proxy's path too
+_PATH = re.compile(r"(?:/[^?]*)?/model/(?P<model>[^/?]+)/(?P<op>converse|converse-stream|invoke|invoke-with-response-stream)"
+                   r"(?:\?.*)?")  # behind a proxy's path too
 
 
 # --------------------------------------------------------------------------- event-stream encoding
@@ -95,6 +97,7 @@ class Call:
     stream: bool
     request_id: str
     auth: str  # "sigv4" or "api-key"
+    op: str = "converse"  # converse, converse-stream, invoke, invoke-with-response-stream
 
     def json(self) -> Any:
         return self.received.json()
@@ -131,9 +134,30 @@ def stream_bytes(frames: Sequence[bytes], *, cuts: Sequence[int] | None = None, 
     return reply
 
 
+def invoke_chunk(text: str, stop: str | None = None, usage: tuple[int, int] | None = None) -> bytes:
+    """One InvokeModelWithResponseStream ``chunk`` event: base64 of ``{"outputs": [...]}``, the last with the
+    invocation metrics."""
+    inner: dict[str, Any] = {"outputs": [{"text": text, "stop_reason": stop}]}
+    if usage is not None:
+        inner["amazon-bedrock-invocationMetrics"] = {"inputTokenCount": usage[0], "outputTokenCount": usage[1],
+                                                     "invocationLatency": 42, "firstByteLatency": 7}
+    return event("chunk", {"bytes": base64.b64encode(json.dumps(inner).encode()).decode()})
+
+
 def answer(text: str = "Hello from Bedrock", stop: str = "end_turn", usage: tuple[int, int] = (12, 3)) -> Reply:
-    """A whole answer: a Converse JSON body, or ConverseStream frames (a delta per word)."""
+    """A whole answer: a Converse JSON body, or ConverseStream frames (a delta per word); for InvokeModel, its
+    JSON body (token counts in headers) or its ``chunk`` events."""
     def reply(call: Call, conn: Conn) -> None:
+        if call.op.startswith("invoke"):
+            words = re.findall(r"\s*\S+", text) or [text]
+            reason = {"end_turn": "stop", "max_tokens": "length"}.get(stop, stop)
+            if call.stream:
+                stream_bytes([*(invoke_chunk(w) for w in words[:-1]), invoke_chunk(words[-1], reason, usage)])(call, conn)
+            else:
+                conn.respond(200, {"outputs": [{"text": text, "stop_reason": reason}]},
+                             {"x-amzn-RequestId": call.request_id, "x-amzn-bedrock-input-token-count": str(usage[0]),
+                              "x-amzn-bedrock-output-token-count": str(usage[1])})
+            return
         if call.stream:
             words = re.findall(r"\s*\S+", text) or [text]
             stream_bytes(answer_frames(words, stop, usage))(call, conn)
@@ -203,7 +227,7 @@ class BedrockStandIn:
             self.refused.append(refusal)
             conn.respond(403, {"message": refusal}, _error_headers(auth, request_id))
             return
-        call = Call(received, unquote(match["model"]), match["op"] == "converse-stream", request_id, auth)
+        call = Call(received, unquote(match["model"]), match["op"].endswith("stream"), request_id, auth, match["op"])
         self.calls.append(call)
         (self.replies.pop(0) if self.replies else answer())(call, conn)
 
