@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar, Unpack, overload
 
 import httpx
+from pydantic import BaseModel
 
 from ._streaming import AsyncStream, Stream
 from .types import ChatCompletion, ChatCompletionMessageParam, ParsedChatCompletion, ParsedT
@@ -80,7 +81,9 @@ class RawResponse(Generic[T]):
 
 
 def _raw(answer: T, record: ResponseRecord) -> RawResponse[T]:
-    request_id = answer.request_id if isinstance(answer, Stream | AsyncStream) else getattr(answer, "_request_id", None)
+    """A stream's ``request_id``; an answer's ``_request_id`` (pydantic: private)."""
+    request_id = getattr(answer, "_request_id", None) if isinstance(answer, BaseModel) else \
+        getattr(answer, "request_id", None)
     return RawResponse(answer, record, request_id)
 
 

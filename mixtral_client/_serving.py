@@ -13,7 +13,9 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic, TypeVar
+
+from pydantic import BaseModel
 
 from ._client import CompletionParams
 from ._exceptions import (
@@ -24,13 +26,20 @@ from ._exceptions import (
     MixtralError,
     UnsupportedFeatureError,
 )
-from .types import ChatCompletionChunk, Usage
+from ._text_client import TextCompletionParams
+from .types import ChatCompletionChunk, Completion, Usage
+
+#: a stream's chunk: a chat one, or a raw prompt's (a ``Completion``, as OpenAI streams them)
+Chunk = TypeVar("Chunk", ChatCompletionChunk, Completion)
 
 __all__ = ["BodyTooLarge", "ModelNotFound", "ServedRequest", "StreamShaper", "Unauthorized", "check_model",
            "error_response", "read_body", "sse"]
 
+_TRANSPORT = frozenset({"extra_headers", "extra_query", "extra_body", "timeout", "model"})
 #: ``create()`` parameters a body may set directly; transport options (``extra_*``, ``timeout``) it may not
-_PARAMS = frozenset(CompletionParams.__annotations__) - {"extra_headers", "extra_query", "extra_body", "timeout", "model"}
+_PARAMS = frozenset(CompletionParams.__annotations__) - _TRANSPORT
+#: the same for ``completions.create()`` (a raw prompt)
+_TEXT_PARAMS = frozenset(TextCompletionParams.__annotations__) - _TRANSPORT
 #: statuses of a host behind this server that are this server's fault, not the caller's: its own key
 _UPSTREAM_AUTH = frozenset({401, 403})
 #: response headers of a host's error worth handing on (how long to wait before a retry)
@@ -54,12 +63,14 @@ class BodyTooLarge(MixtralError):
 
 @dataclass(slots=True)
 class ServedRequest:
-    """One body, read: the arguments of ``create()`` and whether the stream ends with a usage chunk."""
+    """One body, read: the arguments of ``create()`` (``messages``, or for a raw prompt ``prompt``) and whether
+    the stream ends with a usage chunk."""
 
     messages: Any
     stream: bool
     params: dict[str, Any] = field(default_factory=dict)
     include_usage: bool = False
+    prompt: Any = None
 
 
 def check_model(model: str, served: frozenset[str]) -> None:
@@ -68,9 +79,10 @@ def check_model(model: str, served: frozenset[str]) -> None:
         raise ModelNotFound(f"The model {model!r} does not exist; this server serves {', '.join(sorted(served))}")
 
 
-def read_body(raw: bytes, served: frozenset[str]) -> ServedRequest:
-    """Read a chat-completions body; a body that is not one raises ``InvalidRequestError`` (400), a model not in
-    ``served`` ``ModelNotFound`` (404). The parameters themselves are checked by ``create()``."""
+def read_body(raw: bytes, served: frozenset[str], *, text: bool = False) -> ServedRequest:
+    """Read a chat-completions body (with ``text``, a completions body: a raw ``prompt``); a body that is not one
+    raises ``InvalidRequestError`` (400), a model not in ``served`` ``ModelNotFound`` (404). The parameters
+    themselves are checked by ``create()``."""
     try:
         body = json.loads(raw)
     except (UnicodeDecodeError, ValueError) as exc:
@@ -81,9 +93,10 @@ def read_body(raw: bytes, served: frozenset[str]) -> ServedRequest:
     model = given.pop("model", None)
     if model is not None:
         check_model(model, served)
-    if "messages" not in given:
-        raise InvalidRequestError("messages: required", param="messages")
-    messages, stream = given.pop("messages"), given.pop("stream", False)
+    what = "prompt" if text else "messages"
+    if what not in given:
+        raise InvalidRequestError(f"{what}: required", param=what)
+    payload, stream = given.pop(what), given.pop("stream", False)
     limit = given.pop("max_completion_tokens", None)
     if limit is not None:
         if given.setdefault("max_tokens", limit) != limit:
@@ -91,11 +104,14 @@ def read_body(raw: bytes, served: frozenset[str]) -> ServedRequest:
                                       param="max_completion_tokens")
     options = given.get("stream_options")
     include_usage = isinstance(options, Mapping) and options.get("include_usage") is True
-    params = {k: v for k, v in given.items() if k in _PARAMS}
-    extra = {k: v for k, v in given.items() if k not in _PARAMS}
+    known = _TEXT_PARAMS if text else _PARAMS
+    params = {k: v for k, v in given.items() if k in known}
+    extra = {k: v for k, v in given.items() if k not in known}
     if extra:
         params["extra_body"] = extra
-    return ServedRequest(messages=messages, stream=stream, params=params, include_usage=include_usage)
+    if text:
+        return ServedRequest(messages=None, prompt=payload, stream=stream, params=params, include_usage=include_usage)
+    return ServedRequest(messages=payload, stream=stream, params=params, include_usage=include_usage)
 
 
 def _error(message: str, kind: str, *, param: str | None = None, code: str | int | None = None) -> dict[str, Any]:
@@ -142,14 +158,14 @@ def error_response(exc: Exception) -> tuple[int, dict[str, Any], dict[str, str]]
 
 def sse(data: Any) -> bytes:
     """One server-sent event carrying ``data`` as JSON."""
-    payload = data.model_dump_json() if isinstance(data, ChatCompletionChunk) else json.dumps(data)
+    payload = data.model_dump_json() if isinstance(data, BaseModel) else json.dumps(data)
     return b"data: " + payload.encode() + b"\n\n"
 
 
 DONE = b"data: [DONE]\n\n"
 
 
-class StreamShaper:
+class StreamShaper(Generic[Chunk]):
     """Backends put ``usage`` where they like (on the finish chunk, in a chunk of its own); OpenAI's stream
     carries it in one last chunk with no choices, and only when ``stream_options.include_usage`` asked.
     ``feed`` gives the chunk to send (usage taken off) or ``None``; ``end`` gives the usage chunk, if owed."""
@@ -157,16 +173,16 @@ class StreamShaper:
     def __init__(self, include_usage: bool) -> None:
         self.include_usage = include_usage
         self.usage: Usage | None = None
-        self.last: ChatCompletionChunk | None = None
+        self.last: Chunk | None = None
 
-    def feed(self, chunk: ChatCompletionChunk) -> ChatCompletionChunk | None:
+    def feed(self, chunk: Chunk) -> Chunk | None:
         self.last = chunk
         if chunk.usage is not None:
             self.usage = chunk.usage
             chunk = chunk.model_copy(update={"usage": None})
         return chunk if chunk.choices else None
 
-    def end(self) -> ChatCompletionChunk | None:
+    def end(self) -> Chunk | None:
         if not self.include_usage or self.last is None:
             return None
         return self.last.model_copy(update={"choices": [], "usage": self.usage})

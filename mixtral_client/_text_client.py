@@ -14,6 +14,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal, Self, TypedDict, Unpack, overload
 
 from ._exceptions import InvalidRequestError
+from ._response import RawResponse, ResponseRecord, _raw
 from ._streaming import AsyncStream, Stream
 from ._text import TextChunks, completion_from_chat
 from ._timeouts import Timeout
@@ -164,11 +165,32 @@ class TextCompletions:
 
         Validated first, as ``chat.completions.create()`` is; ``tools`` and ``response_format`` are chat-only.
         """
-        answer = self._chat._create(None, stream, _chat_params(params, self._chat._core.config.provider),
-                                    prompt=prompt)
+        return self._create(prompt, stream, params)
+
+    def _create(self, prompt: str, stream: bool, params: Mapping[str, Any],
+                record: ResponseRecord | None = None) -> Completion | TextStream:
+        answer = self._chat._create(None, stream, _chat_params(params, self._chat._core.config.provider), record,
+                                    prompt)
         if isinstance(answer, ChatCompletion):
             return completion_from_chat(answer)
         return TextStream(answer)
+
+    @property
+    def with_raw_response(self) -> RawTextCompletions:
+        """``create()`` returning a ``RawResponse`` (status, headers, retries taken, ``parse()``)."""
+        return RawTextCompletions(self)
+
+
+class RawTextCompletions:
+    """``client.completions.with_raw_response``."""
+
+    def __init__(self, completions: TextCompletions) -> None:
+        self._completions = completions
+
+    def create(self, *, prompt: str, stream: bool = False,
+               **params: Unpack[TextCompletionParams]) -> RawResponse[Completion | TextStream]:
+        record = ResponseRecord()
+        return _raw(self._completions._create(prompt, stream, params, record), record)
 
 
 class AsyncTextCompletions:
@@ -192,8 +214,28 @@ class AsyncTextCompletions:
     async def create(self, *, prompt: str, stream: bool = False,
                      **params: Unpack[TextCompletionParams]) -> Completion | AsyncTextStream:
         """See ``TextCompletions.create``."""
+        return await self._create(prompt, stream, params)
+
+    async def _create(self, prompt: str, stream: bool, params: Mapping[str, Any],
+                      record: ResponseRecord | None = None) -> Completion | AsyncTextStream:
         answer = await self._chat._create(None, stream, _chat_params(params, self._chat._core.config.provider),
-                                          prompt=prompt)
+                                          record, prompt)
         if isinstance(answer, ChatCompletion):
             return completion_from_chat(answer)
         return AsyncTextStream(answer)
+
+    @property
+    def with_raw_response(self) -> AsyncRawTextCompletions:
+        return AsyncRawTextCompletions(self)
+
+
+class AsyncRawTextCompletions:
+    """``async_client.completions.with_raw_response``."""
+
+    def __init__(self, completions: AsyncTextCompletions) -> None:
+        self._completions = completions
+
+    async def create(self, *, prompt: str, stream: bool = False,
+                     **params: Unpack[TextCompletionParams]) -> RawResponse[Completion | AsyncTextStream]:
+        record = ResponseRecord()
+        return _raw(await self._completions._create(prompt, stream, params, record), record)

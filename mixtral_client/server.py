@@ -1,6 +1,7 @@
 """An OpenAI-compatible HTTP server over any backend: ``mixtral serve`` (the ``server`` extra).
 
     POST /v1/chat/completions   OpenAI's chat completions: whole answers, and SSE streams ending in [DONE]
+    POST /v1/completions        OpenAI's (legacy) completions: a raw prompt, no chat template; the same two ways
     GET  /v1/models             the one model served (and /v1/models/{id})
     GET  /health                200 once the backend is ready; on local weights, what the batch is doing
     GET  /metrics               Prometheus text: requests by status, durations, tokens, and the local batch
@@ -38,6 +39,7 @@ from ._client import AsyncMixtralClient
 from ._config import ClientConfig
 from ._metrics import ServerMetrics
 from ._providers import MODEL_ALIAS
+from ._response import RawResponse
 from ._serving import (
     DONE,
     BodyTooLarge,
@@ -50,6 +52,7 @@ from ._serving import (
     sse,
 )
 from ._streaming import AsyncStream
+from ._text_client import AsyncTextStream
 
 __all__ = ["MAX_BODY_BYTES", "create_app", "serve"]
 
@@ -85,11 +88,12 @@ def _error(exc: Exception) -> JSONResponse:
     return JSONResponse(body, status_code=status, headers=headers)
 
 
-async def _events(stream: AsyncStream, include_usage: bool, done: Callable[[bool], None]) -> AsyncIterator[bytes]:
+async def _events(stream: AsyncStream | AsyncTextStream, include_usage: bool,
+                  done: Callable[[bool], None]) -> AsyncIterator[bytes]:
     """The stream as SSE. A failure after the first event is one last ``error`` event (OpenAI's shape, which
     openai-python raises as an ``APIError``) and no ``[DONE]``, so no caller mistakes it for an answer.
     ``done(failed)`` is called once the stream is over, however it ended."""
-    shaper = StreamShaper(include_usage)
+    shaper: StreamShaper[Any] = StreamShaper(include_usage)
     failed = False
     try:
         async with stream:  # a caller that goes away cancels this generator: the stream closes, the request ends
@@ -171,16 +175,27 @@ def create_app(client: AsyncMixtralClient, *, api_key: str | None = None, model_
             return None
         return _error(Unauthorized("missing or wrong API key (Authorization: Bearer ...)"))
 
-    async def chat_completions(request: Request) -> Response:
+    async def answer(request: Request, text: bool) -> Response:
+        """A chat-completions request, or with ``text`` a completions one (a raw prompt)."""
         started, stream = metrics.started(), False
         if (denied := refused(request)) is not None:
             metrics.finished(started, denied.status_code, stream)
             return denied
         try:
-            served_request = read_body(await _body(request, max_body_bytes), served)
-            stream = served_request.stream
-            raw = await _unless_gone(request, lambda: client.chat.completions.with_raw_response.create(
-                messages=served_request.messages, stream=served_request.stream, **served_request.params))
+            asked = read_body(await _body(request, max_body_bytes), served, text=text)
+            stream = asked.stream
+
+            async def send() -> RawResponse[Any]:
+                sent: RawResponse[Any]
+                if text:
+                    sent = await client.completions.with_raw_response.create(prompt=asked.prompt, stream=asked.stream,
+                                                                            **asked.params)
+                else:
+                    sent = await client.chat.completions.with_raw_response.create(messages=asked.messages,
+                                                                                 stream=asked.stream, **asked.params)
+                return sent
+
+            raw = await _unless_gone(request, send)
         except Exception as exc:  # every refusal or failure before the first byte is an HTTP error status
             failure = _error(exc)
             metrics.finished(started, failure.status_code, stream)
@@ -189,16 +204,25 @@ def create_app(client: AsyncMixtralClient, *, api_key: str | None = None, model_
             metrics.finished(started, 499, stream)
             return Response(status_code=499)
         headers = {**_passed(raw.headers), "x-request-id": _request_id(raw.request_id)}
-        answer = raw.parse()
-        if isinstance(answer, AsyncStream):
-            def done(failed: bool, stream: AsyncStream = answer) -> None:
-                metrics.finished(started, 200, True, stream._accumulator.usage, stream_failed=failed)
+        answered = raw.parse()
+        if isinstance(answered, AsyncStream | AsyncTextStream):
+            chunks = answered
 
-            return StreamingResponse(_events(answer, served_request.include_usage, done),
+            def done(failed: bool) -> None:
+                chat = chunks._stream if isinstance(chunks, AsyncTextStream) else chunks
+                metrics.finished(started, 200, True, chat._accumulator.usage, stream_failed=failed)
+
+            return StreamingResponse(_events(chunks, asked.include_usage, done),
                                      media_type="text/event-stream",
                                      headers={"cache-control": "no-cache", "x-accel-buffering": "no", **headers})
-        metrics.finished(started, 200, False, answer.usage)
-        return JSONResponse(answer.model_dump(mode="json"), headers=headers)
+        metrics.finished(started, 200, False, answered.usage)
+        return JSONResponse(answered.model_dump(mode="json"), headers=headers)
+
+    async def chat_completions(request: Request) -> Response:
+        return await answer(request, text=False)
+
+    async def completions(request: Request) -> Response:
+        return await answer(request, text=True)
 
     listing = {"id": name, "object": "model", "created": created, "owned_by": config.provider}
 
@@ -240,6 +264,7 @@ def create_app(client: AsyncMixtralClient, *, api_key: str | None = None, model_
 
     return Starlette(routes=[
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+        Route("/v1/completions", completions, methods=["POST"]),
         Route("/v1/models", models, methods=["GET"]),
         Route("/v1/models/{model:path}", model, methods=["GET"]),
         Route("/health", health, methods=["GET"]),

@@ -299,3 +299,46 @@ def test_metrics_count_answers_tokens_and_the_local_batch(tiny_dir: Path) -> Non
     # the first token of each answer comes from its prefill: (3 - 1) + (4 - 1) decode steps at least (the engine
     # may be shared with this module's other server)
     assert seen["mixtral_local_decode_steps_total"] >= 5 and seen["mixtral_local_max_batch"] == 32
+
+
+RENDERED = "<s>[INST] You are terse.\n\nName three rivers. [/INST]"  # MESSAGES in Mixtral's prompt format
+
+
+def test_openai_sdk_completions_answer_a_raw_prompt_as_the_chat_request(sdk: openai.OpenAI, tiny_dir: Path) -> None:
+    text = sdk.completions.create(model="mixtral-local", prompt=RENDERED, temperature=0, max_tokens=8)
+    expected = in_process(tiny_dir, temperature=0, max_tokens=8)
+
+    assert text.object == "text_completion"
+    assert text.choices[0].text == expected.choices[0].message.content
+    assert (text.usage.prompt_tokens, text.usage.completion_tokens) == (expected.usage.prompt_tokens, 8)
+    assert text._request_id.startswith("req_")
+
+
+def test_openai_sdk_completions_stream_with_usage_last(sdk: openai.OpenAI) -> None:
+    chunks = list(sdk.completions.create(model="mixtral-local", prompt=RENDERED, temperature=0, max_tokens=6,
+                                         stream=True, stream_options={"include_usage": True}))
+    whole = sdk.completions.create(model="mixtral-local", prompt=RENDERED, temperature=0, max_tokens=6)
+
+    assert all(c.object == "text_completion" for c in chunks)
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == whole.choices[0].text
+    assert [c.usage is None for c in chunks] == [True] * (len(chunks) - 1) + [False]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 6
+
+
+def test_openai_sdk_completions_logprobs_are_the_legacy_lists(sdk: openai.OpenAI) -> None:
+    text = sdk.completions.create(model="mixtral-local", prompt=RENDERED, temperature=0, max_tokens=4, logprobs=3)
+
+    logprobs = text.choices[0].logprobs
+    assert len(logprobs.tokens) == len(logprobs.token_logprobs) == len(logprobs.top_logprobs) == 4
+    assert all(len(top) == 3 for top in logprobs.top_logprobs)
+
+
+def test_completions_refusals_are_openai_errors(sdk: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as missing:
+        sdk.completions.create(model="mixtral-local", prompt="", max_tokens=4)
+    assert missing.value.body["param"] == "prompt"
+    with pytest.raises(openai.BadRequestError) as chat_only:
+        sdk.completions.create(model="mixtral-local", prompt="Hi", extra_body={"tools": TOOLS})
+    assert "tools" in chat_only.value.message
+    with pytest.raises(openai.NotFoundError):
+        sdk.completions.create(model="gpt-4", prompt="Hi")

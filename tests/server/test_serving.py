@@ -54,6 +54,21 @@ def test_fields_outside_openais_travel_as_extra_body_for_the_backend_to_judge() 
     assert read.params == {"seed": 1, "extra_body": {"top_k": 40, "provider": {"order": ["a"]}}}
 
 
+def test_a_completions_body_reads_its_prompt_and_the_legacy_parameters() -> None:
+    raw = json.dumps({"model": "mixtral-local", "prompt": "<s>[INST] Hi [/INST]", "logprobs": 2, "echo": None,
+                      "max_tokens": 5, "stream": True, "stream_options": {"include_usage": True},
+                      "suffix": "x", "tools": []}).encode()
+
+    read = read_body(raw, SERVED, text=True)
+
+    assert (read.prompt, read.messages, read.stream, read.include_usage) == ("<s>[INST] Hi [/INST]", None, True, True)
+    assert read.params == {"logprobs": 2, "max_tokens": 5, "stream_options": {"include_usage": True},
+                           "extra_body": {"suffix": "x", "tools": []}}
+    with pytest.raises(InvalidRequestError) as caught:
+        read_body(body(), SERVED, text=True)  # messages, no prompt
+    assert caught.value.param == "prompt"
+
+
 @pytest.mark.parametrize("fields", [{"extra_headers": {"x": "1"}}, {"timeout": 1}, {"extra_query": {"a": 1}}])
 def test_transport_options_are_not_the_callers_to_set(fields: dict[str, Any]) -> None:
     assert read_body(body(**fields), SERVED).params == {"extra_body": fields}
