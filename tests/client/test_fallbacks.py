@@ -159,3 +159,16 @@ def test_a_fallback_that_cannot_be_configured_leaves_nothing_open(monkeypatch: p
     with pytest.raises(ConfigurationError, match="AIMLAPI_API_KEY"):
         MixtralClient(provider="nvidia", env=env, fallbacks=["openrouter", "aimlapi"])
     assert sorted(closed) == ["nvidia", "openrouter"]  # the client's own pool and the fallback built before
+
+
+def test_a_raw_prompt_falls_back_as_a_raw_prompt(serve) -> None:
+    answer = {"id": "cmpl-1", "object": "text_completion", "created": 1, "model": "backup-model",
+              "choices": [{"index": 0, "text": " from the fallback", "finish_reason": "stop"}]}
+    down, up = serve(replying(503, "down")), serve(replying(200, answer))
+    client, fallback = clients(down.url, up.url)
+    with client, fallback:
+        text = client.completions.create(prompt="<s>[INST] Hi [/INST]", max_tokens=5)
+
+    assert text.choices[0].text == " from the fallback"
+    assert [r.path for r in down.requests + up.requests] == ["/v1/completions", "/v1/completions"]
+    assert up.requests[0].json() == {"model": "backup-model", "prompt": "<s>[INST] Hi [/INST]", "max_tokens": 5}

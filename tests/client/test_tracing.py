@@ -179,3 +179,18 @@ def test_without_a_meter_provider_or_a_recording_tracer_a_stream_is_not_wrapped(
         with stream:
             assert "chunks" not in getattr(stream._chunks, "__qualname__", "")
             assert list(stream)
+
+
+def test_a_raw_prompt_is_a_text_completion_span(serve, spans) -> None:
+    answer = {"id": "cmpl-1", "object": "text_completion", "created": 1, "model": "m",
+              "choices": [{"index": 0, "text": " ok", "finish_reason": "stop"}],
+              "usage": {"prompt_tokens": 4, "completion_tokens": 1, "total_tokens": 5}}
+    server = serve(replying(200, answer))
+
+    Driver("sync").text_completion(server, max_tokens=3)
+
+    span = only(spans)
+    assert span.name == "text_completion mistralai/Mixtral-8x7B-Instruct-v0.1"
+    attributes = dict(span.attributes)
+    assert attributes["gen_ai.operation.name"] == "text_completion"
+    assert (attributes["gen_ai.usage.input_tokens"], attributes["gen_ai.response.finish_reasons"]) == (4, ("stop",))
