@@ -3,11 +3,13 @@
     python benchmarks/client_overhead.py            # about 2.5 minutes on 2 cores
     python benchmarks/client_overhead.py --quick    # a smoke run (about 40 s; numbers are noisy)
     python benchmarks/client_overhead.py --events   # the streaming helpers: chat.completions.stream() events
+    python benchmarks/client_overhead.py --text     # raw prompts: completions.create(prompt=...), sync only
 
 A minimal HTTP/1.1 keep-alive server runs in a *separate process* (this file, ``--serve``), so none of its
 CPU lands in the measured process. It answers ``POST .../chat/completions`` with a canned, realistic chat
 completion, or (``"stream": true``) with a canned SSE stream of ``max_tokens`` chunks in OpenAI's chunk
-format, each sent as its own HTTP chunk and TCP write, ended by ``data: [DONE]``. Two routes:
+format, each sent as its own HTTP chunk and TCP write, ended by ``data: [DONE]``; ``POST .../completions``
+(``--text``) gets the legacy completions API's shapes (``text_completion``, ``choices[0].text``). Two routes:
 
 - ``/paced/v1``: a short pause between stream events, so each event arrives in its own socket read, as a
   real token stream does (the realistic case, used for the headline ratio);
@@ -56,6 +58,8 @@ STREAM_CHUNKS = 200
 PACE_S = 0.0003  # pause between events on /paced (one event per socket read)
 RESULTS = Path(__file__).resolve().parent / "results" / "client_overhead.json"
 EVENTS_RESULTS = RESULTS.with_name("client_overhead_events.json")
+TEXT_RESULTS = RESULTS.with_name("client_overhead_text.json")
+PROMPT = "<s>[INST] You are a concise assistant.\n\nExplain in two sentences what a mixture-of-experts layer does. [/INST]"
 ROOT = Path(__file__).resolve().parents[1]
 
 # --------------------------------------------------------------------------- the server (other process)
@@ -64,6 +68,25 @@ _CREATED = 1732240000
 _ID = "chatcmpl-9f1c2b7e4d3a4b5c8e6f7a8b9c0d1e2f"
 _WORDS = ("A mixture-of-experts layer routes each token to a few of its expert feed-forward networks, "
           "chosen by a learned gate, and sums their outputs weighted by the gate's scores. ").split(" ")
+
+
+def _text_completion() -> bytes:
+    body = {"id": "cmpl-9f1c2b7e", "object": "text_completion", "created": _CREATED, "model": MODEL,
+            "choices": [{"index": 0, "text": " ".join(_WORDS * 2).strip(), "logprobs": None, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 31, "completion_tokens": 64, "total_tokens": 95}}
+    return json.dumps(body).encode()
+
+
+def _text_events(n: int) -> list[bytes]:
+    """``n`` legacy completions chunks (``choices[0].text``; the last with the finish reason) and ``[DONE]``."""
+    events = []
+    for i in range(n):
+        body = {"id": "cmpl-9f1c2b7e", "object": "text_completion", "created": _CREATED, "model": MODEL,
+                "choices": [{"index": 0, "text": _WORDS[i % len(_WORDS)] + " ", "logprobs": None,
+                             "finish_reason": "stop" if i == n - 1 else None}]}
+        events.append(b"data: " + json.dumps(body).encode() + b"\n\n")
+    events.append(b"data: [DONE]\n\n")
+    return events
 
 
 def _completion() -> bytes:
@@ -101,7 +124,7 @@ def _http_chunk(data: bytes) -> bytes:
     return b"%x\r\n%s\r\n" % (len(data), data)
 
 
-def _serve_connection(conn: socket.socket, completion: bytes, cache: dict[int, list[bytes]]) -> None:
+def _serve_connection(conn: socket.socket, completion: bytes, cache: dict[Any, list[bytes]]) -> None:
     with conn, contextlib.suppress(OSError):  # a client closing mid-stream is normal
         _serve_requests(conn, completion, cache)
 
@@ -130,19 +153,22 @@ def read_request(conn: socket.socket, buf: bytes) -> tuple[str, bytes, bytes] | 
     return path, buf[:length], buf[length:]
 
 
-def _serve_requests(conn: socket.socket, completion: bytes, cache: dict[int, list[bytes]]) -> None:
+def _serve_requests(conn: socket.socket, completion: bytes, cache: dict[Any, list[bytes]]) -> None:
     buf = b""
+    text_completion = _text_completion()
     while (request := read_request(conn, buf)) is not None:
         path, raw, buf = request
         body = json.loads(raw)
+        text = not path.endswith("/chat/completions")
         base = (b"HTTP/1.1 200 OK\r\nx-request-id: req_0123456789abcdef\r\n"
                 b"openai-processing-ms: 12\r\n")
         if not body.get("stream"):
+            answer = text_completion if text else completion
             conn.sendall(base + b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
-                         % (len(completion), completion))
+                         % (len(answer), answer))
             continue
         n = int(body.get("max_tokens") or 16)
-        events = cache.get(n) or cache.setdefault(n, _events(n))
+        events = cache.get((n, text)) or cache.setdefault((n, text), (_text_events if text else _events)(n))
         conn.sendall(base + b"Content-Type: text/event-stream\r\nCache-Control: no-cache\r\n"
                      b"Transfer-Encoding: chunked\r\n\r\n")
         if path.startswith("/paced/"):
@@ -157,7 +183,7 @@ def _serve_requests(conn: socket.socket, completion: bytes, cache: dict[int, lis
 def serve() -> None:
     """Listen on 127.0.0.1, print the port, serve each connection on its own thread until killed."""
     completion = _completion()
-    cache: dict[int, list[bytes]] = {}
+    cache: dict[Any, list[bytes]] = {}
     with socket.create_server(("127.0.0.1", 0), backlog=128) as sock:
         print(sock.getsockname()[1], flush=True)
         while True:
@@ -206,6 +232,27 @@ def _events_runner(client: Any) -> dict[str, Callable[[int], None]]:
         return run
 
     return {"stream_1": stream(1), f"stream_{STREAM_CHUNKS}": stream(STREAM_CHUNKS)}
+
+
+def _text_runner(client: Any) -> dict[str, Callable[[int], None]]:
+    """``--text``: both clients' ``completions.create(prompt=...)``, whole and streamed."""
+    create = client.completions.create
+
+    def complete(k: int) -> None:
+        for _ in range(k):
+            answer = create(model=MODEL, prompt=PROMPT, max_tokens=64)
+            assert answer.choices[0].text
+
+    def stream(n: int) -> Callable[[int], None]:
+        def run(k: int) -> None:
+            for _ in range(k):
+                got = 0
+                for chunk in create(model=MODEL, prompt=PROMPT, max_tokens=n, stream=True):
+                    got += len(chunk.choices)
+                assert got == n, got
+        return run
+
+    return {"complete": complete, "stream_1": stream(1), f"stream_{STREAM_CHUNKS}": stream(STREAM_CHUNKS)}
 
 
 def _sync_runner(client: Any) -> dict[str, Callable[[int], None]]:
@@ -328,10 +375,13 @@ def main() -> None:
     parser.add_argument("--no-async", action="store_true", help="skip the async clients")
     parser.add_argument("--events", action="store_true",
                         help="measure the streaming helpers (chat.completions.stream() events), sync only")
+    parser.add_argument("--text", action="store_true",
+                        help="measure raw-prompt completions (completions.create(prompt=...)), sync only")
     parser.add_argument("--output", type=Path, default=None,
-                        help=f"default {RESULTS.name} (with --events: {EVENTS_RESULTS.name}), in {RESULTS.parent}")
+                        help=f"default {RESULTS.name} (with --events: {EVENTS_RESULTS.name}, with --text: "
+                             f"{TEXT_RESULTS.name}), in {RESULTS.parent}")
     args = parser.parse_args()
-    args.output = args.output or (EVENTS_RESULTS if args.events else RESULTS)
+    args.output = args.output or (EVENTS_RESULTS if args.events else TEXT_RESULTS if args.text else RESULTS)
     if args.serve:
         serve()
         return
@@ -346,22 +396,23 @@ def main() -> None:
     rows: list[dict[str, Any]] = []
     try:
         factories = _workloads()
-        for mode in ("sync",) if args.no_async or args.events else ("sync", "async"):
+        for mode in ("sync",) if args.no_async or args.events or args.text else ("sync", "async"):
             loop = asyncio.new_event_loop()
             for route in ("paced", "burst"):
                 url = f"http://127.0.0.1:{port}/{route}/v1"
                 # the non-streaming answer does not depend on the route: measured once, on /paced
                 wanted = {w: k for w, k in counts.items() if route == "paced" or w != "complete"}
                 clients = {name: f[mode](url) for name, f in factories.items()}
-                runners = {name: _events_runner(c) if args.events else _sync_runner(c) if mode == "sync"
-                           else _async_runner(c, loop) for name, c in clients.items()}
+                runners = {name: _events_runner(c) if args.events else _text_runner(c) if args.text
+                           else _sync_runner(c) if mode == "sync" else _async_runner(c, loop)
+                           for name, c in clients.items()}
                 samples = _measure(runners, wanted, reps)
                 for name, c in clients.items():
                     if mode == "sync":
                         factories[name]["close"](c)
                     else:
                         loop.run_until_complete(factories[name]["aclose"](c))
-                rows.append({"mode": "events" if args.events else mode, "route": route, "samples": samples,
+                rows.append({"mode": "events" if args.events else "text" if args.text else mode, "route": route, "samples": samples,
                              **{name: _summary(s) for name, s in samples.items()}})
             loop.run_until_complete(loop.shutdown_asyncgens())
             loop.close()
@@ -391,7 +442,7 @@ def main() -> None:
     args.output.parent.mkdir(parents=True, exist_ok=True)
     result = {
         "command": "python benchmarks/client_overhead.py" + (" --quick" if args.quick else "")
-                   + (" --events" if args.events else ""),
+                   + (" --events" if args.events else "") + (" --text" if args.text else ""),
         "machine": machine,
         "settings": {"reps": reps, "calls_per_block": counts, "stream_chunks": STREAM_CHUNKS,
                      "paced_gap_s": PACE_S, "model": MODEL, "messages": MESSAGES},
