@@ -4,8 +4,8 @@ A text request travels as a ``ChatRequest`` whose ``prompt`` is set, so validati
 streams, fallbacks, pacing and tracing are the chat path's. At the two edges the shapes differ:
 
 - a host's legacy answer (``choices[i].text``, logprobs as ``tokens`` / ``token_logprobs`` / ``top_logprobs``)
-  becomes the chat shape (``message.content`` or ``delta.content``, logprobs as ``content``) before it is
-  read (``chat_shaped``): ``HTTPCore`` calls it when the answer's choices carry ``text``;
+  becomes the chat shape (``message.content``, logprobs as ``content``) before it is read (``chat_shaped``),
+  and a stream chunk read as a chat chunk whose choices carry ``text`` is put in it after (``chat_chunk``);
 - what the caller gets is a ``Completion`` again (``completion_from_chat``, and ``TextChunks`` for the chunks
   of a stream, whose ``text_offset`` continues from one chunk to the next).
 """
@@ -18,14 +18,16 @@ from typing import Any
 from .types import (
     ChatCompletion,
     ChatCompletionChunk,
+    ChoiceDelta,
     ChoiceLogprobs,
+    ChunkChoice,
     Completion,
     CompletionChoice,
     CompletionLogprobs,
     Logprobs,
 )
 
-__all__ = ["TextChunks", "chat_shaped", "completion_from_chat", "is_text_shaped"]
+__all__ = ["TextChunks", "chat_chunk", "chat_shaped", "completion_from_chat", "is_text_shaped"]
 
 
 def is_text_shaped(body: Any) -> bool:
@@ -50,9 +52,9 @@ def _chat_logprobs(legacy: Any) -> Any:
     return {"content": content}
 
 
-def chat_shaped(body: dict[str, Any], *, chunk: bool) -> dict[str, Any]:
-    """A legacy completions answer (or stream chunk, with ``chunk``) in the chat shape: each choice's ``text``
-    as the assistant message's content (or the delta's), its logprobs as chat logprobs."""
+def chat_shaped(body: dict[str, Any]) -> dict[str, Any]:
+    """A legacy completions answer in the chat shape: each choice's ``text`` as the assistant message's content,
+    its logprobs as chat logprobs."""
     choices = []
     for choice in body.get("choices") or []:
         if not isinstance(choice, dict) or "text" not in choice:
@@ -60,12 +62,26 @@ def chat_shaped(body: dict[str, Any], *, chunk: bool) -> dict[str, Any]:
             continue
         shaped = {k: v for k, v in choice.items() if k != "text"}
         text = choice["text"]
-        shaped["delta" if chunk else "message"] = {"content": text} if chunk else \
-            {"role": "assistant", "content": text}
+        shaped["message"] = {"role": "assistant", "content": text}
         if choice.get("logprobs") is not None:
             shaped["logprobs"] = _chat_logprobs(choice["logprobs"])
         choices.append(shaped)
     return {**body, "choices": choices}
+
+
+def chat_chunk(chunk: ChatCompletionChunk) -> ChatCompletionChunk:
+    """A legacy stream chunk that was read as a chat chunk (each choice's ``text`` an extra field, its legacy
+    logprobs read as extra fields too) in the chat shape, without reading its JSON again."""
+    choices = []
+    for c in chunk.choices:
+        extra = dict(c.model_extra or {})
+        text = extra.pop("text", None)
+        logprobs: Any = c.logprobs
+        if isinstance(logprobs, ChoiceLogprobs) and logprobs.content is None and logprobs.model_extra:
+            logprobs = _chat_logprobs(logprobs.model_extra)  # legacy lists, kept as extras of the chat type
+        choices.append(ChunkChoice(index=c.index, delta=ChoiceDelta(content=text), finish_reason=c.finish_reason,
+                                   logprobs=logprobs, **extra))
+    return chunk.model_copy(update={"choices": choices})
 
 
 def _legacy_logprobs(logprobs: Logprobs | None, offset: int) -> CompletionLogprobs | dict[str, Any] | None:
@@ -88,8 +104,10 @@ def completion_from_chat(completion: ChatCompletion) -> Completion:
     text = Completion(
         **{k: v for k, v in extra.items() if k != "object"}, id=completion.id, created=completion.created,
         model=completion.model, usage=completion.usage,
-        choices=[CompletionChoice(index=c.index, text=c.message.content or "", finish_reason=c.finish_reason,
-                                  logprobs=_legacy_logprobs(c.logprobs, 0)) for c in completion.choices],
+        choices=[CompletionChoice(index=c.index, text=c.message.content or "",
+                                                  finish_reason=c.finish_reason,
+                                                  logprobs=_legacy_logprobs(c.logprobs, 0))
+                 for c in completion.choices],
     )
     text._request_id = completion._request_id
     return text
@@ -113,11 +131,11 @@ class TextChunks:
             offset = self._seen.get(c.index, 0)
             self._seen[c.index] = offset + len(text)
             choices.append(CompletionChoice(index=c.index, text=text, finish_reason=c.finish_reason,
-                                            logprobs=_legacy_logprobs(c.logprobs, offset)))
+                                                            logprobs=_legacy_logprobs(c.logprobs, offset)))
         if not choices and chunk.usage is None:
             return None
         extra = chunk.model_extra or {}
-        out = Completion(**{k: v for k, v in extra.items() if k != "object"}, id=chunk.id, created=chunk.created,
-                         model=chunk.model, choices=choices, usage=chunk.usage)
+        out = Completion(**{k: v for k, v in extra.items() if k != "object"}, id=chunk.id,
+                                         created=chunk.created, model=chunk.model, choices=choices, usage=chunk.usage)
         out._request_id = chunk._request_id
         return out

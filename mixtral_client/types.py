@@ -200,7 +200,7 @@ class ChoiceDelta(_Model):
 
 class ChunkChoice(_Model):
     index: int = 0
-    delta: ChoiceDelta = ChoiceDelta()
+    delta: ChoiceDelta = Field(default_factory=ChoiceDelta)
     finish_reason: FinishReason | None = None
     logprobs: Logprobs | None = _LOGPROBS
 

@@ -38,7 +38,7 @@ from mixtral_client._exceptions import (
 from mixtral_client._request import ChatRequest
 from mixtral_client._retry import RetryPolicy
 from mixtral_client._sse import ServerSentEvent, SSEDecoder
-from mixtral_client._text import chat_shaped, is_text_shaped
+from mixtral_client._text import chat_chunk, chat_shaped, is_text_shaped
 from mixtral_client._timeouts import Deadline, Timeout
 from mixtral_client._version import __version__
 from mixtral_client.types import ChatCompletion, ChatCompletionChunk, ChoiceDelta, ChunkChoice, Model
@@ -325,7 +325,7 @@ class HTTPCore:
         if isinstance(body, dict) and body.get("error") and "choices" not in body:
             raise self.error_from_payload(body["error"], request_id=rid, body=body)
         try:
-            completion = ChatCompletion.model_validate(chat_shaped(body, chunk=False) if is_text_shaped(body) else body)
+            completion = ChatCompletion.model_validate(chat_shaped(body) if is_text_shaped(body) else body)
         except pydantic.ValidationError as exc:
             raise APIConnectionError(f"{self.provider} sent an answer that is not a chat completion: {exc}",
                                      provider=self.provider, request_id=rid,
@@ -365,7 +365,7 @@ class HTTPCore:
             raise APIConnectionError(f"{self.provider} sent an unreadable stream event: {data[:200]!r}",
                                      provider=self.provider, request_id=request_id, body=data) from exc
         if chunk.choices and "text" in (chunk.choices[0].model_extra or ()):  # a raw prompt's: the chat shape
-            chunk = ChatCompletionChunk.model_validate(chat_shaped(json.loads(data), chunk=True))
+            chunk = chat_chunk(chunk)
         extra = chunk.model_extra
         if extra and extra.get("error") is not None:
             raise self.error_from_payload(extra["error"], request_id=request_id, body=json.loads(data))
