@@ -24,7 +24,7 @@ import argparse
 import os
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -89,6 +89,9 @@ def _parser() -> argparse.ArgumentParser:
     chat.add_argument("--temperature", type=float)
     chat.add_argument("--max-tokens", type=int)
     chat.add_argument("--no-stream", action="store_true", help="wait for the whole answer")
+    chat.add_argument("--raw", action="store_true",
+                      help="send the prompt as written, with no chat template (client.completions): write "
+                           "Mixtral's [INST] ... [/INST] yourself, or text for the model to continue")
 
     serve = commands.add_parser("serve", help="serve the OpenAI chat-completions API over HTTP")
     _backend_arguments(serve, "MIXTRAL_PROVIDER")
@@ -257,7 +260,12 @@ def _chat(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         if not prompt.strip():
             raise ConfigurationError("no prompt: give one, pipe it on standard input, or use -i for a conversation")
 
+    if args.raw and (interactive or args.system):
+        raise ConfigurationError("--raw sends one prompt as written: it takes no --system and no -i")
     with MixtralClient(env=env, **kwargs) as client:
+        if args.raw:
+            _complete(client, prompt, params, stream=not args.no_stream)
+            return 0
         if not interactive:
             _answer(client, [*system, {"role": "user", "content": prompt}], params, stream=not args.no_stream)
             return 0
@@ -270,14 +278,28 @@ def _answer(client: MixtralClient, messages: list[dict[str, Any]], params: dict[
         text = client.chat.completions.create(messages=messages, **params).choices[0].message.content or ""
         print(text)
         return text
-    pieces = []
     with client.chat.completions.create(messages=messages, stream=True, **params) as answer:
-        for piece in answer.text():
-            pieces.append(piece)
-            sys.stdout.write(piece)
-            sys.stdout.flush()
+        return _echo(answer.text())
+
+
+def _complete(client: MixtralClient, prompt: str, params: dict[str, Any], *, stream: bool) -> None:
+    """Print the continuation of a raw ``prompt`` (``--raw``), streamed or whole."""
+    if not stream:
+        print(client.completions.create(prompt=prompt, **params).choices[0].text)
+        return
+    with client.completions.create(prompt=prompt, stream=True, **params) as answer:
+        _echo(answer.text())
+
+
+def _echo(pieces: Iterator[str]) -> str:
+    """Write each piece of text as it comes, then a newline; the whole text."""
+    seen = []
+    for piece in pieces:
+        seen.append(piece)
+        sys.stdout.write(piece)
+        sys.stdout.flush()
     sys.stdout.write("\n")
-    return "".join(pieces)
+    return "".join(seen)
 
 
 def _converse(client: MixtralClient, system: list[dict[str, Any]], params: dict[str, Any], *, stream: bool,

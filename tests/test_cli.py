@@ -207,3 +207,39 @@ def test_doctor_says_why_a_request_fails(capsys: pytest.CaptureFixture[str]) -> 
     assert code == 1 and "request     failed: AuthenticationError: 401 from nvidia: bad key" in out
     assert "tools       in the prompt" in out and "key         NVIDIA_API_KEY (set)" in out
     assert main(["doctor"], env={}) == 2 and "no backend configured" in capsys.readouterr().err
+
+
+def _text_host(req: Received, conn: Conn) -> None:
+    def text(piece: str, finish: str | None = None) -> dict[str, object]:
+        return {"id": "t", "object": "text_completion", "created": 1, "model": "m",
+                "choices": [{"index": 0, "text": piece, "finish_reason": finish}]}
+
+    if req.json().get("stream"):
+        conn.start(200, {"Content-Type": "text/event-stream"})
+        conn.write(sse(text(" upon"), text(" a time", "length")))
+        conn.finish()
+    else:
+        conn.respond(200, text(" upon a time", "length"))
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_raw_sends_the_prompt_as_written_to_completions(capsys: pytest.CaptureFixture[str], stream: bool) -> None:
+    with LoopbackServer(_text_host) as server:
+        code = main(["chat", "--raw", "Once", "--max-tokens", "3", *([] if stream else ["--no-stream"])],
+                    env={"MIXTRAL_BASE_URL": server.url, "MIXTRAL_API_KEY": "k"})
+
+    assert code == 0
+    assert capsys.readouterr().out == " upon a time\n"
+    (req,) = server.requests
+    assert req.path.endswith("/completions") and not req.path.endswith("/chat/completions")
+    assert req.json()["prompt"] == "Once" and req.json()["max_tokens"] == 3
+
+
+def test_raw_takes_no_system_prompt(capsys: pytest.CaptureFixture[str]) -> None:
+    with LoopbackServer(_text_host) as server:
+        code = main(["chat", "--raw", "Once", "--system", "x"], env={"MIXTRAL_BASE_URL": server.url,
+                                                                     "MIXTRAL_API_KEY": "k"})
+
+    assert code == 2
+    assert "--raw" in capsys.readouterr().err
+    assert server.requests == []
