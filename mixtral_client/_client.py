@@ -125,6 +125,17 @@ class _ClientCore:
         counted. Exact on local weights; on a host, the count its Mixtral template gives the same text (tools
         a host takes natively are rendered by it, and not counted here). Needs the ``local`` extra."""
         request = Rewrites.for_request(self.request(messages, False, params)).request
+        return len(self.tokenizer().encode_chat(request.messages))
+
+    def count_prompt_tokens(self, prompt: str, params: Mapping[str, Any]) -> int:
+        """The tokens of a raw prompt (``completions.count_tokens``), checked as ``completions.create`` checks it,
+        tokenized as written (``<s>`` / ``</s>`` as BOS / EOS, a BOS first)."""
+        request = self.request(None, False, params, prompt=prompt)
+        assert request.prompt is not None
+        return len(self.tokenizer().encode_prompt(request.prompt))
+
+    def tokenizer(self) -> Any:
+        """Mixtral's sentencepiece tokenizer (the local checkpoint's, else mistral-common's v1), loaded once."""
         if self._tokenizer is None:
             try:
                 from mixtral_local.tokenizer import MixtralTokenizer
@@ -133,7 +144,7 @@ class _ClientCore:
                     f"count_tokens needs the Mixtral tokenizer from the local extra (missing {exc.name or exc}): "
                     "pip install 'mixtral-sdk[local]'") from exc
             self._tokenizer = MixtralTokenizer.from_pretrained(self.config.model_path)
-        return len(self._tokenizer.encode_chat(request.messages))
+        return self._tokenizer
 
     def request(self, messages: Sequence[ChatCompletionMessageParam] | None, stream: bool,
                 params: Mapping[str, Any], record: ResponseRecord | None = None,

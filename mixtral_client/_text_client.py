@@ -175,6 +175,11 @@ class TextCompletions:
             return completion_from_chat(answer)
         return TextStream(answer)
 
+    def count_tokens(self, *, prompt: str, **params: Unpack[TextCompletionParams]) -> int:
+        """The prompt tokens of ``create(prompt=..., **params)``, with Mixtral's tokenizer (needs the ``local``
+        extra); exact on local weights and on any host that tokenizes raw prompts as written."""
+        return self._chat._core.count_prompt_tokens(prompt, _chat_params(params, self._chat._core.config.provider))
+
     @property
     def with_raw_response(self) -> RawTextCompletions:
         """``create()`` returning a ``RawResponse`` (status, headers, retries taken, ``parse()``)."""
@@ -223,6 +228,10 @@ class AsyncTextCompletions:
         if isinstance(answer, ChatCompletion):
             return completion_from_chat(answer)
         return AsyncTextStream(answer)
+
+    def count_tokens(self, *, prompt: str, **params: Unpack[TextCompletionParams]) -> int:
+        """See ``TextCompletions.count_tokens`` (no I/O beyond loading the tokenizer once)."""
+        return self._chat._core.count_prompt_tokens(prompt, _chat_params(params, self._chat._core.config.provider))
 
     @property
     def with_raw_response(self) -> AsyncRawTextCompletions:

@@ -53,6 +53,21 @@ def test_an_invalid_request_is_refused_and_the_async_client_counts_without_await
         client.chat.completions.count_tokens(messages=MESSAGES, temperature=5)
 
 
+RAW = "<s>[INST] Be brief.\n\nName three rivers of Europe. [/INST] Rhine, Danube, Seine.</s>[INST] And in Asia? [/INST]"
+
+
+def test_a_raw_prompts_count_is_what_the_engine_prefills_and_the_chat_count(tiny_dir: Path) -> None:
+    with MixtralClient(provider="local", model_path=str(tiny_dir), local_options=LOCAL, env={}) as client:
+        counted = client.completions.count_tokens(prompt=RAW)
+        answer = client.completions.create(prompt=RAW, max_tokens=1)
+
+        assert counted == answer.usage.prompt_tokens == client.chat.completions.count_tokens(messages=MESSAGES)
+        with pytest.raises(InvalidRequestError, match="prompt"):
+            client.completions.count_tokens(prompt="")
+    async_client = AsyncMixtralClient(provider="openrouter", api_key="k", env={})
+    assert async_client.completions.count_tokens(prompt=RAW) == counted
+
+
 def test_without_the_local_extra_the_error_names_it(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "mixtral_local.tokenizer", None)  # the import fails as if not installed
     with MixtralClient(provider="nvidia", api_key="nvapi-x", env={}) as client, \
