@@ -234,40 +234,21 @@ def _events_runner(client: Any) -> dict[str, Callable[[int], None]]:
     return {"stream_1": stream(1), f"stream_{STREAM_CHUNKS}": stream(STREAM_CHUNKS)}
 
 
-def _text_runner(client: Any) -> dict[str, Callable[[int], None]]:
-    """``--text``: both clients' ``completions.create(prompt=...)``, whole and streamed."""
-    create = client.completions.create
+def _sync_runner(client: Any, text: bool = False) -> dict[str, Callable[[int], None]]:
+    """The sync client's ``chat.completions.create()``; with ``text`` (``--text``) ``completions.create(prompt=...)``."""
+    create = client.completions.create if text else client.chat.completions.create
+    ask: dict[str, Any] = {"prompt": PROMPT} if text else {"messages": MESSAGES}
 
     def complete(k: int) -> None:
         for _ in range(k):
-            answer = create(model=MODEL, prompt=PROMPT, max_tokens=64)
-            assert answer.choices[0].text
+            choice = create(model=MODEL, max_tokens=64, **ask).choices[0]
+            assert choice.text if text else choice.message.content
 
     def stream(n: int) -> Callable[[int], None]:
         def run(k: int) -> None:
             for _ in range(k):
                 got = 0
-                for chunk in create(model=MODEL, prompt=PROMPT, max_tokens=n, stream=True):
-                    got += len(chunk.choices)
-                assert got == n, got
-        return run
-
-    return {"complete": complete, "stream_1": stream(1), f"stream_{STREAM_CHUNKS}": stream(STREAM_CHUNKS)}
-
-
-def _sync_runner(client: Any) -> dict[str, Callable[[int], None]]:
-    create = client.chat.completions.create
-
-    def complete(k: int) -> None:
-        for _ in range(k):
-            answer = create(model=MODEL, messages=MESSAGES, max_tokens=64)
-            assert answer.choices[0].message.content
-
-    def stream(n: int) -> Callable[[int], None]:
-        def run(k: int) -> None:
-            for _ in range(k):
-                got = 0
-                for chunk in create(model=MODEL, messages=MESSAGES, max_tokens=n, stream=True):
+                for chunk in create(model=MODEL, max_tokens=n, stream=True, **ask):
                     got += len(chunk.choices)
                 assert got == n, got
         return run
@@ -403,9 +384,8 @@ def main() -> None:
                 # the non-streaming answer does not depend on the route: measured once, on /paced
                 wanted = {w: k for w, k in counts.items() if route == "paced" or w != "complete"}
                 clients = {name: f[mode](url) for name, f in factories.items()}
-                runners = {name: _events_runner(c) if args.events else _text_runner(c) if args.text
-                           else _sync_runner(c) if mode == "sync" else _async_runner(c, loop)
-                           for name, c in clients.items()}
+                runners = {name: _events_runner(c) if args.events else _sync_runner(c, args.text) if mode == "sync"
+                           else _async_runner(c, loop) for name, c in clients.items()}
                 samples = _measure(runners, wanted, reps)
                 for name, c in clients.items():
                     if mode == "sync":

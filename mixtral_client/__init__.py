@@ -7,7 +7,7 @@
 Importing this package never imports torch: the local backend is loaded only when asked for.
 """
 
-from ._client import AsyncMixtralClient, CompletionParams, MixtralClient, ParseParams
+from ._client import AsyncMixtralClient, MixtralClient
 from ._exceptions import (
     APIConnectionError,
     APIError,
@@ -26,12 +26,13 @@ from ._exceptions import (
     UnprocessableEntityError,
     UnsupportedFeatureError,
 )
+from ._params import CompletionParams, ParseParams, TextCompletionParams
 from ._providers import MODEL_ALIAS, PROVIDERS, ProviderPreset
 from ._ratelimit import RateLimiter
 from ._response import RawResponse
 from ._retry import RetryPolicy
 from ._streaming import AsyncStream, Stream
-from ._text_client import AsyncTextStream, TextCompletionParams, TextStream
+from ._text_client import AsyncTextStream, TextStream
 from ._timeouts import Timeout
 from ._version import __version__
 from .tools import FunctionTool, tool

@@ -26,6 +26,7 @@ from ._exceptions import APIError, ConfigurationError, MixtralError
 from ._fallback import fallback_names, fallback_params, falls_back, switching
 from ._logging import setup_logging
 from ._models import AsyncModels, Models
+from ._params import CompletionParams, ParseParams, StreamParams
 from ._parse import Repairs, format_for
 from ._ratelimit import RateLimiter, apace, as_limiter, pace
 from ._request import ChatRequest, RequestOptions, build_request
@@ -40,50 +41,12 @@ from .tools import AsyncToolRunner, ToolRunner
 from .types import (
     ChatCompletion,
     ChatCompletionMessageParam,
-    ChatCompletionToolParam,
     ParsedChatCompletion,
     ParsedT,
 )
 
 __all__ = ["AsyncCompletions", "AsyncMixtralClient", "CompletionParams", "Completions", "MixtralClient",
            "ParseParams", "StreamParams"]
-
-class ParseParams(TypedDict, total=False):
-    """The optional arguments of ``parse()``: those of ``create()`` but ``response_format`` and ``stream_options``."""
-
-    model: str
-    temperature: float
-    top_p: float
-    max_tokens: int
-    stop: str | list[str]
-    seed: int
-    n: int
-    presence_penalty: float
-    frequency_penalty: float
-    logprobs: bool
-    top_logprobs: int
-    logit_bias: Mapping[str | int, float]
-    tools: list[ChatCompletionToolParam]
-    tool_choice: str | dict[str, Any]
-    parallel_tool_calls: bool
-    user: str
-    extra_headers: Mapping[str, str]
-    extra_query: Mapping[str, Any]
-    extra_body: Mapping[str, Any]
-    timeout: float | Timeout
-
-
-class StreamParams(ParseParams, total=False):
-    """The optional arguments of ``stream()``: those of ``parse()`` and ``stream_options``."""
-
-    stream_options: dict[str, Any]
-
-
-class CompletionParams(StreamParams, total=False):
-    """The optional arguments of ``create()`` (the OpenAI chat-completions parameters, plus transport options)."""
-
-    response_format: dict[str, Any]
-
 
 _TRANSPORT = frozenset({"model", "extra_headers", "extra_query", "extra_body", "timeout"})
 _KNOWN = frozenset(CompletionParams.__annotations__)

@@ -17,7 +17,6 @@ from typing import Any, Generic, TypeVar
 
 from pydantic import BaseModel
 
-from ._client import CompletionParams
 from ._exceptions import (
     APIError,
     APIStatusError,
@@ -26,7 +25,7 @@ from ._exceptions import (
     MixtralError,
     UnsupportedFeatureError,
 )
-from ._text_client import TextCompletionParams
+from ._params import CompletionParams, TextCompletionParams
 from .types import ChatCompletionChunk, Completion, Usage
 
 #: a stream's chunk: a chat one, or a raw prompt's (a ``Completion``, as OpenAI streams them)

@@ -11,42 +11,19 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator, Mapping
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Literal, Self, TypedDict, Unpack, overload
+from typing import TYPE_CHECKING, Any, Literal, Self, Unpack, overload
 
 from ._exceptions import InvalidRequestError
+from ._params import TextCompletionParams
 from ._response import RawResponse, ResponseRecord, _raw
 from ._streaming import AsyncStream, Stream
 from ._text import TextChunks, completion_from_chat
-from ._timeouts import Timeout
 from .types import ChatCompletion, Completion
 
 if TYPE_CHECKING:
     from ._client import AsyncCompletions, Completions
 
 __all__ = ["AsyncTextCompletions", "AsyncTextStream", "TextCompletionParams", "TextCompletions", "TextStream"]
-
-
-class TextCompletionParams(TypedDict, total=False):
-    """The optional arguments of ``completions.create()`` (OpenAI's legacy completions parameters that Mixtral's
-    backends take, plus transport options)."""
-
-    model: str
-    temperature: float
-    top_p: float
-    max_tokens: int
-    stop: str | list[str]
-    seed: int
-    n: int
-    presence_penalty: float
-    frequency_penalty: float
-    logprobs: int  # the legacy API's: how many most likely tokens to list at each position (0: the chosen one)
-    logit_bias: Mapping[str | int, float]
-    user: str
-    stream_options: dict[str, Any]
-    extra_headers: Mapping[str, str]
-    extra_query: Mapping[str, Any]
-    extra_body: Mapping[str, Any]
-    timeout: float | Timeout
 
 
 _KNOWN = frozenset(TextCompletionParams.__annotations__)
