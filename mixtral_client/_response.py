@@ -24,7 +24,7 @@ from .types import ChatCompletion, ChatCompletionMessageParam, ParsedChatComplet
 if TYPE_CHECKING:
     from ._client import AsyncCompletions, CompletionParams, Completions, ParseParams
 
-__all__ = ["AsyncRawCompletions", "RawCompletions", "RawResponse", "ResponseRecord"]
+__all__ = ["AsyncRawCompletions", "RawCompletions", "RawResponse", "ResponseRecord", "raw_response"]
 
 T = TypeVar("T")
 
@@ -80,7 +80,7 @@ class RawResponse(Generic[T]):
         return f"<RawResponse [{self.status_code}] {type(self._parsed).__name__}>"
 
 
-def _raw(answer: T, record: ResponseRecord) -> RawResponse[T]:
+def raw_response(answer: T, record: ResponseRecord) -> RawResponse[T]:
     """A stream's ``request_id``; an answer's ``_request_id`` (pydantic: private)."""
     request_id = getattr(answer, "_request_id", None) if isinstance(answer, BaseModel) else \
         getattr(answer, "request_id", None)
@@ -108,12 +108,12 @@ class RawCompletions:
     def create(self, *, messages: Sequence[ChatCompletionMessageParam], stream: bool = False,
                **params: Unpack[CompletionParams]) -> RawResponse[Any]:
         record = ResponseRecord()
-        return _raw(self._completions._create(messages, stream, params, record), record)
+        return raw_response(self._completions._create(messages, stream, params, record), record)
 
     def parse(self, *, messages: Sequence[ChatCompletionMessageParam], response_format: type[ParsedT],
               max_repairs: int = 0, **params: Unpack[ParseParams]) -> RawResponse[ParsedChatCompletion[ParsedT]]:
         record = ResponseRecord()
-        return _raw(self._completions._parse(messages, response_format, params, record, max_repairs), record)
+        return raw_response(self._completions._parse(messages, response_format, params, record, max_repairs), record)
 
 
 class AsyncRawCompletions:
@@ -137,10 +137,10 @@ class AsyncRawCompletions:
     async def create(self, *, messages: Sequence[ChatCompletionMessageParam], stream: bool = False,
                      **params: Unpack[CompletionParams]) -> RawResponse[Any]:
         record = ResponseRecord()
-        return _raw(await self._completions._create(messages, stream, params, record), record)
+        return raw_response(await self._completions._create(messages, stream, params, record), record)
 
     async def parse(self, *, messages: Sequence[ChatCompletionMessageParam], response_format: type[ParsedT],
                     max_repairs: int = 0,
                     **params: Unpack[ParseParams]) -> RawResponse[ParsedChatCompletion[ParsedT]]:
         record = ResponseRecord()
-        return _raw(await self._completions._parse(messages, response_format, params, record, max_repairs), record)
+        return raw_response(await self._completions._parse(messages, response_format, params, record, max_repairs), record)

@@ -104,10 +104,8 @@ def completion_from_chat(completion: ChatCompletion) -> Completion:
     text = Completion(
         **{k: v for k, v in extra.items() if k != "object"}, id=completion.id, created=completion.created,
         model=completion.model, usage=completion.usage,
-        choices=[CompletionChoice(index=c.index, text=c.message.content or "",
-                                                  finish_reason=c.finish_reason,
-                                                  logprobs=_legacy_logprobs(c.logprobs, 0))
-                 for c in completion.choices],
+        choices=[CompletionChoice(index=c.index, text=c.message.content or "", finish_reason=c.finish_reason,
+                                  logprobs=_legacy_logprobs(c.logprobs, 0)) for c in completion.choices],
     )
     text._request_id = completion._request_id
     return text
@@ -131,11 +129,11 @@ class TextChunks:
             offset = self._seen.get(c.index, 0)
             self._seen[c.index] = offset + len(text)
             choices.append(CompletionChoice(index=c.index, text=text, finish_reason=c.finish_reason,
-                                                            logprobs=_legacy_logprobs(c.logprobs, offset)))
+                                            logprobs=_legacy_logprobs(c.logprobs, offset)))
         if not choices and chunk.usage is None:
             return None
         extra = chunk.model_extra or {}
-        out = Completion(**{k: v for k, v in extra.items() if k != "object"}, id=chunk.id,
-                                         created=chunk.created, model=chunk.model, choices=choices, usage=chunk.usage)
+        out = Completion(**{k: v for k, v in extra.items() if k != "object"}, id=chunk.id, created=chunk.created,
+                         model=chunk.model, choices=choices, usage=chunk.usage)
         out._request_id = chunk._request_id
         return out

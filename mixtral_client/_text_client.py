@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Literal, Self, Unpack, overload
 
 from ._exceptions import InvalidRequestError
 from ._params import TextCompletionParams
-from ._response import RawResponse, ResponseRecord, _raw
+from ._response import RawResponse, ResponseRecord, raw_response
 from ._streaming import AsyncStream, Stream
 from ._text import TextChunks, completion_from_chat
 from .types import ChatCompletion, Completion
@@ -29,7 +29,7 @@ __all__ = ["AsyncTextCompletions", "AsyncTextStream", "TextCompletionParams", "T
 _KNOWN = frozenset(TextCompletionParams.__annotations__)
 
 
-def _chat_params(params: Mapping[str, Any], provider: str) -> dict[str, Any]:
+def _chat_params(params: Mapping[str, Any], chat: Completions | AsyncCompletions) -> dict[str, Any]:
     """The chat path's parameters: the legacy ``logprobs=k`` is ``logprobs=True, top_logprobs=k``."""
     unknown = params.keys() - _KNOWN
     if unknown:
@@ -39,7 +39,8 @@ def _chat_params(params: Mapping[str, Any], provider: str) -> dict[str, Any]:
     if k is not None:
         if isinstance(k, bool) or not isinstance(k, int) or k < 0:
             raise InvalidRequestError(f"logprobs: the number of most likely tokens to list at each position, an "
-                                      f"integer >= 0, got {k!r}", param="logprobs", provider=provider)
+                                      f"integer >= 0, got {k!r}", param="logprobs",
+                                      provider=chat._core.config.provider)
         out.update(logprobs=True, top_logprobs=k)
     return out
 
@@ -146,8 +147,7 @@ class TextCompletions:
 
     def _create(self, prompt: str, stream: bool, params: Mapping[str, Any],
                 record: ResponseRecord | None = None) -> Completion | TextStream:
-        answer = self._chat._create(None, stream, _chat_params(params, self._chat._core.config.provider), record,
-                                    prompt)
+        answer = self._chat._create(None, stream, _chat_params(params, self._chat), record, prompt)
         if isinstance(answer, ChatCompletion):
             return completion_from_chat(answer)
         return TextStream(answer)
@@ -155,7 +155,7 @@ class TextCompletions:
     def count_tokens(self, *, prompt: str, **params: Unpack[TextCompletionParams]) -> int:
         """The prompt tokens of ``create(prompt=..., **params)``, with Mixtral's tokenizer (needs the ``local``
         extra); exact on local weights and on any host that tokenizes raw prompts as written."""
-        return self._chat._core.count_prompt_tokens(prompt, _chat_params(params, self._chat._core.config.provider))
+        return self._chat._core.count_prompt_tokens(prompt, _chat_params(params, self._chat))
 
     @property
     def with_raw_response(self) -> RawTextCompletions:
@@ -172,7 +172,7 @@ class RawTextCompletions:
     def create(self, *, prompt: str, stream: bool = False,
                **params: Unpack[TextCompletionParams]) -> RawResponse[Completion | TextStream]:
         record = ResponseRecord()
-        return _raw(self._completions._create(prompt, stream, params, record), record)
+        return raw_response(self._completions._create(prompt, stream, params, record), record)
 
 
 class AsyncTextCompletions:
@@ -200,15 +200,14 @@ class AsyncTextCompletions:
 
     async def _create(self, prompt: str, stream: bool, params: Mapping[str, Any],
                       record: ResponseRecord | None = None) -> Completion | AsyncTextStream:
-        answer = await self._chat._create(None, stream, _chat_params(params, self._chat._core.config.provider),
-                                          record, prompt)
+        answer = await self._chat._create(None, stream, _chat_params(params, self._chat), record, prompt)
         if isinstance(answer, ChatCompletion):
             return completion_from_chat(answer)
         return AsyncTextStream(answer)
 
     def count_tokens(self, *, prompt: str, **params: Unpack[TextCompletionParams]) -> int:
         """See ``TextCompletions.count_tokens`` (no I/O beyond loading the tokenizer once)."""
-        return self._chat._core.count_prompt_tokens(prompt, _chat_params(params, self._chat._core.config.provider))
+        return self._chat._core.count_prompt_tokens(prompt, _chat_params(params, self._chat))
 
     @property
     def with_raw_response(self) -> AsyncRawTextCompletions:
@@ -224,4 +223,4 @@ class AsyncRawTextCompletions:
     async def create(self, *, prompt: str, stream: bool = False,
                      **params: Unpack[TextCompletionParams]) -> RawResponse[Completion | AsyncTextStream]:
         record = ResponseRecord()
-        return _raw(await self._completions._create(prompt, stream, params, record), record)
+        return raw_response(await self._completions._create(prompt, stream, params, record), record)
