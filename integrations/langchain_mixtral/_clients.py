@@ -4,6 +4,7 @@ and the clients, built on first use (one sync client; one async client per event
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import threading
 import weakref
@@ -48,6 +49,14 @@ async def _close_at_loop_shutdown(client: AsyncMixtralClient, clients: weakref.W
         await client.aclose()
 
 
+@functools.lru_cache(maxsize=4)
+def _tokenizer(model_path: str | None) -> Any:
+    """The checkpoint's sentencepiece tokenizer (None: mistral-common's v1, which is Mixtral's), loaded once."""
+    from mixtral_local.tokenizer import MixtralTokenizer
+
+    return MixtralTokenizer.from_pretrained(model_path)
+
+
 class MixtralClients(BaseModel):
     """The provider configuration of a LangChain model over ``mixtral_client``, and its clients."""
 
@@ -70,6 +79,8 @@ class MixtralClients(BaseModel):
     max_tokens: int | None = None
     stop: list[str] | None = None
     seed: int | None = None
+    logit_bias: dict[int, float] | None = None
+    """Token id -> a bias from -100 (never) to 100 (always) added to its logit before sampling."""
     timeout: float | Timeout | None = None
     """Seconds for the whole call (retries included), or a ``mixtral_client.Timeout``."""
     max_retries: int = 2
@@ -79,11 +90,17 @@ class MixtralClients(BaseModel):
     rate_limit: float | None = None
     """Requests a minute to pace this model's calls to, sync and async together (default:
     ``MIXTRAL_RATE_LIMIT``). LangChain's own ``rate_limiter`` works too."""
+    streaming: bool = False
+    """Stream internally on ``invoke`` (callbacks see tokens as they arrive)."""
+    stream_usage: bool = True
+    """Ask for token usage when streaming (``stream_options.include_usage``)."""
     model_kwargs: dict[str, Any] = Field(default_factory=dict)
     """Other ``create()`` parameters (``n``, ``presence_penalty``, ...); unknown ones go to ``extra_body``."""
 
     #: keys ``model_kwargs`` may not set beyond the fields (the request's own: ``messages`` or ``prompt``)
     _reserved: ClassVar[frozenset[str]] = frozenset({"stream"})
+    #: the keyword arguments the client's ``create()`` takes; any other key of a call goes to ``extra_body``
+    _known: ClassVar[frozenset[str]] = frozenset()
 
     _clients_lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
     _rate_limiter_shared: RateLimiter | None = PrivateAttr(default=None)
@@ -145,6 +162,38 @@ class MixtralClients(BaseModel):
         if stop := stop or kwargs.get("stop") or self.stop:
             params["ls_stop"] = [stop] if isinstance(stop, str) else stop
         return params
+
+    def _own_params(self) -> dict[str, Any]:
+        """Sampling fields of one model class (``ChatMixtral``'s ``logprobs`` and ``top_logprobs``, ...)."""
+        return {}
+
+    def _default_params(self) -> dict[str, Any]:
+        params = {"temperature": self.temperature, "top_p": self.top_p, "max_tokens": self.max_tokens,
+                  "seed": self.seed, **self._own_params(), "logit_bias": self.logit_bias, **self.model_kwargs}
+        return {k: v for k, v in params.items() if v is not None}
+
+    def _call_params(self, stop: list[str] | None, stream: bool, /, **kwargs: Any) -> dict[str, Any]:
+        """The ``create()`` arguments of one call but the prompt: sampling, stops, usage on streams; keys the
+        client does not take go into ``extra_body``."""
+        stream_usage = kwargs.pop("stream_usage", self.stream_usage)
+        kwargs.pop("stream", None)  # LangChain's own switch (``invoke(..., stream=True)``), already acted on
+        params: dict[str, Any] = {**self._default_params(), **kwargs}
+        params = {k: v for k, v in params.items() if v is not None}
+        stops = stop if stop is not None else params.pop("stop", None) or self.stop
+        params.pop("stop", None)
+        if stops:
+            params["stop"] = list(stops)
+        if stream and stream_usage:
+            params["stream_options"] = {"include_usage": True, **params.get("stream_options", {})}
+        extra = {k: params.pop(k) for k in list(params) if k not in self._known}
+        if extra:
+            params["extra_body"] = {**extra, **params.get("extra_body", {})}
+        return params
+
+    def get_token_ids(self, text: str) -> list[int]:
+        """Mixtral's sentencepiece ids for ``text`` (LangChain's default would fetch GPT-2's tokenizer)."""
+        ids: list[int] = _tokenizer(self.model_path).encode(text)
+        return ids
 
     def _client_args(self) -> dict[str, Any]:
         args = {"base_url": self.base_url, "model": self.model, "model_path": self.model_path,

@@ -8,7 +8,6 @@ holds no HTTP code.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from operator import itemgetter
 from typing import Any, ClassVar, Literal
@@ -37,8 +36,6 @@ from ._convert import ChunkConverter, to_chat_result, to_wire_messages
 
 __all__ = ["ChatMixtral"]
 
-#: the keyword arguments ``create()`` takes; anything else in ``model_kwargs`` or a call goes to ``extra_body``
-_CREATE_KEYS = frozenset(CompletionParams.__annotations__)
 _TOOL_CHOICE_WORDS = {"auto": "auto", "none": "none", "required": "required", "any": "required"}
 _StructuredMethod = Literal["function_calling", "json_mode", "json_schema"]
 
@@ -69,12 +66,6 @@ class ChatMixtral(MixtralClients, BaseChatModel):
     """Return each answer token's log probability (``response_metadata["logprobs"]``, as ChatOpenAI does)."""
     top_logprobs: int | None = None
     """With ``logprobs``: how many of the most likely tokens to list at each position (0-20)."""
-    logit_bias: dict[int, float] | None = None
-    """Token id -> a bias from -100 (never) to 100 (always) added to its logit before sampling."""
-    streaming: bool = False
-    """Stream internally on ``invoke`` (callbacks see tokens as they arrive)."""
-    stream_usage: bool = True
-    """Ask for token usage when streaming (``stream_options.include_usage``)."""
     tool_calling: Literal["auto", "native", "prompt"] | None = None
     """How bound tools reach the model: the provider's way (``auto``), the host's ``tools`` field, or the
     prompt (for an OpenAI-compatible host without tools). Default: ``MIXTRAL_TOOL_CALLING``, else ``auto``."""
@@ -86,6 +77,7 @@ class ChatMixtral(MixtralClients, BaseChatModel):
     the answer of ``invoke``, on the first chunk of a stream (as ChatOpenAI does). Empty on local weights."""
 
     _reserved: ClassVar[frozenset[str]] = frozenset({"stream", "messages"})
+    _known: ClassVar[frozenset[str]] = frozenset(CompletionParams.__annotations__)
 
     def _config_options(self) -> dict[str, Any]:
         return {"tool_calling": self.tool_calling, "structured_output": self.structured_output}
@@ -106,30 +98,13 @@ class ChatMixtral(MixtralClients, BaseChatModel):
 
     # -- the payload builder --------------------------------------------------------------------------
 
-    def _default_params(self) -> dict[str, Any]:
-        params = {"temperature": self.temperature, "top_p": self.top_p, "max_tokens": self.max_tokens,
-                  "seed": self.seed, "logprobs": self.logprobs, "top_logprobs": self.top_logprobs,
-                  "logit_bias": self.logit_bias,
-                  **self.model_kwargs}
-        return {k: v for k, v in params.items() if v is not None}
+    def _own_params(self) -> dict[str, Any]:
+        return {"logprobs": self.logprobs, "top_logprobs": self.top_logprobs}
 
     def _create_params(self, messages: list[BaseMessage], stop: list[str] | None, stream: bool, /,
                        **kwargs: Any) -> dict[str, Any]:
         """Everything ``create()`` gets for one call: messages, sampling, tools; unknown keys into extra_body."""
-        stream_usage = kwargs.pop("stream_usage", self.stream_usage)
-        kwargs.pop("stream", None)  # LangChain's own switch (``invoke(..., stream=True)``), already acted on
-        params: dict[str, Any] = {**self._default_params(), **kwargs}
-        params = {k: v for k, v in params.items() if v is not None}
-        stops = stop if stop is not None else params.pop("stop", None) or self.stop
-        params.pop("stop", None)
-        if stops:
-            params["stop"] = list(stops)
-        if stream and stream_usage:
-            params["stream_options"] = {"include_usage": True, **params.get("stream_options", {})}
-        extra = {k: params.pop(k) for k in list(params) if k not in _CREATE_KEYS}
-        if extra:
-            params["extra_body"] = {**extra, **params.get("extra_body", {})}
-        return {"messages": to_wire_messages(messages), **params}
+        return {"messages": to_wire_messages(messages), **self._call_params(stop, stream, **kwargs)}
 
     # -- calls ----------------------------------------------------------------------------------------
 
@@ -196,11 +171,6 @@ class ChatMixtral(MixtralClients, BaseChatModel):
         count: int = self._client().chat.completions.count_tokens(**params)
         return count
 
-    def get_token_ids(self, text: str) -> list[int]:
-        """Mixtral's sentencepiece ids for ``text`` (LangChain's default would fetch GPT-2's tokenizer)."""
-        ids: list[int] = _tokenizer(self.model_path).encode(text)
-        return ids
-
     # -- tools and structured output ------------------------------------------------------------------
 
     def bind_tools(
@@ -265,14 +235,6 @@ class ChatMixtral(MixtralClients, BaseChatModel):
         parse = RunnablePassthrough.assign(parsed=itemgetter("raw") | parser, parsing_error=lambda _: None)
         fallback = RunnablePassthrough.assign(parsed=lambda _: None)
         return RunnableMap(raw=llm) | parse.with_fallbacks([fallback], exception_key="parsing_error")
-
-
-@functools.lru_cache(maxsize=4)
-def _tokenizer(model_path: str | None) -> Any:
-    """The checkpoint's sentencepiece tokenizer (None: mistral-common's v1, which is Mixtral's), loaded once."""
-    from mixtral_local.tokenizer import MixtralTokenizer
-
-    return MixtralTokenizer.from_pretrained(model_path)
 
 
 def _format_tool_choice(choice: str | Mapping[str, Any], names: list[str]) -> str | dict[str, Any]:
