@@ -89,6 +89,7 @@ def test_other_choices_of_a_stream_are_ignored() -> None:
     assert converter.convert(other) is None
 
 
-def test_the_package_exports_chat_mixtral_and_imports_no_torch() -> None:
-    code = "import sys, langchain_mixtral; assert langchain_mixtral.__all__ == ['ChatMixtral']; assert 'torch' not in sys.modules"
+def test_the_package_exports_its_two_models_and_imports_no_torch() -> None:
+    code = ("import sys, langchain_mixtral; assert langchain_mixtral.__all__ == ['ChatMixtral', 'MixtralLLM']; "
+            "assert 'torch' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=".", env={"PYTHONPATH": ".:integrations"})
