@@ -101,6 +101,7 @@ class MixtralClients(BaseModel):
     _reserved: ClassVar[frozenset[str]] = frozenset({"stream"})
     #: the keyword arguments the client's ``create()`` takes; any other key of a call goes to ``extra_body``
     _known: ClassVar[frozenset[str]] = frozenset()
+    _ls_model_type: ClassVar[Literal["chat", "llm"]] = "chat"
 
     _clients_lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
     _rate_limiter_shared: RateLimiter | None = PrivateAttr(default=None)
@@ -147,11 +148,17 @@ class MixtralClients(BaseModel):
     def _model_name(self) -> str:
         return self._preset.resolve_model(self.model or os.environ.get("MIXTRAL_MODEL") or None)
 
-    def _ls_params(self, model_type: Literal["chat", "llm"], stop: list[str] | None, **kwargs: Any) -> LangSmithParams:
+    @property
+    def _identifying_params(self) -> dict[str, Any]:
+        return {"provider": self.provider, "model": self._model_name, "base_url": self.base_url,
+                **self._default_params()}
+
+    def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
+        """LangSmith's view of a call: the provider, the model (a per-call ``model=`` wins), sampling, stops."""
         params = LangSmithParams(
             ls_provider=self.provider or "mixtral",
             ls_model_name=kwargs.get("model") or self._model_name,
-            ls_model_type=model_type,
+            ls_model_type=self._ls_model_type,
         )
         temperature = kwargs.get("temperature", self.temperature)
         if temperature is not None:

@@ -13,7 +13,7 @@ from operator import itemgetter
 from typing import Any, ClassVar, Literal
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
-from langchain_core.language_models import BaseChatModel, LangSmithParams, LanguageModelInput
+from langchain_core.language_models import BaseChatModel, LanguageModelInput
 from langchain_core.messages import AIMessage, BaseMessage
 from langchain_core.output_parsers import JsonOutputParser, PydanticOutputParser
 from langchain_core.output_parsers.base import OutputParserLike
@@ -87,14 +87,6 @@ class ChatMixtral(MixtralClients, BaseChatModel):
     @property
     def _llm_type(self) -> str:
         return "mixtral-chat"
-
-    @property
-    def _identifying_params(self) -> dict[str, Any]:
-        return {"provider": self.provider, "model": self._model_name, "base_url": self.base_url,
-                **self._default_params()}
-
-    def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
-        return self._ls_params("chat", stop, **kwargs)
 
     # -- the payload builder --------------------------------------------------------------------------
 

@@ -5,11 +5,11 @@ model's continuation out, with no chat template (write Mixtral's ``[INST] ... [/
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator, Mapping
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import anyio
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
-from langchain_core.language_models import BaseLLM, LangSmithParams
+from langchain_core.language_models import BaseLLM
 from langchain_core.outputs import Generation, GenerationChunk, LLMResult
 from pydantic import ConfigDict
 
@@ -43,18 +43,11 @@ class MixtralLLM(MixtralClients, BaseLLM):
 
     _reserved: ClassVar[frozenset[str]] = frozenset({"stream", "prompt"})
     _known: ClassVar[frozenset[str]] = frozenset(TextCompletionParams.__annotations__)
+    _ls_model_type: ClassVar[Literal["chat", "llm"]] = "llm"
 
     @property
     def _llm_type(self) -> str:
         return "mixtral"
-
-    @property
-    def _identifying_params(self) -> dict[str, Any]:
-        return {"provider": self.provider, "model": self._model_name, "base_url": self.base_url,
-                **self._default_params()}
-
-    def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
-        return self._ls_params("llm", stop, **kwargs)
 
     def _own_params(self) -> dict[str, Any]:
         return {"logprobs": self.logprobs}

@@ -132,3 +132,13 @@ def test_on_local_weights_the_written_out_prompt_answers_as_chat_mixtral(tiny_di
     info = result.generations[0][0].generation_info
     assert info is not None and len(info["logprobs"]["tokens"]) == 8
     assert json.dumps(info["logprobs"])  # plain JSON, as LangChain serializes generation_info
+
+
+def test_langsmith_sees_an_llm_with_its_provider_and_per_call_model() -> None:
+    llm = MixtralLLM(provider="openrouter", api_key="k", temperature=0.3)
+
+    params = llm._get_ls_params(stop=["\n"], model="other/model")
+
+    assert params == {"ls_provider": "openrouter", "ls_model_name": "other/model", "ls_model_type": "llm",
+                      "ls_temperature": 0.3, "ls_stop": ["\n"]}
+    assert llm._identifying_params["model"] == "mistralai/mixtral-8x7b-instruct"
