@@ -24,7 +24,8 @@ def tiny_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 
 
 @pytest.mark.parametrize(("script", "expected"), [("agent.py", ""), ("extract.py", "parsed: name="),
-                                                  ("chain.py", "prompt tokens: ")])
+                                                  ("chain.py", "prompt tokens: "),
+                                                  ("few_shot.py", "via LangChain: ")])
 def test_the_example_runs(script: str, expected: str, tiny_env: dict[str, str]) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MIXTRAL_")} | tiny_env
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "integrations"), env.get("PYTHONPATH", "")])
