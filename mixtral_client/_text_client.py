@@ -9,11 +9,12 @@ stream's chunks as ``Completion`` objects (``_text.py`` converts).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator, Iterator, Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal, Self, Unpack, overload
 
-from ._exceptions import InvalidRequestError
+from ._exceptions import InvalidRequestError, NotFoundError
 from ._params import TextCompletionParams
 from ._response import RawResponse, ResponseRecord, raw_response
 from ._streaming import AsyncStream, Stream
@@ -43,6 +44,17 @@ def _chat_params(params: Mapping[str, Any], chat: Completions | AsyncCompletions
                                       provider=chat._core.config.provider)
         out.update(logprobs=True, top_logprobs=k)
     return out
+
+
+@contextlib.contextmanager
+def _not_served(chat: Completions | AsyncCompletions) -> Iterator[None]:
+    """A 404 from a host says why it may be: not every OpenAI-compatible host serves raw prompts."""
+    try:
+        yield
+    except NotFoundError as exc:
+        exc.add_note(f"({chat._core.config.provider}: a 404 for a raw prompt may mean this host does not serve the "
+                     "completions API for this model; chat.completions.create(messages=...) is served everywhere)")
+        raise
 
 
 class TextStream:
@@ -147,7 +159,8 @@ class TextCompletions:
 
     def _create(self, prompt: str, stream: bool, params: Mapping[str, Any],
                 record: ResponseRecord | None = None) -> Completion | TextStream:
-        answer = self._chat._create(None, stream, _chat_params(params, self._chat), record, prompt)
+        with _not_served(self._chat):
+            answer = self._chat._create(None, stream, _chat_params(params, self._chat), record, prompt)
         if isinstance(answer, ChatCompletion):
             return completion_from_chat(answer)
         return TextStream(answer)
@@ -200,7 +213,8 @@ class AsyncTextCompletions:
 
     async def _create(self, prompt: str, stream: bool, params: Mapping[str, Any],
                       record: ResponseRecord | None = None) -> Completion | AsyncTextStream:
-        answer = await self._chat._create(None, stream, _chat_params(params, self._chat), record, prompt)
+        with _not_served(self._chat):
+            answer = await self._chat._create(None, stream, _chat_params(params, self._chat), record, prompt)
         if isinstance(answer, ChatCompletion):
             return completion_from_chat(answer)
         return AsyncTextStream(answer)

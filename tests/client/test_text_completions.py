@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from mixtral_client import APIStatusError, InvalidRequestError, MixtralClient
+from mixtral_client import APIStatusError, InvalidRequestError, MixtralClient, NotFoundError
 from mixtral_client.types import CompletionLogprobs
 from tests.client.conftest import PROMPT, Driver, replying, streaming
 from tests.loopback import Conn, Received, in_turn, sse
@@ -197,3 +197,13 @@ def test_the_answer_json_is_openais_legacy_shape(serve) -> None:
 
     assert dumped["object"] == "text_completion"
     assert dumped["choices"] == [{"index": 0, "text": " Hello", "finish_reason": "stop", "logprobs": None}]
+
+
+def test_a_host_without_the_completions_api_says_so(driver: Driver, serve) -> None:
+    server = serve(replying(404, {"error": {"message": "404 page not found"}}))
+
+    with pytest.raises(NotFoundError) as info:
+        driver.text_completion(server)
+
+    assert "does not serve the completions API" in "".join(info.value.__notes__)
+    assert len(server.requests) == 1  # a 404 is not retried
