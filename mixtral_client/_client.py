@@ -26,7 +26,7 @@ from ._exceptions import APIError, ConfigurationError, MixtralError
 from ._fallback import fallback_names, fallback_params, falls_back, switching
 from ._logging import setup_logging
 from ._models import AsyncModels, Models
-from ._params import CompletionParams, ParseParams, StreamParams
+from ._params import CompletionParams, ParseParams, StreamParams, TextCompletionParams
 from ._parse import Repairs, format_for
 from ._ratelimit import RateLimiter, apace, as_limiter, pace
 from ._request import ChatRequest, RequestOptions, build_request
@@ -53,6 +53,8 @@ _KNOWN = frozenset(CompletionParams.__annotations__)
 _PARSE_KNOWN = frozenset(ParseParams.__annotations__)
 _STREAM_KNOWN = frozenset(StreamParams.__annotations__)
 _RUN_TOOLS_KNOWN = _KNOWN - {"tools", "stream_options"}
+#: a raw prompt's (chat-only ones are refused by name in build_request; logprobs arrives as the chat pair)
+_TEXT_KNOWN = _KNOWN | frozenset(TextCompletionParams.__annotations__)
 
 
 def _parse_format(response_format: Any, params: Mapping[str, Any]) -> dict[str, Any]:
@@ -112,7 +114,7 @@ class _ClientCore:
     def request(self, messages: Sequence[ChatCompletionMessageParam] | None, stream: bool,
                 params: Mapping[str, Any], record: ResponseRecord | None = None,
                 prompt: str | None = None) -> ChatRequest:
-        unknown = params.keys() - _KNOWN
+        unknown = params.keys() - (_KNOWN if prompt is None else _TEXT_KNOWN)
         if unknown:
             raise TypeError(f"create() got unexpected keyword arguments: {', '.join(sorted(unknown))}")
         config = self.config

@@ -79,8 +79,8 @@ ERROR_STATUS: Mapping[str, int] = {
     "serviceunavailableexception": 503,
 }
 
-#: request parameters Converse cannot carry for Mixtral (sending them would be silently ignored at best)
-_UNSUPPORTED = ("seed", "presence_penalty", "frequency_penalty", "logprobs", "top_logprobs", "logit_bias")
+#: request parameters Converse and InvokeModel cannot carry for Mixtral (sending them would be ignored at best)
+_UNSUPPORTED = ("seed", "presence_penalty", "frequency_penalty", "logprobs", "top_logprobs", "logit_bias", "echo")
 #: parameters with no effect on Bedrock that are dropped: n is at most 1 (checked by the preset),
 #: usage is always streamed, ``user`` has no Converse field
 _IGNORED = frozenset({"n", "stream_options", "user"})

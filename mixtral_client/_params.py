@@ -59,4 +59,5 @@ class TextCompletionParams(SamplingParams, total=False):
     backends take, plus transport options)."""
 
     logprobs: int  # the legacy API's: how many most likely tokens to list at each position (0: the chosen one)
+    echo: bool  # the answer's text (and logprobs) begin with the prompt's; with max_tokens=0, the prompt alone
     stream_options: dict[str, Any]

@@ -280,8 +280,15 @@ def build_request(
         _number(given["temperature"], "temperature", preset, *limits.temperature)
     if "top_p" in given:
         _number(given["top_p"], "top_p", preset, *limits.top_p)
+    if "echo" in given:
+        if messages is not None:
+            raise _fail("applies to raw prompts only (client.completions.create)", "echo", preset)
+        if not isinstance(given["echo"], bool):
+            raise _fail(f"must be True or False, got {given['echo']!r}", "echo", preset)
     if "max_tokens" in given:
         lo, hi = limits.max_tokens
+        if given.get("echo") is True:
+            lo = 0  # echo with max_tokens=0 scores the prompt alone
         _number(given["max_tokens"], "max_tokens", preset, lo, hi, integer=True)
     if "seed" in given:
         lo_s, hi_s = limits.seed or (-(2**63), 2**63 - 1)

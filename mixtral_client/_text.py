@@ -46,9 +46,10 @@ def _chat_logprobs(legacy: Any) -> Any:
     tops = legacy.get("top_logprobs") or []
     content = []
     for i, token in enumerate(tokens):
-        top = tops[i] if i < len(tops) and isinstance(tops[i], Mapping) else {}
+        top = tops[i] if i < len(tops) else {}  # None at an echoed prompt's first token: kept
         content.append({"token": token, "logprob": values[i] if i < len(values) else None,
-                        "top_logprobs": [{"token": t, "logprob": p} for t, p in top.items()]})
+                        "top_logprobs": [{"token": t, "logprob": p} for t, p in top.items()]
+                        if isinstance(top, Mapping) else None})
     return {"content": content}
 
 
@@ -85,16 +86,27 @@ def chat_chunk(chunk: ChatCompletionChunk) -> ChatCompletionChunk:
 
 
 def _legacy_logprobs(logprobs: Logprobs | None, offset: int) -> CompletionLogprobs | dict[str, Any] | None:
-    """Chat logprobs as the legacy shape, ``text_offset`` counted from ``offset``; a host's other JSON as it came."""
-    if not isinstance(logprobs, ChoiceLogprobs):
+    """Chat logprobs as the legacy shape, ``text_offset`` counted from ``offset``; a host's other JSON as it came.
+    An echoed prompt's first token has no log probability (None), so its entries travel as plain dicts."""
+    entries: list[tuple[str, float | None, dict[str, float] | None]]
+    if isinstance(logprobs, ChoiceLogprobs):
+        entries = [(item.token, item.logprob, {top.token: top.logprob for top in item.top_logprobs})
+                   for item in logprobs.content or []]
+    elif isinstance(logprobs, dict) and isinstance(logprobs.get("content"), list) and all(
+            isinstance(item, Mapping) and "token" in item for item in logprobs["content"]):
+        entries = [(item["token"], item.get("logprob"),
+                    None if item.get("top_logprobs") is None else
+                    {top["token"]: top["logprob"] for top in item["top_logprobs"]})
+                   for item in logprobs["content"]]
+    else:
         return logprobs
     tokens, values, tops, offsets = [], [], [], []
-    for item in logprobs.content or []:
-        tokens.append(item.token)
-        values.append(item.logprob)
-        tops.append({top.token: top.logprob for top in item.top_logprobs})
+    for token, value, top in entries:
+        tokens.append(token)
+        values.append(value)
+        tops.append(top)
         offsets.append(offset)
-        offset += len(item.token)
+        offset += len(token)
     return CompletionLogprobs(tokens=tokens, token_logprobs=values, top_logprobs=tops, text_offset=offsets)
 
 

@@ -224,7 +224,7 @@ class CompletionLogprobs(_Model):
 
     tokens: list[str] = []
     token_logprobs: list[float | None] = []
-    top_logprobs: list[dict[str, float]] | None = None
+    top_logprobs: list[dict[str, float] | None] | None = None  # None at an echoed prompt's first token
     text_offset: list[int] = []
 
 

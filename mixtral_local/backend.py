@@ -298,7 +298,7 @@ def _sampling(request: ChatRequest) -> SamplingParams:
             seed=p.get("seed"),
             presence_penalty=float(p.get("presence_penalty", 0.0)),
             frequency_penalty=float(p.get("frequency_penalty", 0.0)),
-            max_tokens=p.get("max_tokens", p.get("max_completion_tokens")),
+            max_tokens=p.get("max_tokens", p.get("max_completion_tokens")) or None,  # 0: echo alone (start())
             stop=(stop,) if isinstance(stop, str) else tuple(stop),
             grammar=grammar,
             lazy_marker=lazy,
@@ -307,6 +307,15 @@ def _sampling(request: ChatRequest) -> SamplingParams:
         )
     except ValueError as exc:
         raise InvalidRequestError(str(exc), provider="local") from None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Echo:
+    """``echo``: the prompt's text and token count, and with ``logprobs`` its tokens' (the first one's None)."""
+
+    text: str
+    prompt_tokens: int
+    logprobs: list[TokenLogprob | None] | None
 
 
 class _Answer:
@@ -328,6 +337,26 @@ class _Answer:
         return ChatCompletionChunk(**self.head, choices=[ChunkChoice(index=i, delta=ChoiceDelta(role="assistant",
                                                                                                  content=""))
                                                          for i in range(self.n)])
+
+    def echoed(self, echo: _Echo | None, *, finished: bool) -> Iterator[ChatCompletionChunk]:
+        """Each choice's text opening with the prompt's (``echo``), its tokens' log probabilities as plain dicts
+        (the first has none); when nothing was generated (``max_tokens=0``, ``finished``), each choice's end."""
+        if echo is None:
+            return
+        # the first token, BOS, has nothing before it; it is "<s>" where the prompt writes it, else "" (added by
+        # encode_prompt, it is not in the text): the tokens' texts add up to the prompt's
+        first = "<s>" if echo.text.startswith("<s>") else ""
+        logprobs = None if echo.logprobs is None or not self.logprobs else {"content": [
+            {"token": first, "logprob": None, "top_logprobs": None} if token is None else
+            {"token": _shown(token.text)["token"], "logprob": token.logprob,
+             "top_logprobs": [t.model_dump() for t in _token_logprob(token).top_logprobs]}
+            for token in echo.logprobs]}
+        for index in range(self.n):
+            yield ChatCompletionChunk(**self.head, choices=[ChunkChoice(
+                index=index, delta=ChoiceDelta(content=echo.text), logprobs=logprobs)])
+        if finished:
+            for index in range(self.n):
+                yield from self.chunks(Delta(index, "", "length", echo.prompt_tokens, 0), index)
 
     def chunks(self, delta: Delta, index: int) -> Iterator[ChatCompletionChunk]:
         """The chunks for one delta of choice ``index``. With ``logprobs``, a token's log probability goes out
@@ -437,11 +466,12 @@ class LocalCore:
         """``Engine.stats()`` once the model is loaded; before, only that it is not."""
         return {"loaded": False} if self._engine is None else {"loaded": True, **self._engine.stats()}
 
-    def start(self, request: ChatRequest, cancel: threading.Event | None = None) -> list[Ticket]:
+    def start(self, request: ChatRequest, cancel: threading.Event | None = None) -> tuple[list[Ticket], _Echo | None]:
         """Check the request, load the model on first use (``cancel`` stops that load), and queue the prompt
         once per choice (``n``), all in the running batch (blocking work: a thread's). With a ``seed``,
         choice ``i`` samples with ``seed + i``: the choices differ, and each is what one request with that seed
-        gives."""
+        gives. A raw prompt with ``echo`` also gets its own text back (with ``logprobs``, each of its tokens'
+        log probabilities, from one forward pass here); with ``max_tokens=0`` nothing is queued."""
         params = _sampling(request)
         outside = [token for token, _ in params.logit_bias if token >= self.vocab_size]
         if outside:
@@ -451,16 +481,24 @@ class LocalCore:
         tokenizer = engine.tokenizer
         prompt = tokenizer.encode_chat(request.messages) if request.prompt is None else \
             tokenizer.encode_prompt(request.prompt)
+        echo = None
+        if request.params.get("echo") and request.prompt is not None:
+            engine.budget(len(prompt), params.max_tokens)  # refuses a prompt that does not fit, before the pass
+            logprobs = None if params.logprobs is None else engine.prompt_logprobs(prompt, params.logprobs)
+            echo = _Echo(request.prompt, len(prompt), logprobs)
+        if request.params.get("max_tokens") == 0:  # only with echo (build_request): the prompt alone
+            return [], echo
         per_choice = [params if params.seed is None else dataclasses.replace(params, seed=params.seed + i)
                       for i in range(int(request.params.get("n", 1)))]
-        return engine.submit_all([prompt] * len(per_choice), per_choice)  # refuses a prompt that does not fit
+        return engine.submit_all([prompt] * len(per_choice), per_choice), echo  # refuses what does not fit
 
     def chunks(self, request: ChatRequest) -> Iterator[ChatCompletionChunk]:
-        tickets = self.start(request)
+        tickets, echo = self.start(request)
         clock = _Clock(request)
         try:
-            answer = _Answer(request.model, len(tickets), bool(request.params.get("logprobs")))
+            answer = _Answer(request.model, int(request.params.get("n", 1)), bool(request.params.get("logprobs")))
             yield answer.first()
+            yield from answer.echoed(echo, finished=not tickets)
             live = dict(enumerate(tickets))
             while live:  # every step gives each running choice a token, so taking them in turn never stalls
                 for index, ticket in list(live.items()):
@@ -535,10 +573,11 @@ class AsyncLocalBackend:
 
     async def stream(self, request: ChatRequest) -> AsyncGenerator[ChatCompletionChunk, None]:
         started: list[Ticket] = []
+        echoed: list[_Echo | None] = [None]
         cancelled = threading.Event()
 
         def start() -> None:
-            tickets = self._core.start(request, cancelled)
+            tickets, echoed[0] = self._core.start(request, cancelled)
             started.extend(tickets)
             if cancelled.is_set():  # the request was cancelled while this thread worked: nobody reads these
                 for ticket in tickets:
@@ -552,8 +591,10 @@ class AsyncLocalBackend:
             for ticket in started:
                 ticket.listen(waker.wake)
             clock = _Clock(request)
-            answer = _Answer(request.model, len(started), bool(request.params.get("logprobs")))
+            answer = _Answer(request.model, int(request.params.get("n", 1)), bool(request.params.get("logprobs")))
             yield answer.first()
+            for chunk in answer.echoed(echoed[0], finished=not started):
+                yield chunk
             live = dict(enumerate(started))
             while live:
                 ready = [(index, delta) for index, ticket in live.items() if (delta := ticket.poll()) is not None]

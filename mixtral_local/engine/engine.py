@@ -231,6 +231,35 @@ class Engine:
         the cache is one block of rows x their longest reach."""
         return self.kv_cells is None or not limits or len(limits) * max(limits) <= self.kv_cells
 
+    @torch.inference_mode()
+    def prompt_logprobs(self, prompt: Sequence[int], k: int) -> list[TokenLogprob | None]:
+        """Each prompt token's log probability given the tokens before it, and the ``k`` most likely tokens at its
+        position (the legacy completions API's ``echo`` with ``logprobs``): None for the first token, which has
+        nothing before it. One forward pass over the prompt in the caller's thread, with no KV cache (the
+        running batch is not touched); ``budget()`` has checked the prompt against the context. A token's text
+        is its piece as written in the prompt (``<s>`` for BOS, a word's leading space kept)."""
+        ids = torch.tensor([list(prompt)], device=self.device)
+        logits = self.model(ids)[0, :-1]  # [S-1, V]: row i predicts token i + 1
+        out: list[TokenLogprob | None] = [None]
+        for before, row, token in zip(prompt, logits, prompt[1:], strict=False):
+            # a piece right after <s> or </s> opens a sentencepiece-encoded run: the space it starts with is not
+            # in the prompt's text (encode_prompt), so the tokens' texts add up to the prompt
+            shown = _drop_space if before in (self.tokenizer.bos_id, self.tokenizer.eos_id) else _as_is
+            logprobs = torch.log_softmax(row.float(), dim=-1)
+            top = torch.topk(logprobs, k) if k else None
+            alternatives = () if top is None else tuple(
+                (i, shown(self._piece(i)), lp) for i, lp in zip(top.indices.tolist(), top.values.tolist(), strict=True))
+            out.append(TokenLogprob(token, shown(self._piece(token)), float(logprobs[token]), alternatives))
+        return out
+
+    def _piece(self, token: int) -> bytes:
+        """A token as a prompt writes it: BOS and EOS as ``<s>`` and ``</s>``, others as their text."""
+        if token == self.tokenizer.bos_id:
+            return b"<s>"
+        if token == self.tokenizer.eos_id:
+            return b"</s>"
+        return self.tokenizer.token_bytes(token)
+
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams],
                  ) -> list[Completion]:
         """Generate for every prompt together; one ``Completion`` per prompt, in order."""

@@ -141,6 +141,26 @@ def test_a_host_that_streams_a_whole_json_answer_is_read_as_one_chunk(driver: Dr
     assert final.choices[0].text == " all at once"
 
 
+ECHOED = {"tokens": ["<s>", "Hi", " there"], "token_logprobs": [None, -3.5, -0.75],
+          "top_logprobs": [None, {"Hi": -3.5, "Hello": -1.0}, {" there": -0.75, "!": -2.0}], "text_offset": [0, 3, 5]}
+
+
+def test_echo_is_sent_and_the_prompts_logprobs_come_back_with_its_first_token_unscored(driver: Driver,
+                                                                                       serve) -> None:
+    answer_body = text_answer("<s>Hi there")
+    answer_body["choices"][0]["logprobs"] = ECHOED
+    server = serve(replying(200, answer_body))
+
+    answer = driver.text_completion(server, echo=True, max_tokens=0, logprobs=1)
+
+    sent = server.requests[0].json()
+    assert (sent["echo"], sent["max_tokens"], sent["logprobs"]) == (True, 0, 1)
+    assert answer.choices[0].text == "<s>Hi there"
+    logprobs = answer.choices[0].logprobs
+    assert isinstance(logprobs, CompletionLogprobs)
+    assert logprobs.model_dump() == ECHOED
+
+
 @pytest.mark.parametrize(("params", "param"), [
     ({"prompt": ""}, "prompt"),
     ({"prompt": ["a", "b"]}, "prompt"),
@@ -150,6 +170,10 @@ def test_a_host_that_streams_a_whole_json_answer_is_read_as_one_chunk(driver: Dr
     ({"logprobs": 21}, "top_logprobs"),
     ({"temperature": 9}, "temperature"),
     ({"stream_options": {"include_usage": True}}, "stream_options"),  # without stream=True
+    ({"echo": "yes"}, "echo"),
+    ({"echo": 1}, "echo"),
+    ({"max_tokens": 0}, "max_tokens"),  # only echo scores the prompt alone
+    ({"echo": False, "max_tokens": 0}, "max_tokens"),
 ])
 def test_bad_input_is_refused_before_anything_is_sent(serve, params: dict[str, Any], param: str) -> None:
     server = serve(replying(200, text_answer("never")))
@@ -177,8 +201,8 @@ def test_chat_only_parameters_are_refused_by_name(serve, name: str) -> None:
 def test_unknown_arguments_raise_type_error(serve) -> None:
     server = serve(replying(200, text_answer("never")))
 
-    with MixtralClient(base_url=server.url, api_key="k") as client, pytest.raises(TypeError, match="echo"):
-        client.completions.create(prompt="Hi", echo=True)  # type: ignore[call-arg]
+    with MixtralClient(base_url=server.url, api_key="k") as client, pytest.raises(TypeError, match="best_of"):
+        client.completions.create(prompt="Hi", best_of=2)  # type: ignore[call-arg]
 
     assert server.requests == []
 

@@ -246,3 +246,77 @@ async def test_async_raw_prompt_streams(tiny_dir: Path, anyio_backend: str) -> N
             pieces = [c.choices[0].text async for c in stream if c.choices]
 
     assert "".join(pieces) == whole.choices[0].text
+
+
+@pytest.mark.parametrize("prompt", ["The river runs to the sea.", RENDERED])
+def test_echo_scores_the_prompt_as_transformers_does(tiny_dir: Path, hf_model: Callable[..., Any],
+                                                     tokenizer: MixtralTokenizer, prompt: str) -> None:
+    """``echo`` with ``max_tokens=0``: the prompt alone, each token's log probability given those before it (the
+    first, BOS, has none), its texts adding up to the prompt: an implicit BOS is "", a written one "<s>"."""
+    ids = tokenizer.encode_prompt(prompt)
+    with torch.no_grad():
+        expected = torch.log_softmax(hf_model(tiny_dir)(torch.tensor([ids])).logits[0, :-1].float(), -1)
+    with MixtralClient(provider="local", model_path=str(tiny_dir), env={}, **LOCAL) as client:
+        text = client.completions.create(prompt=prompt, echo=True, max_tokens=0, logprobs=3)
+
+    (choice,) = text.choices
+    assert (choice.text, choice.finish_reason) == (prompt, "length")
+    assert text.usage is not None and (text.usage.prompt_tokens, text.usage.completion_tokens) == (len(ids), 0)
+    logprobs = choice.logprobs
+    assert logprobs is not None and not isinstance(logprobs, dict) and logprobs.top_logprobs is not None
+    assert "".join(logprobs.tokens) == prompt and len(logprobs.tokens) == len(ids)
+    assert logprobs.tokens[0] == ("<s>" if prompt.startswith("<s>") else "")
+    assert logprobs.text_offset == [sum(len(t) for t in logprobs.tokens[:i]) for i in range(len(ids))]
+    assert logprobs.token_logprobs[0] is None and logprobs.top_logprobs[0] is None
+    assert logprobs.token_logprobs[1:] == pytest.approx([float(expected[i, t]) for i, t in enumerate(ids[1:])],
+                                                        abs=1e-4)
+    for row, top in zip(expected, logprobs.top_logprobs[1:], strict=True):
+        assert top is not None and sorted(top.values(), reverse=True) == pytest.approx(
+            torch.topk(row, 3).values.tolist(), abs=1e-4)
+
+
+def test_echo_opens_each_answer_with_the_prompt(tiny_dir: Path) -> None:
+    with MixtralClient(provider="local", model_path=str(tiny_dir), env={}, **LOCAL) as client:
+        plain = client.completions.create(prompt=RENDERED, temperature=0, max_tokens=5, logprobs=1)
+        echoed = client.completions.create(prompt=RENDERED, temperature=0, max_tokens=5, logprobs=1, echo=True)
+        with client.completions.create(prompt=RENDERED, temperature=0, max_tokens=5, echo=True,
+                                       stream=True) as stream:
+            pieces = [c.choices[0].text for c in stream if c.choices]
+        two = client.completions.create(prompt=RENDERED, max_tokens=3, echo=True, n=2, seed=1)
+
+    assert echoed.choices[0].text == RENDERED + plain.choices[0].text
+    assert pieces[0] == RENDERED and "".join(pieces) == echoed.choices[0].text
+    assert echoed.usage is not None and plain.usage is not None
+    assert echoed.usage.completion_tokens == plain.usage.completion_tokens == 5
+    mine, theirs = echoed.choices[0].logprobs, plain.choices[0].logprobs
+    assert mine is not None and theirs is not None and not isinstance(mine, dict) and not isinstance(theirs, dict)
+    assert mine.tokens[-5:] == theirs.tokens and mine.token_logprobs[-5:] == pytest.approx(theirs.token_logprobs)
+    assert mine.text_offset[-5:] == [len(RENDERED) + offset for offset in theirs.text_offset]
+    assert [c.index for c in two.choices] == [0, 1] and all(c.text.startswith(RENDERED) for c in two.choices)
+
+
+def test_echo_needs_a_prompt_that_fits(tiny_dir: Path, engine: Any) -> None:
+    from mixtral_client import InvalidRequestError
+    from mixtral_local.engine.kv_cache import KVCache
+
+    eight = 8 * KVCache.nbytes(engine.model.config, 1, 1, torch.float32)  # a KV cache of 8 positions
+    with MixtralClient(provider="local", model_path=str(tiny_dir), env={},
+                       local_options={**LOCAL["local_options"], "kv_cache_memory": eight}) as client:
+        with pytest.raises(InvalidRequestError, match="the prompt is 10 tokens; the KV cache"):
+            client.completions.create(prompt="one two three four five six seven eight nine", echo=True,
+                                      max_tokens=0)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio", "trio"])
+async def test_async_echo_alone_streams_the_prompt_then_ends(tiny_dir: Path, anyio_backend: str) -> None:
+    async with AsyncMixtralClient(provider="local", model_path=str(tiny_dir), env={}, **LOCAL) as client:
+        async with await client.completions.create(prompt=RENDERED, echo=True, max_tokens=0, logprobs=0,
+                                                   stream=True) as stream:
+            chunks = [c async for c in stream]
+            final = await stream.get_final_completion()
+
+    assert [c.choices[0].text for c in chunks if c.choices] == [RENDERED, ""]
+    assert final.choices[0].text == RENDERED and final.choices[0].finish_reason == "length"
+    logprobs = final.choices[0].logprobs
+    assert logprobs is not None and not isinstance(logprobs, dict) and "".join(logprobs.tokens) == RENDERED

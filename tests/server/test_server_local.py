@@ -333,6 +333,20 @@ def test_openai_sdk_completions_logprobs_are_the_legacy_lists(sdk: openai.OpenAI
     assert all(len(top) == 3 for top in logprobs.top_logprobs)
 
 
+def test_openai_sdk_completions_echo_scores_the_prompt(sdk: openai.OpenAI, tiny_dir: Path) -> None:
+    """A text scored: ``echo=True, max_tokens=0, logprobs=1`` gives the in-process client's numbers."""
+    text = sdk.completions.create(model="mixtral-local", prompt=RENDERED, echo=True, max_tokens=0, logprobs=1)
+    with MixtralClient(provider="local", model_path=str(tiny_dir), env={}, **LOCAL) as client:
+        expected = client.completions.create(prompt=RENDERED, echo=True, max_tokens=0, logprobs=1)
+
+    logprobs, theirs = text.choices[0].logprobs, expected.choices[0].logprobs
+    assert text.choices[0].text == RENDERED == "".join(logprobs.tokens)
+    assert logprobs.token_logprobs[0] is None and logprobs.top_logprobs[0] is None
+    assert (logprobs.tokens, logprobs.token_logprobs, logprobs.text_offset) == (
+        theirs.tokens, theirs.token_logprobs, theirs.text_offset)
+    assert text.usage.completion_tokens == 0 and text.usage.prompt_tokens == len(logprobs.tokens)
+
+
 def test_completions_refusals_are_openai_errors(sdk: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError) as missing:
         sdk.completions.create(model="mixtral-local", prompt="", max_tokens=4)
