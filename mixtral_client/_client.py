@@ -412,22 +412,26 @@ class AsyncCompletions:
         """Many ``create()`` requests answered concurrently by tasks, returned in order (see ``Completions.batch``)."""
         items = checked_batch(requests, self._core, max_concurrency)
         results: list[Any] = [None] * len(items)
-        limiter = anyio.CapacityLimiter(max_concurrency)
+        slots = anyio.Semaphore(max_concurrency)
         failed: list[tuple[int, Exception]] = []
 
         async def one(i: int, messages: Any, params: dict[str, Any], scope: anyio.CancelScope) -> None:
-            async with limiter:
-                try:
-                    results[i] = await self._create(messages, False, params)
-                except Exception as exc:
-                    if return_exceptions:
-                        results[i] = exc
-                    elif not failed:
-                        failed.append((i, exc))
-                        scope.cancel()  # the rest stop: what has not been sent is not
+            try:
+                results[i] = await self._create(messages, False, params)
+            except Exception as exc:
+                if return_exceptions:
+                    results[i] = exc
+                elif not failed:
+                    failed.append((i, exc))
+                    scope.cancel()  # the rest stop: what has not been sent is not
+            finally:
+                slots.release()
 
         async with anyio.create_task_group() as group:
             for i, (messages, params) in enumerate(items):
+                # a task starts once a slot is free, so requests go out in order (trio runs waiting tasks in
+                # any order) and a long batch is not a task per request at once
+                await slots.acquire()
                 group.start_soon(one, i, messages, params, group.cancel_scope)
         if failed:
             index, error = failed[0]

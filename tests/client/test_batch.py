@@ -95,6 +95,7 @@ def test_a_failure_stops_the_batch_or_takes_its_place(mode: str, serve) -> None:
         run(mode, server.url, requests(40), max_concurrency=2)
     assert "(batch requests[2])" in caught.value.__notes__
     assert len(server.requests) < 40  # what had not started was not sent
+    assert set(host.texts[:2]) == {"q0", "q1"}  # requests start in order (trio runs waiting tasks in any order)
 
     answers = run(mode, server.url, requests(6), max_concurrency=3, return_exceptions=True)
     assert isinstance(answers[2], BadRequestError)
