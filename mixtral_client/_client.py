@@ -26,7 +26,7 @@ from ._exceptions import APIError, ConfigurationError, MixtralError
 from ._fallback import fallback_names, fallback_params, falls_back, switching
 from ._logging import setup_logging
 from ._models import AsyncModels, Models
-from ._params import CompletionParams, ParseParams, StreamParams, TextCompletionParams
+from ._params import CompletionParams, ParseParams, Prompt, StreamParams, TextCompletionParams
 from ._parse import Repairs, format_for
 from ._ratelimit import RateLimiter, apace, as_limiter, pace
 from ._request import ChatRequest, RequestOptions, build_request
@@ -92,12 +92,12 @@ class _ClientCore:
         request = Rewrites.for_request(self.request(messages, False, params)).request
         return len(self.tokenizer().encode_chat(request.messages))
 
-    def count_prompt_tokens(self, prompt: str, params: Mapping[str, Any]) -> int:
+    def count_prompt_tokens(self, prompt: Prompt, params: Mapping[str, Any]) -> int:
         """The tokens of a raw prompt (``completions.count_tokens``), checked as ``completions.create`` checks it,
         tokenized as written (``<s>`` / ``</s>`` as BOS / EOS, a BOS first)."""
         request = self.request(None, False, params, prompt=prompt)
-        assert request.prompt is not None
-        return len(self.tokenizer().encode_prompt(request.prompt))
+        tokenizer = self.tokenizer()  # several prompts: their tokens added up, as usage.prompt_tokens counts them
+        return sum(len(p) if isinstance(p, list) else len(tokenizer.encode_prompt(p)) for p in request.prompts())
 
     def tokenizer(self) -> Any:
         """Mixtral's sentencepiece tokenizer (the local checkpoint's, else mistral-common's v1), loaded once."""
@@ -113,7 +113,7 @@ class _ClientCore:
 
     def request(self, messages: Sequence[ChatCompletionMessageParam] | None, stream: bool,
                 params: Mapping[str, Any], record: ResponseRecord | None = None,
-                prompt: str | None = None) -> ChatRequest:
+                prompt: Prompt | None = None) -> ChatRequest:
         unknown = params.keys() - (_KNOWN if prompt is None else _TEXT_KNOWN)
         if unknown:
             raise TypeError(f"create() got unexpected keyword arguments: {', '.join(sorted(unknown))}")
@@ -187,7 +187,7 @@ class Completions:
         return self._create(messages, stream, params)
 
     def _create(self, messages: Sequence[ChatCompletionMessageParam] | None, stream: bool, params: Mapping[str, Any],
-                record: ResponseRecord | None = None, prompt: str | None = None) -> ChatCompletion | Stream:
+                record: ResponseRecord | None = None, prompt: Prompt | None = None) -> ChatCompletion | Stream:
         """``create()``; with ``messages`` None and a ``prompt``, a raw-prompt request (``client.completions``)."""
         try:
             return self._send(Rewrites.for_request(self._core.request(messages, stream, params, record, prompt)))
@@ -341,7 +341,7 @@ class AsyncCompletions:
 
     async def _create(self, messages: Sequence[ChatCompletionMessageParam] | None, stream: bool,
                       params: Mapping[str, Any], record: ResponseRecord | None = None,
-                      prompt: str | None = None) -> ChatCompletion | AsyncStream:
+                      prompt: Prompt | None = None) -> ChatCompletion | AsyncStream:
         try:
             return await self._send(Rewrites.for_request(self._core.request(messages, stream, params, record,
                                                                             prompt)))

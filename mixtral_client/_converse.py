@@ -178,6 +178,9 @@ def invoke_body(request: ChatRequest) -> dict[str, Any]:
     """The InvokeModel body for a raw prompt (``client.completions``): Mistral's native request, ``prompt``
     as written, the sampling parameters by their own names, ``extra_body`` (``top_k``, ...) merged in."""
     params = _checked_params(request)
+    if not isinstance(request.prompt, str):
+        raise _unsupported("InvokeModel takes one prompt, as text (not a list of prompts or token ids)", "prompt",
+                           request.provider.name)
     body: dict[str, Any] = {"prompt": request.prompt}
     body.update({name: params[name] for name in ("max_tokens", "temperature", "top_p") if name in params})
     if "stop" in params:

@@ -9,7 +9,10 @@ from typing import Any, TypedDict
 from ._timeouts import Timeout
 from .types import ChatCompletionToolParam
 
-__all__ = ["CompletionParams", "ParseParams", "SamplingParams", "StreamParams", "TextCompletionParams"]
+__all__ = ["CompletionParams", "ParseParams", "Prompt", "SamplingParams", "StreamParams", "TextCompletionParams"]
+
+#: a raw prompt as OpenAI's completions API takes it: a text, several texts, token ids, or several lists of ids
+Prompt = str | list[str] | list[int] | list[list[int]]
 
 
 class SamplingParams(TypedDict, total=False):

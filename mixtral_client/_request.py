@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ._exceptions import InvalidRequestError, UnsupportedFeatureError
+from ._params import Prompt
 from ._providers import ProviderPreset
 from ._response import ResponseRecord
 from ._timeouts import Timeout
@@ -72,8 +73,19 @@ class ChatRequest:
     stream: bool
     options: RequestOptions
     prompted_calls: PromptedCalls | None = None
-    #: a raw prompt (``client.completions``): sent as it is, with no chat template; ``messages`` is then empty
-    prompt: str | None = None
+    #: a raw prompt (``client.completions``): sent as it is, with no chat template; ``messages`` is then empty.
+    #: A text, or (checked) several texts, token ids, or several lists of ids: ``prompts()`` lists them
+    prompt: Prompt | None = None
+
+    def prompts(self) -> list[str | list[int]]:
+        """A raw-prompt request's prompts, each a text or a list of token ids (the answer has ``n`` choices for
+        each, prompt ``i``'s at indices ``i * n`` to ``i * n + n - 1``)."""
+        prompt = self.prompt
+        if prompt is None:
+            return []
+        if isinstance(prompt, str) or all(isinstance(t, int) for t in prompt):
+            return [prompt]  # type: ignore[list-item]
+        return list(prompt)  # type: ignore[arg-type]
 
     def body(self) -> dict[str, Any]:
         """The OpenAI chat-completions JSON body; for a raw prompt, the completions body (whose ``logprobs`` is
@@ -98,6 +110,46 @@ class ChatRequest:
 
 def _fail(message: str, param: str, preset: ProviderPreset) -> InvalidRequestError:
     return InvalidRequestError(f"{param}: {message}", param=param, provider=preset.name)
+
+
+#: the most prompts one request may carry (OpenAI's limit for a list of prompts)
+MAX_PROMPTS = 2048
+
+
+def _token_ids(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(
+        isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in value)
+
+
+def _check_prompt(prompt: Any, preset: ProviderPreset) -> Prompt:
+    """A raw prompt as OpenAI takes it, copied: a non-empty text, a list of them, a non-empty list of token ids
+    (integers >= 0), or a list of those lists; anything else (an empty one, a mix) is refused."""
+    if isinstance(prompt, str) and prompt:
+        return prompt
+    what = ("must be a non-empty string, a list of strings, a list of token ids (integers >= 0) or a list of "
+            "such lists")
+    if not isinstance(prompt, list) or not prompt:
+        raise _fail(f"{what}, got {_short(prompt)}", "prompt", preset)
+    if len(prompt) > MAX_PROMPTS and not all(isinstance(t, int) for t in prompt):
+        raise _fail(f"at most {MAX_PROMPTS} prompts in one request, got {len(prompt)}", "prompt", preset)
+    if all(isinstance(p, str) for p in prompt):
+        empty = [i for i, p in enumerate(prompt) if not p]
+        if empty:
+            raise _fail(f"prompt[{empty[0]}] is empty", "prompt", preset)
+        return list(prompt)
+    if _token_ids(prompt):
+        return list(prompt)
+    if all(isinstance(p, list) for p in prompt):
+        bad = [i for i, p in enumerate(prompt) if not _token_ids(p)]
+        if bad:
+            raise _fail(f"prompt[{bad[0]}] is not a non-empty list of token ids (integers >= 0)", "prompt", preset)
+        return [list(p) for p in prompt]
+    raise _fail(f"{what}, not a mix of them", "prompt", preset)
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _number(value: Any, param: str, preset: ProviderPreset, lo: float, hi: float | None,
@@ -265,8 +317,7 @@ def build_request(
     if model is not None and (not isinstance(model, str) or not model):
         raise _fail(f"must be a non-empty string, got {model!r}", "model", preset)
     if messages is None:
-        if not isinstance(prompt, str) or not prompt:
-            raise _fail(f"must be a non-empty string, got {prompt!r}", "prompt", preset)
+        prompt = _check_prompt(prompt, preset)
         for name in _CHAT_ONLY:
             if name in given:
                 raise _fail("applies to chat completions only (client.chat.completions.create)", name, preset)

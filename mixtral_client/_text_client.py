@@ -15,7 +15,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal, Self, Unpack, overload
 
 from ._exceptions import InvalidRequestError, NotFoundError
-from ._params import TextCompletionParams
+from ._params import Prompt, TextCompletionParams
 from ._response import RawResponse, ResponseRecord, raw_response
 from ._streaming import AsyncStream, Stream
 from ._text import TextChunks, completion_from_chat
@@ -139,17 +139,17 @@ class TextCompletions:
         self._chat = chat
 
     @overload
-    def create(self, *, prompt: str, stream: Literal[False] = False,
+    def create(self, *, prompt: Prompt, stream: Literal[False] = False,
                **params: Unpack[TextCompletionParams]) -> Completion: ...
 
     @overload
-    def create(self, *, prompt: str, stream: Literal[True], **params: Unpack[TextCompletionParams]) -> TextStream: ...
+    def create(self, *, prompt: Prompt, stream: Literal[True], **params: Unpack[TextCompletionParams]) -> TextStream: ...
 
     @overload
-    def create(self, *, prompt: str, stream: bool,
+    def create(self, *, prompt: Prompt, stream: bool,
                **params: Unpack[TextCompletionParams]) -> Completion | TextStream: ...
 
-    def create(self, *, prompt: str, stream: bool = False,
+    def create(self, *, prompt: Prompt, stream: bool = False,
                **params: Unpack[TextCompletionParams]) -> Completion | TextStream:
         """Complete ``prompt`` as it is (no chat template: write Mixtral's ``[INST] ... [/INST]`` yourself).
 
@@ -157,7 +157,7 @@ class TextCompletions:
         """
         return self._create(prompt, stream, params)
 
-    def _create(self, prompt: str, stream: bool, params: Mapping[str, Any],
+    def _create(self, prompt: Prompt, stream: bool, params: Mapping[str, Any],
                 record: ResponseRecord | None = None) -> Completion | TextStream:
         with _not_served(self._chat):
             answer = self._chat._create(None, stream, _chat_params(params, self._chat), record, prompt)
@@ -165,7 +165,7 @@ class TextCompletions:
             return completion_from_chat(answer)
         return TextStream(answer)
 
-    def count_tokens(self, *, prompt: str, **params: Unpack[TextCompletionParams]) -> int:
+    def count_tokens(self, *, prompt: Prompt, **params: Unpack[TextCompletionParams]) -> int:
         """The prompt tokens of ``create(prompt=..., **params)``, with Mixtral's tokenizer (needs the ``local``
         extra); exact on local weights and on any host that tokenizes raw prompts as written."""
         return self._chat._core.count_prompt_tokens(prompt, _chat_params(params, self._chat))
@@ -182,7 +182,7 @@ class RawTextCompletions:
     def __init__(self, completions: TextCompletions) -> None:
         self._completions = completions
 
-    def create(self, *, prompt: str, stream: bool = False,
+    def create(self, *, prompt: Prompt, stream: bool = False,
                **params: Unpack[TextCompletionParams]) -> RawResponse[Completion | TextStream]:
         record = ResponseRecord()
         return raw_response(self._completions._create(prompt, stream, params, record), record)
@@ -195,23 +195,23 @@ class AsyncTextCompletions:
         self._chat = chat
 
     @overload
-    async def create(self, *, prompt: str, stream: Literal[False] = False,
+    async def create(self, *, prompt: Prompt, stream: Literal[False] = False,
                      **params: Unpack[TextCompletionParams]) -> Completion: ...
 
     @overload
-    async def create(self, *, prompt: str, stream: Literal[True],
+    async def create(self, *, prompt: Prompt, stream: Literal[True],
                      **params: Unpack[TextCompletionParams]) -> AsyncTextStream: ...
 
     @overload
-    async def create(self, *, prompt: str, stream: bool,
+    async def create(self, *, prompt: Prompt, stream: bool,
                      **params: Unpack[TextCompletionParams]) -> Completion | AsyncTextStream: ...
 
-    async def create(self, *, prompt: str, stream: bool = False,
+    async def create(self, *, prompt: Prompt, stream: bool = False,
                      **params: Unpack[TextCompletionParams]) -> Completion | AsyncTextStream:
         """See ``TextCompletions.create``."""
         return await self._create(prompt, stream, params)
 
-    async def _create(self, prompt: str, stream: bool, params: Mapping[str, Any],
+    async def _create(self, prompt: Prompt, stream: bool, params: Mapping[str, Any],
                       record: ResponseRecord | None = None) -> Completion | AsyncTextStream:
         with _not_served(self._chat):
             answer = await self._chat._create(None, stream, _chat_params(params, self._chat), record, prompt)
@@ -219,7 +219,7 @@ class AsyncTextCompletions:
             return completion_from_chat(answer)
         return AsyncTextStream(answer)
 
-    def count_tokens(self, *, prompt: str, **params: Unpack[TextCompletionParams]) -> int:
+    def count_tokens(self, *, prompt: Prompt, **params: Unpack[TextCompletionParams]) -> int:
         """See ``TextCompletions.count_tokens`` (no I/O beyond loading the tokenizer once)."""
         return self._chat._core.count_prompt_tokens(prompt, _chat_params(params, self._chat))
 
@@ -234,7 +234,7 @@ class AsyncRawTextCompletions:
     def __init__(self, completions: AsyncTextCompletions) -> None:
         self._completions = completions
 
-    async def create(self, *, prompt: str, stream: bool = False,
+    async def create(self, *, prompt: Prompt, stream: bool = False,
                      **params: Unpack[TextCompletionParams]) -> RawResponse[Completion | AsyncTextStream]:
         record = ResponseRecord()
         return raw_response(await self._completions._create(prompt, stream, params, record), record)

@@ -29,7 +29,7 @@ import threading
 import time
 import uuid
 import weakref
-from collections.abc import AsyncGenerator, Callable, Iterable, Iterator
+from collections.abc import AsyncGenerator, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -311,11 +311,24 @@ def _sampling(request: ChatRequest) -> SamplingParams:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class _Echo:
-    """``echo``: the prompt's text and token count, and with ``logprobs`` its tokens' (the first one's None)."""
+    """``echo`` for one prompt: its text, its first token's (which has no log probability), its token count, and
+    with ``logprobs`` its tokens' (the first one's None)."""
 
     text: str
+    first: str
     prompt_tokens: int
     logprobs: list[TokenLogprob | None] | None
+
+    @classmethod
+    def of(cls, source: str | list[int], ids: list[int], engine: Engine, k: int | None) -> _Echo:
+        """A text's echo is the text itself; its first token, BOS, is "<s>" where the text writes it and "" where
+        encode_prompt added it (not in the text), so the tokens' texts add up to it. Token ids are written out."""
+        logprobs = None if k is None else engine.prompt_logprobs(ids, k)
+        if isinstance(source, str):
+            return cls(source, "<s>" if source.startswith("<s>") else "", len(ids), logprobs)
+        pieces = engine.prompt_pieces(ids)
+        return cls(b"".join(pieces).decode("utf-8", errors="replace"), _shown(pieces[0])["token"], len(ids),
+                   logprobs)
 
 
 class _Answer:
@@ -325,10 +338,12 @@ class _Answer:
     does (the prompt counted once, the completion tokens of every choice added up), as OpenAI streams it.
     """
 
-    def __init__(self, model: str, n: int, logprobs: bool = False) -> None:
+    def __init__(self, model: str, n: int, logprobs: bool = False, prompts: int = 1) -> None:
         self.head: dict[str, Any] = {"id": f"chatcmpl-local-{uuid.uuid4().hex[:24]}", "created": int(time.time()),
                                      "model": model}
-        self.n, self.finished, self.prompt_tokens, self.completion_tokens = n, 0, 0, 0
+        # n choices for each prompt: prompt i's are choices i * n ... i * n + n - 1 (OpenAI's order)
+        self.per_prompt, self.n, self.finished, self.completion_tokens = n, n * prompts, 0, 0
+        self._prompt_tokens: dict[int, int] = {}  # prompt -> its tokens, each counted once in the usage
         self.cached_tokens = 0
         self.logprobs = logprobs
         self._held: dict[int, list[ChatCompletionTokenLogprob]] = {}  # tokens whose text has not come out yet
@@ -338,25 +353,22 @@ class _Answer:
                                                                                                  content=""))
                                                          for i in range(self.n)])
 
-    def echoed(self, echo: _Echo | None, *, finished: bool) -> Iterator[ChatCompletionChunk]:
-        """Each choice's text opening with the prompt's (``echo``), its tokens' log probabilities as plain dicts
+    def echoed(self, echoes: Sequence[_Echo], *, finished: bool) -> Iterator[ChatCompletionChunk]:
+        """Each choice's text opening with its prompt's (``echo``), its tokens' log probabilities as plain dicts
         (the first has none); when nothing was generated (``max_tokens=0``, ``finished``), each choice's end."""
-        if echo is None:
-            return
-        # the first token, BOS, has nothing before it; it is "<s>" where the prompt writes it, else "" (added by
-        # encode_prompt, it is not in the text): the tokens' texts add up to the prompt's
-        first = "<s>" if echo.text.startswith("<s>") else ""
-        logprobs = None if echo.logprobs is None or not self.logprobs else {"content": [
-            {"token": first, "logprob": None, "top_logprobs": None} if token is None else
-            {"token": _shown(token.text)["token"], "logprob": token.logprob,
-             "top_logprobs": [t.model_dump() for t in _token_logprob(token).top_logprobs]}
-            for token in echo.logprobs]}
-        for index in range(self.n):
-            yield ChatCompletionChunk(**self.head, choices=[ChunkChoice(
-                index=index, delta=ChoiceDelta(content=echo.text), logprobs=logprobs)])
+        for number, echo in enumerate(echoes):
+            logprobs = None if echo.logprobs is None or not self.logprobs else {"content": [
+                {"token": echo.first, "logprob": None, "top_logprobs": None} if token is None else
+                {"token": _shown(token.text)["token"], "logprob": token.logprob,
+                 "top_logprobs": [t.model_dump() for t in _token_logprob(token).top_logprobs]}
+                for token in echo.logprobs]}
+            for index in range(number * self.per_prompt, (number + 1) * self.per_prompt):
+                yield ChatCompletionChunk(**self.head, choices=[ChunkChoice(
+                    index=index, delta=ChoiceDelta(content=echo.text), logprobs=logprobs)])
         if finished:
             for index in range(self.n):
-                yield from self.chunks(Delta(index, "", "length", echo.prompt_tokens, 0), index)
+                prompt_tokens = echoes[index // self.per_prompt].prompt_tokens
+                yield from self.chunks(Delta(index, "", "length", prompt_tokens, 0), index)
 
     def chunks(self, delta: Delta, index: int) -> Iterator[ChatCompletionChunk]:
         """The chunks for one delta of choice ``index``. With ``logprobs``, a token's log probability goes out
@@ -375,7 +387,7 @@ class _Answer:
                 self._held[index] = tokens
             return
         self.finished += 1
-        self.prompt_tokens = delta.prompt_tokens
+        self._prompt_tokens[index // self.per_prompt] = delta.prompt_tokens
         self.cached_tokens = max(self.cached_tokens, delta.cached_tokens)
         self.completion_tokens += delta.completion_tokens
         finish = ChunkChoice(index=index, finish_reason=delta.finish_reason,
@@ -388,8 +400,9 @@ class _Answer:
             yield ChatCompletionChunk(**self.head, choices=[], usage=self._usage())
 
     def _usage(self) -> Usage:
-        return Usage(prompt_tokens=self.prompt_tokens, completion_tokens=self.completion_tokens,
-                     total_tokens=self.prompt_tokens + self.completion_tokens,
+        prompt_tokens = sum(self._prompt_tokens.values())
+        return Usage(prompt_tokens=prompt_tokens, completion_tokens=self.completion_tokens,
+                     total_tokens=prompt_tokens + self.completion_tokens,
                      prompt_tokens_details=PromptTokensDetails(cached_tokens=self.cached_tokens))
 
     @staticmethod
@@ -398,6 +411,11 @@ class _Answer:
         for chunk in chunks:
             merged.add(chunk)
         return merged.completion()
+
+
+def _answer(request: ChatRequest) -> _Answer:
+    return _Answer(request.model, int(request.params.get("n", 1)), bool(request.params.get("logprobs")),
+                   max(1, len(request.prompts())))
 
 
 def _token_logprob(token: TokenLogprob) -> ChatCompletionTokenLogprob:
@@ -466,12 +484,13 @@ class LocalCore:
         """``Engine.stats()`` once the model is loaded; before, only that it is not."""
         return {"loaded": False} if self._engine is None else {"loaded": True, **self._engine.stats()}
 
-    def start(self, request: ChatRequest, cancel: threading.Event | None = None) -> tuple[list[Ticket], _Echo | None]:
-        """Check the request, load the model on first use (``cancel`` stops that load), and queue the prompt
-        once per choice (``n``), all in the running batch (blocking work: a thread's). With a ``seed``,
-        choice ``i`` samples with ``seed + i``: the choices differ, and each is what one request with that seed
-        gives. A raw prompt with ``echo`` also gets its own text back (with ``logprobs``, each of its tokens'
-        log probabilities, from one forward pass here); with ``max_tokens=0`` nothing is queued."""
+    def start(self, request: ChatRequest, cancel: threading.Event | None = None) -> tuple[list[Ticket], list[_Echo]]:
+        """Check the request, load the model on first use (``cancel`` stops that load), and queue each prompt
+        (one, or a raw request's several) once per choice (``n``), all in the running batch (blocking work: a
+        thread's). With a ``seed``, a prompt's choice ``i`` samples with ``seed + i``: the choices differ, and
+        each is what one request with that seed gives. A raw prompt with ``echo`` also gets its own text back
+        (with ``logprobs``, each of its tokens' log probabilities, from one forward pass here); with
+        ``max_tokens=0`` nothing is queued."""
         params = _sampling(request)
         outside = [token for token, _ in params.logit_bias if token >= self.vocab_size]
         if outside:
@@ -479,26 +498,33 @@ class LocalCore:
                                       f"({self.vocab_size} tokens)", param="logit_bias", provider="local")
         engine = self.load(cancel)
         tokenizer = engine.tokenizer
-        prompt = tokenizer.encode_chat(request.messages) if request.prompt is None else \
-            tokenizer.encode_prompt(request.prompt)
-        echo = None
-        if request.params.get("echo") and request.prompt is not None:
-            engine.budget(len(prompt), params.max_tokens)  # refuses a prompt that does not fit, before the pass
-            logprobs = None if params.logprobs is None else engine.prompt_logprobs(prompt, params.logprobs)
-            echo = _Echo(request.prompt, len(prompt), logprobs)
-        if request.params.get("max_tokens") == 0:  # only with echo (build_request): the prompt alone
-            return [], echo
+        sources = request.prompts()
+        prompts: list[list[int]] = [tokenizer.encode_chat(request.messages)] if request.prompt is None else [
+            tokenizer.encode_prompt(p) if isinstance(p, str) else p for p in sources]
+        for number, ids in enumerate(prompts):
+            outside = [t for t in ids if t >= self.vocab_size]
+            if outside:
+                raise InvalidRequestError(f"prompt: token {outside[0]} (in prompt {number}) is not in the model's "
+                                          f"vocabulary ({self.vocab_size} tokens)", param="prompt", provider="local")
+        echoes: list[_Echo] = []
+        if request.params.get("echo"):  # raw prompts only (build_request)
+            for source, ids in zip(sources, prompts, strict=True):
+                engine.budget(len(ids), params.max_tokens)  # refuses a prompt that does not fit, before the pass
+                echoes.append(_Echo.of(source, ids, engine, params.logprobs))
+        if request.params.get("max_tokens") == 0:  # only with echo (build_request): the prompts alone
+            return [], echoes
         per_choice = [params if params.seed is None else dataclasses.replace(params, seed=params.seed + i)
                       for i in range(int(request.params.get("n", 1)))]
-        return engine.submit_all([prompt] * len(per_choice), per_choice), echo  # refuses what does not fit
+        # refuses what does not fit; prompt i's choices are tickets i * n ... i * n + n - 1
+        return engine.submit_all([ids for ids in prompts for _ in per_choice], per_choice * len(prompts)), echoes
 
     def chunks(self, request: ChatRequest) -> Iterator[ChatCompletionChunk]:
-        tickets, echo = self.start(request)
+        tickets, echoes = self.start(request)
         clock = _Clock(request)
         try:
-            answer = _Answer(request.model, int(request.params.get("n", 1)), bool(request.params.get("logprobs")))
+            answer = _answer(request)
             yield answer.first()
-            yield from answer.echoed(echo, finished=not tickets)
+            yield from answer.echoed(echoes, finished=not tickets)
             live = dict(enumerate(tickets))
             while live:  # every step gives each running choice a token, so taking them in turn never stalls
                 for index, ticket in list(live.items()):
@@ -573,11 +599,12 @@ class AsyncLocalBackend:
 
     async def stream(self, request: ChatRequest) -> AsyncGenerator[ChatCompletionChunk, None]:
         started: list[Ticket] = []
-        echoed: list[_Echo | None] = [None]
+        echoes: list[_Echo] = []
         cancelled = threading.Event()
 
         def start() -> None:
-            tickets, echoed[0] = self._core.start(request, cancelled)
+            tickets, echoed = self._core.start(request, cancelled)
+            echoes.extend(echoed)
             started.extend(tickets)
             if cancelled.is_set():  # the request was cancelled while this thread worked: nobody reads these
                 for ticket in tickets:
@@ -591,9 +618,9 @@ class AsyncLocalBackend:
             for ticket in started:
                 ticket.listen(waker.wake)
             clock = _Clock(request)
-            answer = _Answer(request.model, int(request.params.get("n", 1)), bool(request.params.get("logprobs")))
+            answer = _answer(request)
             yield answer.first()
-            for chunk in answer.echoed(echoed[0], finished=not started):
+            for chunk in answer.echoed(echoes, finished=not started):
                 yield chunk
             live = dict(enumerate(started))
             while live:

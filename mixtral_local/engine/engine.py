@@ -252,6 +252,14 @@ class Engine:
             out.append(TokenLogprob(token, shown(self._piece(token)), float(logprobs[token]), alternatives))
         return out
 
+    def prompt_pieces(self, prompt: Sequence[int]) -> list[bytes]:
+        """Each prompt token's text as ``prompt_logprobs`` shows it, the first's too (``<s>`` for BOS, else its
+        text with no leading space, as a sentencepiece-encoded run begins): joined, a prompt given as token ids
+        written out (``echo``)."""
+        stops = (self.tokenizer.bos_id, self.tokenizer.eos_id)
+        return [(_drop_space if i == 0 or prompt[i - 1] in stops else _as_is)(self._piece(token))
+                for i, token in enumerate(prompt)]
+
     def _piece(self, token: int) -> bytes:
         """A token as a prompt writes it: BOS and EOS as ``<s>`` and ``</s>``, others as their text."""
         if token == self.tokenizer.bos_id:

@@ -125,12 +125,13 @@ def test_an_answer_without_outputs_is_a_connection_error(bedrock: BedrockStandIn
 
 @pytest.mark.parametrize(("params", "param"), [({"logprobs": 1}, "logprobs"), ({"seed": 1}, "seed"),
                                                ({"presence_penalty": 0.5}, "presence_penalty"),
-                                               ({"echo": True}, "echo"), ({"echo": True, "max_tokens": 0}, "echo")])
+                                               ({"echo": True}, "echo"), ({"echo": True, "max_tokens": 0}, "echo"),
+                                               ({"prompt": ["Hi", "Bye"]}, "prompt"), ({"prompt": [1, 2]}, "prompt")])
 def test_what_invoke_model_cannot_take_is_refused_before_signing(bedrock: BedrockStandIn,
                                                                  params: dict[str, Any], param: str) -> None:
     with MixtralClient(provider="bedrock", base_url=bedrock.url, **KEY) as client:
         with pytest.raises(UnsupportedFeatureError) as info:
-            client.completions.create(prompt="Hi", **params)
+            client.completions.create(**{"prompt": "Hi", **params})
 
     assert info.value.param == param
     assert bedrock.requests == []

@@ -141,6 +141,16 @@ def test_a_host_that_streams_a_whole_json_answer_is_read_as_one_chunk(driver: Dr
     assert final.choices[0].text == " all at once"
 
 
+@pytest.mark.parametrize("prompt", [["Hi", "Bye"], [1, 1014, 2], [[1, 1014], [1, 2, 3]]])
+def test_several_prompts_and_token_ids_go_as_they_are(driver: Driver, serve, prompt: Any) -> None:
+    server = serve(replying(200, text_answer("a", "b", "c", "d")))
+
+    answer = driver.text_completion(server, prompt=prompt, n=2)
+
+    assert server.requests[0].json()["prompt"] == prompt
+    assert [c.text for c in answer.choices] == ["a", "b", "c", "d"]
+
+
 ECHOED = {"tokens": ["<s>", "Hi", " there"], "token_logprobs": [None, -3.5, -0.75],
           "top_logprobs": [None, {"Hi": -3.5, "Hello": -1.0}, {" there": -0.75, "!": -2.0}], "text_offset": [0, 3, 5]}
 
@@ -163,7 +173,13 @@ def test_echo_is_sent_and_the_prompts_logprobs_come_back_with_its_first_token_un
 
 @pytest.mark.parametrize(("params", "param"), [
     ({"prompt": ""}, "prompt"),
-    ({"prompt": ["a", "b"]}, "prompt"),
+    ({"prompt": []}, "prompt"),
+    ({"prompt": ["a", ""]}, "prompt"),
+    ({"prompt": ["a", [1, 2]]}, "prompt"),  # a mix
+    ({"prompt": [1, -2]}, "prompt"),
+    ({"prompt": [1, True]}, "prompt"),
+    ({"prompt": [[1, 2], []]}, "prompt"),
+    ({"prompt": ["a"] * 2049}, "prompt"),
     ({"prompt": None}, "prompt"),
     ({"logprobs": -1}, "logprobs"),
     ({"logprobs": True}, "logprobs"),

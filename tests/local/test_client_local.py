@@ -320,3 +320,47 @@ async def test_async_echo_alone_streams_the_prompt_then_ends(tiny_dir: Path, any
     assert final.choices[0].text == RENDERED and final.choices[0].finish_reason == "length"
     logprobs = final.choices[0].logprobs
     assert logprobs is not None and not isinstance(logprobs, dict) and "".join(logprobs.tokens) == RENDERED
+
+
+def test_several_prompts_answer_as_one_request_each(tiny_dir: Path, tokenizer: MixtralTokenizer) -> None:
+    """A list of prompts: prompt i's n choices at indices i * n ..., the usage adding up every prompt once; a
+    prompt of token ids answers as the text they encode."""
+    texts = ["The river", "A cat sat"]
+    with MixtralClient(provider="local", model_path=str(tiny_dir), env={}, **LOCAL) as client:
+        alone = [client.completions.create(prompt=p, temperature=0, max_tokens=4) for p in texts]
+        together = client.completions.create(prompt=texts, temperature=0, max_tokens=4, n=2)
+        ids = client.completions.create(prompt=[tokenizer.encode_prompt(p) for p in texts], temperature=0,
+                                        max_tokens=4)
+        counted = client.completions.count_tokens(prompt=texts)
+        with client.completions.create(prompt=texts, temperature=0, max_tokens=4, stream=True) as stream:
+            streamed = stream.get_final_completion()
+
+    assert [(c.index, c.text) for c in together.choices] == [
+        (i * 2 + j, alone[i].choices[0].text) for i in range(2) for j in range(2)]
+    assert [c.text for c in ids.choices] == [c.text for c in streamed.choices] == [a.choices[0].text for a in alone]
+    assert together.usage is not None and streamed.usage is not None
+    assert together.usage.prompt_tokens == streamed.usage.prompt_tokens == counted == sum(
+        a.usage.prompt_tokens for a in alone if a.usage is not None)
+    assert together.usage.completion_tokens == 16 and streamed.usage.completion_tokens == 8
+
+
+def test_echo_writes_token_ids_out(tiny_dir: Path, tokenizer: MixtralTokenizer) -> None:
+    ids = tokenizer.encode_prompt("The river runs")
+    with MixtralClient(provider="local", model_path=str(tiny_dir), env={}, **LOCAL) as client:
+        scored = client.completions.create(prompt=[ids, ids[1:]], echo=True, max_tokens=0, logprobs=1)
+        text = client.completions.create(prompt="The river runs", echo=True, max_tokens=0, logprobs=1)
+
+    with_bos, without = scored.choices
+    assert (with_bos.text, without.text) == ("<s>The river runs", "The river runs")
+    for choice in scored.choices:
+        assert choice.logprobs is not None and not isinstance(choice.logprobs, dict)
+        assert "".join(choice.logprobs.tokens) == choice.text and choice.logprobs.token_logprobs[0] is None
+    assert with_bos.logprobs.token_logprobs == text.choices[0].logprobs.token_logprobs  # type: ignore[union-attr]
+
+
+def test_a_token_id_outside_the_vocabulary_is_refused(tiny_dir: Path) -> None:
+    from mixtral_client import InvalidRequestError
+
+    with MixtralClient(provider="local", model_path=str(tiny_dir), env={}, **LOCAL) as client:
+        with pytest.raises(InvalidRequestError, match=r"token 32000 \(in prompt 1\) is not in the model's vocab"):
+            client.completions.create(prompt=[[1, 415], [1, 32000]], max_tokens=2)

@@ -347,6 +347,20 @@ def test_openai_sdk_completions_echo_scores_the_prompt(sdk: openai.OpenAI, tiny_
     assert text.usage.completion_tokens == 0 and text.usage.prompt_tokens == len(logprobs.tokens)
 
 
+def test_openai_sdk_completions_take_several_prompts_and_token_ids(sdk: openai.OpenAI, tiny_dir: Path) -> None:
+    with MixtralClient(provider="local", model_path=str(tiny_dir), env={}, **LOCAL) as client:
+        ids = client.completions.create(prompt="Hi", echo=True, max_tokens=0, logprobs=0).usage.prompt_tokens
+        expected = client.completions.create(prompt=["Hi", RENDERED], temperature=0, max_tokens=3)
+    text = sdk.completions.create(model="mixtral-local", prompt=["Hi", RENDERED], temperature=0, max_tokens=3)
+    scored = sdk.completions.create(model="mixtral-local", prompt=[[1, 15359], [1, 15359, 28808]], echo=True,
+                                    max_tokens=0, logprobs=1)
+
+    assert [c.text for c in text.choices] == [c.text for c in expected.choices]
+    assert text.usage.prompt_tokens == expected.usage.prompt_tokens and ids == 2
+    assert [len(c.logprobs.tokens) for c in scored.choices] == [2, 3]
+    assert scored.choices[0].logprobs.token_logprobs[1] == scored.choices[1].logprobs.token_logprobs[1]
+
+
 def test_completions_refusals_are_openai_errors(sdk: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError) as missing:
         sdk.completions.create(model="mixtral-local", prompt="", max_tokens=4)
