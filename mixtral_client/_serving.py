@@ -82,12 +82,7 @@ def read_body(raw: bytes, served: frozenset[str], *, text: bool = False) -> Serv
     """Read a chat-completions body (with ``text``, a completions body: a raw ``prompt``); a body that is not one
     raises ``InvalidRequestError`` (400), a model not in ``served`` ``ModelNotFound`` (404). The parameters
     themselves are checked by ``create()``."""
-    try:
-        body = json.loads(raw)
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise InvalidRequestError(f"the body is not valid JSON ({exc})") from None
-    if not isinstance(body, dict):
-        raise InvalidRequestError(f"the body must be a JSON object, got {type(body).__name__}")
+    body = _json_object(raw)
     given = {k: v for k, v in body.items() if v is not None}
     model = given.pop("model", None)
     if model is not None:
@@ -111,6 +106,42 @@ def read_body(raw: bytes, served: frozenset[str], *, text: bool = False) -> Serv
     if text:
         return ServedRequest(messages=None, prompt=payload, stream=stream, params=params, include_usage=include_usage)
     return ServedRequest(messages=payload, stream=stream, params=params, include_usage=include_usage)
+
+
+def _json_object(raw: bytes) -> dict[str, Any]:
+    try:
+        body = json.loads(raw)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise InvalidRequestError(f"the body is not valid JSON ({exc})") from None
+    if not isinstance(body, dict):
+        raise InvalidRequestError(f"the body must be a JSON object, got {type(body).__name__}")
+    return body
+
+
+def read_tokenize(raw: bytes, served: frozenset[str]) -> tuple[str, bool]:
+    """A ``/tokenize`` body (vLLM's): ``prompt`` (a string) and ``add_special_tokens`` (default true: BOS first)."""
+    body = _json_object(raw)
+    if body.get("model") is not None:
+        check_model(body["model"], served)
+    prompt, special = body.get("prompt"), body.get("add_special_tokens", True)
+    if not isinstance(prompt, str):
+        raise InvalidRequestError(f"prompt: must be a string, got {prompt!r}", param="prompt")
+    if not isinstance(special, bool):
+        raise InvalidRequestError(f"add_special_tokens: must be true or false, got {special!r}",
+                                  param="add_special_tokens")
+    return prompt, special
+
+
+def read_detokenize(raw: bytes, served: frozenset[str], vocab_size: int) -> list[int]:
+    """A ``/detokenize`` body (vLLM's): ``tokens``, a list of token ids in the vocabulary."""
+    body = _json_object(raw)
+    if body.get("model") is not None:
+        check_model(body["model"], served)
+    tokens = body.get("tokens")
+    if not isinstance(tokens, list) or not all(
+            isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab_size for t in tokens):
+        raise InvalidRequestError(f"tokens: must be a list of token ids from 0 to {vocab_size - 1}", param="tokens")
+    return tokens
 
 
 def _error(message: str, kind: str, *, param: str | None = None, code: str | int | None = None) -> dict[str, Any]:

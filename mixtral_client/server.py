@@ -2,6 +2,8 @@
 
     POST /v1/chat/completions   OpenAI's chat completions: whole answers, and SSE streams ending in [DONE]
     POST /v1/completions        OpenAI's (legacy) completions: a raw prompt, no chat template; the same two ways
+    POST /tokenize              vLLM's tokenizer endpoints (and POST /detokenize, GET /tokenizer_info), with
+                                Mixtral's tokenizer: what evaluation harnesses (lm-eval) call to send token ids
     GET  /v1/models             the one model served (and /v1/models/{id})
     GET  /health                200 once the backend is ready; on local weights, what the batch is doing
     GET  /metrics               Prometheus text: requests by status, durations, tokens, and the local batch
@@ -49,6 +51,8 @@ from ._serving import (
     check_model,
     error_response,
     read_body,
+    read_detokenize,
+    read_tokenize,
     sse,
 )
 from ._streaming import AsyncStream
@@ -224,6 +228,35 @@ def create_app(client: AsyncMixtralClient, *, api_key: str | None = None, model_
     async def completions(request: Request) -> Response:
         return await answer(request, text=True)
 
+    # vLLM's tokenizer endpoints (evaluation harnesses such as lm-eval's local-completions use them to count a
+    # context's tokens and send token ids): Mixtral's tokenizer, the one the local backend reads prompts with
+    async def tokenize(request: Request) -> Response:
+        if (denied := refused(request)) is not None:
+            return denied
+        try:
+            text, special = read_tokenize(await _body(request, max_body_bytes), served)
+            tokens = await anyio.to_thread.run_sync(
+                lambda: client.chat.completions._core.tokenizer().encode_prompt(text, bos=special))
+        except Exception as exc:
+            return _error(exc)
+        return JSONResponse({"count": len(tokens), "max_model_len": config.preset.context_window, "tokens": tokens})
+
+    async def detokenize(request: Request) -> Response:
+        if (denied := refused(request)) is not None:
+            return denied
+        try:
+            tokenizer = client.chat.completions._core.tokenizer()
+            tokens = read_detokenize(await _body(request, max_body_bytes), served, tokenizer.vocab_size)
+        except Exception as exc:
+            return _error(exc)
+        return JSONResponse({"prompt": tokenizer.decode(tokens)})
+
+    async def tokenizer_info(request: Request) -> Response:
+        if (denied := refused(request)) is not None:
+            return denied
+        return JSONResponse({"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>",
+                             "pad_token": None, "model_max_length": config.preset.context_window})
+
     listing = {"id": name, "object": "model", "created": created, "owned_by": config.provider}
 
     async def models(request: Request) -> Response:
@@ -267,6 +300,9 @@ def create_app(client: AsyncMixtralClient, *, api_key: str | None = None, model_
         Route("/v1/completions", completions, methods=["POST"]),
         Route("/v1/models", models, methods=["GET"]),
         Route("/v1/models/{model:path}", model, methods=["GET"]),
+        Route("/tokenize", tokenize, methods=["POST"]),
+        Route("/detokenize", detokenize, methods=["POST"]),
+        Route("/tokenizer_info", tokenizer_info, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
         Route("/metrics", prometheus, methods=["GET"]),
     ], lifespan=lifespan)

@@ -83,11 +83,12 @@ class MixtralTokenizer:
         text: str = self.sp.decode(list(ids))
         return text
 
-    def encode_prompt(self, text: str) -> list[int]:
+    def encode_prompt(self, text: str, *, bos: bool = True) -> list[int]:
         """A raw prompt's ids (``client.completions``): ``<s>`` and ``</s>`` written in it are BOS and EOS, as
         Mixtral's prompt format writes them, and the text between them is sentencepiece-encoded piece by piece
         (``<s>[INST] a [/INST] b</s>[INST] c [/INST]`` gives ``encode_chat``'s ids for that conversation). A
-        prompt that does not open with ``<s>`` gets BOS first, as every Mixtral prompt has one."""
+        prompt that does not open with ``<s>`` gets BOS first, as every Mixtral prompt has one (unless ``bos`` is
+        False: a piece of text to be joined to others, as ``/tokenize`` with ``add_special_tokens: false``)."""
         ids: list[int] = []
         for part in _CONTROL.split(text):
             if part == "<s>":
@@ -96,7 +97,7 @@ class MixtralTokenizer:
                 ids.append(self.eos_id)
             elif part:
                 ids += self.sp.encode(part)
-        if not ids or ids[0] != self.bos_id:
+        if bos and (not ids or ids[0] != self.bos_id):
             ids.insert(0, self.bos_id)
         return ids
 

@@ -14,6 +14,7 @@ import anyio
 import httpx
 import openai
 import pytest
+import torch
 from pydantic import BaseModel, Field
 
 from mixtral_client import AsyncMixtralClient, MixtralClient
@@ -370,3 +371,51 @@ def test_completions_refusals_are_openai_errors(sdk: openai.OpenAI) -> None:
     assert "tools" in chat_only.value.message
     with pytest.raises(openai.NotFoundError):
         sdk.completions.create(model="gpt-4", prompt="Hi")
+
+
+def test_tokenizer_endpoints_are_vllms(local_url: str) -> None:
+    from mixtral_local.tokenizer import MixtralTokenizer
+
+    tokenizer = MixtralTokenizer.from_pretrained(None)
+    server = local_url.removesuffix("/v1")
+    with httpx.Client(base_url=server, timeout=30) as http:
+        info = http.get("/tokenizer_info").json()
+        plain = http.post("/tokenize", json={"prompt": "The river"}).json()
+        piece = http.post("/tokenize", json={"prompt": "The river", "add_special_tokens": False}).json()
+        eos = http.post("/tokenize", json={"prompt": "</s>", "add_special_tokens": False}).json()
+        text = http.post("/detokenize", json={"tokens": piece["tokens"]}).json()
+        bad = http.post("/detokenize", json={"tokens": [1, 32000]})
+        wrong = http.post("/tokenize", json={"model": "gpt-4", "prompt": "x"})
+
+    assert (info["bos_token"], info["eos_token"]) == ("<s>", "</s>")
+    assert plain["tokens"] == tokenizer.encode_prompt("The river") == [1, *piece["tokens"]]
+    assert plain["count"] == len(plain["tokens"]) and plain["max_model_len"] == 32768
+    assert eos["tokens"] == [tokenizer.eos_id] and text == {"prompt": "The river"}
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "tokens"
+    assert wrong.status_code == 404
+
+
+def test_an_evaluation_harness_scores_a_continuation_as_transformers_does(local_url: str, tiny_dir: Path) -> None:
+    """lm-eval's local-completions protocol: context and continuation tokenized apart (/tokenize, no special
+    tokens), their ids sent with echo, max_tokens=1 and logprobs=1, and the continuation's log probability read
+    from token_logprobs[len(context):-1]; the number is the one transformers gives for those ids."""
+    server = local_url.removesuffix("/v1")
+    context, continuation = "<s> The river runs", " to the sea"
+    with httpx.Client(base_url=server, timeout=30) as http:
+        ctx = http.post("/tokenize", json={"prompt": context, "add_special_tokens": False}).json()["tokens"]
+        cont = http.post("/tokenize", json={"prompt": continuation, "add_special_tokens": False}).json()["tokens"]
+        answer = http.post("/v1/completions", json={
+            "model": "mixtral-local", "prompt": [ctx + cont, ctx], "temperature": 0, "max_tokens": 1, "logprobs": 1,
+            "seed": 1234, "echo": True}).json()
+
+    choice = sorted(answer["choices"], key=lambda c: c["index"])[0]
+    ours = sum(choice["logprobs"]["token_logprobs"][len(ctx):-1])
+    transformers = pytest.importorskip("transformers")
+    model = transformers.MixtralForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32, attn_implementation="eager")
+    ids = torch.tensor([ctx + cont])
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model.eval()(ids).logits[0].float(), -1)
+    theirs = sum(float(logprobs[i - 1, ids[0, i]]) for i in range(len(ctx), len(ctx) + len(cont)))
+    assert ctx[0] == 1 and len(choice["logprobs"]["tokens"]) == len(ctx) + len(cont) + 1
+    assert ours == pytest.approx(theirs, abs=1e-3)
+    assert [c["index"] for c in answer["choices"]] == [0, 1]
