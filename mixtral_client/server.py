@@ -39,6 +39,7 @@ from starlette.routing import Route
 
 from ._client import AsyncMixtralClient
 from ._config import ClientConfig
+from ._exceptions import ConfigurationError
 from ._metrics import ServerMetrics
 from ._providers import MODEL_ALIAS
 from ._response import RawResponse
@@ -229,7 +230,12 @@ def create_app(client: AsyncMixtralClient, *, api_key: str | None = None, model_
         return await answer(request, text=True)
 
     # vLLM's tokenizer endpoints (evaluation harnesses such as lm-eval's local-completions use them to count a
-    # context's tokens and send token ids): Mixtral's tokenizer, the one the local backend reads prompts with
+    # context's tokens and send token ids): Mixtral's tokenizer, the one the local backend reads prompts with.
+    # Without the local extra there is none: 501, saying so
+    def untokenized(exc: ConfigurationError) -> JSONResponse:
+        return JSONResponse({"error": {"message": str(exc), "type": "not_implemented", "param": None,
+                                       "code": None}}, status_code=501)
+
     async def tokenize(request: Request) -> Response:
         if (denied := refused(request)) is not None:
             return denied
@@ -237,6 +243,8 @@ def create_app(client: AsyncMixtralClient, *, api_key: str | None = None, model_
             text, special = read_tokenize(await _body(request, max_body_bytes), served)
             tokens = await anyio.to_thread.run_sync(
                 lambda: client.chat.completions._core.tokenizer().encode_prompt(text, bos=special))
+        except ConfigurationError as exc:
+            return untokenized(exc)
         except Exception as exc:
             return _error(exc)
         return JSONResponse({"count": len(tokens), "max_model_len": config.preset.context_window, "tokens": tokens})
@@ -247,6 +255,8 @@ def create_app(client: AsyncMixtralClient, *, api_key: str | None = None, model_
         try:
             tokenizer = client.chat.completions._core.tokenizer()
             tokens = read_detokenize(await _body(request, max_body_bytes), served, tokenizer.vocab_size)
+        except ConfigurationError as exc:
+            return untokenized(exc)
         except Exception as exc:
             return _error(exc)
         return JSONResponse({"prompt": tokenizer.decode(tokens)})

@@ -177,3 +177,21 @@ def test_a_body_over_the_limit_is_refused_before_it_is_read(host: Callable[[Hand
     for answer in (declared, streamed):
         assert answer.status_code == 413 and answer.json()["error"]["code"] == "request_too_large"
     assert upstream.requests == []
+
+
+def test_tokenize_without_a_tokenizer_says_so(proxy: Callable[..., str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A server over a host, without the local extra's tokenizer: 501 with the reason, not an internal error."""
+    from mixtral_client._client import _ClientCore
+    from mixtral_client._exceptions import ConfigurationError
+
+    def missing(self: object) -> object:
+        raise ConfigurationError("count_tokens needs the Mixtral tokenizer from the local extra")
+
+    monkeypatch.setattr(_ClientCore, "tokenizer", missing)
+    server = proxy("http://127.0.0.1:9").removesuffix("/v1")
+    with httpx.Client(base_url=server, timeout=30) as http:
+        tokenized = http.post("/tokenize", json={"prompt": "Hi"})
+        detokenized = http.post("/detokenize", json={"tokens": [1]})
+
+    assert tokenized.status_code == detokenized.status_code == 501
+    assert "local extra" in tokenized.json()["error"]["message"]
