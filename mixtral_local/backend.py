@@ -359,9 +359,7 @@ class _Answer:
         for number, echo in enumerate(echoes):
             logprobs = None if echo.logprobs is None or not self.logprobs else {"content": [
                 {"token": echo.first, "logprob": None, "top_logprobs": None} if token is None else
-                {"token": _shown(token.text)["token"], "logprob": token.logprob,
-                 "top_logprobs": [t.model_dump() for t in _token_logprob(token).top_logprobs]}
-                for token in echo.logprobs]}
+                _token_logprob(token).model_dump() for token in echo.logprobs]}
             for index in range(number * self.per_prompt, (number + 1) * self.per_prompt):
                 yield ChatCompletionChunk(**self.head, choices=[ChunkChoice(
                     index=index, delta=ChoiceDelta(content=echo.text), logprobs=logprobs)])

@@ -241,10 +241,8 @@ class Engine:
         ids = torch.tensor([list(prompt)], device=self.device)
         logits = self.model(ids)[0, :-1]  # [S-1, V]: row i predicts token i + 1
         out: list[TokenLogprob | None] = [None]
-        for before, row, token in zip(prompt, logits, prompt[1:], strict=False):
-            # a piece right after <s> or </s> opens a sentencepiece-encoded run: the space it starts with is not
-            # in the prompt's text (encode_prompt), so the tokens' texts add up to the prompt
-            shown = _drop_space if before in (self.tokenizer.bos_id, self.tokenizer.eos_id) else _as_is
+        for position, (row, token) in enumerate(zip(logits, prompt[1:], strict=True), start=1):
+            shown = self._prompt_shown(prompt, position)
             logprobs = torch.log_softmax(row.float(), dim=-1)
             top = torch.topk(logprobs, k) if k else None
             alternatives = () if top is None else tuple(
@@ -256,9 +254,14 @@ class Engine:
         """Each prompt token's text as ``prompt_logprobs`` shows it, the first's too (``<s>`` for BOS, else its
         text with no leading space, as a sentencepiece-encoded run begins): joined, a prompt given as token ids
         written out (``echo``)."""
-        stops = (self.tokenizer.bos_id, self.tokenizer.eos_id)
-        return [(_drop_space if i == 0 or prompt[i - 1] in stops else _as_is)(self._piece(token))
-                for i, token in enumerate(prompt)]
+        return [self._prompt_shown(prompt, i)(self._piece(token)) for i, token in enumerate(prompt)]
+
+    def _prompt_shown(self, prompt: Sequence[int], position: int) -> Callable[[bytes], bytes]:
+        """How the text of the token at ``position`` shows in the prompt: a piece that opens a sentencepiece-
+        encoded run (first, or right after <s> or </s>) without the space it starts with, which is not in the
+        prompt's text (encode_prompt), so the tokens' texts add up to the prompt."""
+        opens = position == 0 or prompt[position - 1] in (self.tokenizer.bos_id, self.tokenizer.eos_id)
+        return _drop_space if opens else _as_is
 
     def _piece(self, token: int) -> bytes:
         """A token as a prompt writes it: BOS and EOS as ``<s>`` and ``</s>``, others as their text."""
