@@ -97,7 +97,9 @@ def time_ms(fn: Callable[[], object], device: str, budget_s: float) -> float:
             times.append((time.perf_counter() - start) * 1e3)
         return statistics.median(times)
     torch.cuda.synchronize()
-    flush = torch.empty(256 * 2**20, dtype=torch.int8, device="cuda")  # larger than any L2
+    # larger than any L2, and long enough to zero (~0.3 ms) that the host has queued fn's launches before the
+    # GPU reaches them: the events then time the GPU's work, not Python's launch overhead
+    flush = torch.empty(2**30, dtype=torch.int8, device="cuda")
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     for _ in range(3):
