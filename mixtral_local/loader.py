@@ -122,6 +122,7 @@ def _quantize_into(q: torch.Tensor, scale: torch.Tensor, source: torch.Tensor, d
         part_q, part_scale = quantize_rows(rows[start:start + step].to(device), scale.dtype)
         q_rows[start:start + step].copy_(part_q)
         scales[start:start + step].copy_(part_scale)
+        del part_q, part_scale  # else the next slab is read while this one's int8 rows are still held
 
 
 def _gib(n: int) -> str:

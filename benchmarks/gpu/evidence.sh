@@ -50,7 +50,7 @@ for step in ${@:-bench tests tune rebench}; do
     tests)
       # the files that hold gpu tests (others import packages the GPU machine lacks, e.g. langchain_core)
       timeout -k 5 $((left_s < TESTS_LIMIT_S ? left_s : TESTS_LIMIT_S)) python3 -m pytest "${GPU_TESTS[@]}" \
-        -m gpu -q -p no:cacheprovider -rsP --durations=10 "${workers[@]}" 2>&1 | tee -a "$LOG" ;;
+        -m gpu -q -p no:cacheprovider -p no:benchmark -rsP --durations=10 "${workers[@]}" 2>&1 | tee -a "$LOG" ;;
     bench)
       timeout -k 5 $((left_s < BENCH_LIMIT_S ? left_s : BENCH_LIMIT_S)) python3 benchmarks/moe_kernel.py --int8 \
         --out "$OUT" 2>&1 | tee -a "$LOG" ;;
