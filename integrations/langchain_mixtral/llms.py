@@ -61,8 +61,11 @@ class MixtralLLM(MixtralClients, BaseLLM):
             return LLMResult(generations=[[chunk] for chunk in chunks], llm_output=self._llm_output(None, kwargs))
         params = self._call_params(stop, False, **kwargs)
         client = self._client()
-        answers = [client.completions.create(prompt=prompt, **params) for prompt in prompts]
-        return self._result(answers, params)
+        if self.provider == "local" and len(prompts) > 1:  # one request: every prompt in one running batch
+            return self._result(_per_prompt(client.completions.create(prompt=prompts, **params), len(prompts)),
+                                params)
+        answers = [client.completions.create(prompt=prompt, **params) for prompt in prompts]  # hosts may take
+        return self._result(answers, params)  # a string prompt only (OpenRouter, Bedrock): one request each
 
     async def _agenerate(self, prompts: list[str], stop: list[str] | None = None,
                          run_manager: AsyncCallbackManagerForLLMRun | None = None, **kwargs: Any) -> LLMResult:
@@ -118,6 +121,16 @@ class MixtralLLM(MixtralClients, BaseLLM):
                     if run_manager:
                         await run_manager.on_llm_new_token(chunk.text, chunk=chunk)
                     yield chunk
+
+
+def _per_prompt(answer: Completion, count: int) -> list[Completion]:
+    """A completion of ``count`` prompts split into one per prompt (prompt i's choices are ``i*n ... i*n+n-1``,
+    renumbered from 0); the usage stays with the first, so the sum over them is the request's."""
+    n = len(answer.choices) // count
+    return [answer.model_copy(update={
+        "choices": [choice.model_copy(update={"index": j}) for j, choice in enumerate(answer.choices[i * n:i * n + n])],
+        "usage": answer.usage if i == 0 else None,
+    }) for i in range(count)]
 
 
 def _info(finish_reason: str | None, logprobs: Any) -> dict[str, Any]:

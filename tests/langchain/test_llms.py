@@ -134,6 +134,31 @@ def test_on_local_weights_the_written_out_prompt_answers_as_chat_mixtral(tiny_di
     assert json.dumps(info["logprobs"])  # plain JSON, as LangChain serializes generation_info
 
 
+def test_on_local_weights_a_batch_of_prompts_is_one_request_with_each_prompts_own_answer(
+        tiny_dir: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mixtral_client._text_client import TextCompletions
+
+    llm = MixtralLLM(provider="local", model_path=str(tiny_dir), temperature=0, max_tokens=6, model_kwargs={"n": 2},
+                     local_options={"dtype": "float32", "device": "cpu"})
+    prompts = [RENDERED, "<s>[INST] Count to three. [/INST]", "Once upon a time"]
+    try:
+        alone = [llm.generate([prompt]) for prompt in prompts]
+        sent: list[Any] = []
+        create = TextCompletions.create
+        monkeypatch.setattr(TextCompletions, "create", lambda self, **kw: sent.append(kw["prompt"]) or create(self, **kw))
+        batch = llm.generate(prompts)
+    finally:
+        llm.close()
+
+    assert sent == [prompts]  # one request, every prompt in it
+    assert [[g.text for g in gens] for gens in batch.generations] == [[g.text for g in r.generations[0]]
+                                                                      for r in alone]
+    assert all(len(gens) == 2 for gens in batch.generations)
+    assert batch.generations[1][0].text != batch.generations[2][0].text  # not one prompt's answer repeated
+    total = {k: sum(r.llm_output["token_usage"][k] for r in alone) for k in ("prompt_tokens", "completion_tokens")}
+    assert {k: batch.llm_output["token_usage"][k] for k in total} == total
+
+
 def test_langsmith_sees_an_llm_with_its_provider_and_per_call_model() -> None:
     llm = MixtralLLM(provider="openrouter", api_key="k", temperature=0.3)
 
