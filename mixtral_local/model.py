@@ -147,9 +147,12 @@ class MixtralModel(nn.Module):
         return 1.0 / (self.config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float, device=device) / d))
 
     def forward(self, input_ids: Tensor, positions: Tensor | None = None, cache: Sequence[KVPair] | None = None,
-                kv_len: int | None = None, last_only: bool = False, last: Tensor | None = None) -> Tensor:
+                kv_len: int | None = None, last_only: bool = False, last: Tensor | None = None,
+                logits: bool = True) -> Tensor:
         """input_ids [B, S] -> logits [B, S, V] (or [B, 1, V] with ``last_only``, or at ``last`` [B]: each
-        row's own last position, for right-padded prompts of different lengths).
+        row's own last position, for right-padded prompts of different lengths). With ``logits=False`` the
+        final normed hidden states [B, S, H] instead: ``self.output`` of them is the logits, for a caller that
+        takes them a slice of positions at a time.
 
         ``positions`` [B, S] defaults to 0..S-1; ``kv_len`` (with a cache) to max(positions) + 1.
         """
@@ -169,4 +172,5 @@ class MixtralModel(nn.Module):
             x = x[torch.arange(b, device=x.device), last][:, None]  # [B, 1, H]
         elif last_only:
             x = x[:, -1:]
-        return self.output(self.norm(x))  # [B, S, V]
+        x = self.norm(x)
+        return self.output(x) if logits else x  # [B, S, V] or [B, S, H]

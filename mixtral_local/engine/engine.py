@@ -146,6 +146,7 @@ class _LiveRow:
 #: 1.33x sooner than transformers' continuous batching, where 16 rows left the second half waiting
 #: (docs/benchmarks/serve.md); on a GPU the KV cache's memory bound decides how many actually run
 MAX_BATCH = 32
+PROMPT_LOGPROB_ROWS = 512  # prompt positions whose vocabulary logits prompt_logprobs holds at once (echo)
 
 
 class Engine:
@@ -237,17 +238,26 @@ class Engine:
         position (the legacy completions API's ``echo`` with ``logprobs``): None for the first token, which has
         nothing before it. One forward pass over the prompt in the caller's thread, with no KV cache (the
         running batch is not touched); ``budget()`` has checked the prompt against the context. A token's text
-        is its piece as written in the prompt (``<s>`` for BOS, a word's leading space kept)."""
+        is its piece as written in the prompt (``<s>`` for BOS, a word's leading space kept).
+
+        The vocabulary's logits are taken ``PROMPT_LOGPROB_ROWS`` positions at a time from the final hidden
+        states, so a long prompt holds [rows, V] float32 at a time rather than [S, V] (2 GB for a 32k prompt
+        in bf16), and each slice's log-softmax, chosen tokens and top-k are one kernel each."""
         ids = torch.tensor([list(prompt)], device=self.device)
-        logits = self.model(ids)[0, :-1]  # [S-1, V]: row i predicts token i + 1
+        hidden = self.model(ids, logits=False)[0, :-1]  # [S-1, H]: row i predicts token i + 1
+        targets = torch.tensor(list(prompt[1:]), device=self.device)
         out: list[TokenLogprob | None] = [None]
-        for position, (row, token) in enumerate(zip(logits, prompt[1:], strict=True), start=1):
-            shown = self._prompt_shown(prompt, position)
-            logprobs = torch.log_softmax(row.float(), dim=-1)
-            top = torch.topk(logprobs, k) if k else None
-            alternatives = () if top is None else tuple(
-                (i, shown(self._piece(i)), lp) for i, lp in zip(top.indices.tolist(), top.values.tolist(), strict=True))
-            out.append(TokenLogprob(token, shown(self._piece(token)), float(logprobs[token]), alternatives))
+        for start in range(0, hidden.shape[0], PROMPT_LOGPROB_ROWS):
+            rows = torch.log_softmax(self.model.output(hidden[start:start + PROMPT_LOGPROB_ROWS]).float(), dim=-1)
+            chosen = rows.gather(1, targets[start:start + rows.shape[0], None])[:, 0].tolist()
+            top = torch.topk(rows, k) if k else None
+            top_ids, top_lps = ([], []) if top is None else (top.indices.tolist(), top.values.tolist())
+            for i, logprob in enumerate(chosen):
+                position, token = start + i + 1, prompt[start + i + 1]
+                shown = self._prompt_shown(prompt, position)
+                alternatives = () if not k else tuple(
+                    (t, shown(self._piece(t)), lp) for t, lp in zip(top_ids[i], top_lps[i], strict=True))
+                out.append(TokenLogprob(token, shown(self._piece(token)), logprob, alternatives))
         return out
 
     def prompt_pieces(self, prompt: Sequence[int]) -> list[bytes]:

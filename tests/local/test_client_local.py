@@ -248,12 +248,19 @@ async def test_async_raw_prompt_streams(tiny_dir: Path, anyio_backend: str) -> N
     assert "".join(pieces) == whole.choices[0].text
 
 
+@pytest.mark.parametrize("rows", [512, 4], ids=["one-slice", "slices-of-4"])  # PROMPT_LOGPROB_ROWS
 @pytest.mark.parametrize("prompt", ["The river runs to the sea.", RENDERED])
 def test_echo_scores_the_prompt_as_transformers_does(tiny_dir: Path, hf_model: Callable[..., Any],
-                                                     tokenizer: MixtralTokenizer, prompt: str) -> None:
+                                                     tokenizer: MixtralTokenizer, prompt: str, rows: int,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """``echo`` with ``max_tokens=0``: the prompt alone, each token's log probability given those before it (the
-    first, BOS, has none), its texts adding up to the prompt: an implicit BOS is "", a written one "<s>"."""
+    first, BOS, has none), its texts adding up to the prompt: an implicit BOS is "", a written one "<s>"; the
+    same whether the vocabulary's logits are taken at once or a few positions at a time, the last slice short."""
+    import mixtral_local.engine.engine as engine_module
+
+    monkeypatch.setattr(engine_module, "PROMPT_LOGPROB_ROWS", rows)
     ids = tokenizer.encode_prompt(prompt)
+    assert rows > len(ids) or (len(ids) - 1) % rows != 0
     with torch.no_grad():
         expected = torch.log_softmax(hf_model(tiny_dir)(torch.tensor([ids])).logits[0, :-1].float(), -1)
     with MixtralClient(provider="local", model_path=str(tiny_dir), env={}, **LOCAL) as client:
