@@ -89,8 +89,12 @@ class _ClientCore:
         rewritten as this backend sends it, so tools and a ``response_format`` that travel in the prompt are
         counted. Exact on local weights; on a host, the count its Mixtral template gives the same text (tools
         a host takes natively are rendered by it, and not counted here). Needs the ``local`` extra."""
+        return len(self.chat_prompt_ids(messages, params))
+
+    def chat_prompt_ids(self, messages: Sequence[ChatCompletionMessageParam], params: Mapping[str, Any]) -> list[int]:
+        """The prompt token ids that ``count_tokens`` counts (``mixtral serve``'s ``/tokenize`` with messages)."""
         request = Rewrites.for_request(self.request(messages, False, params)).request
-        return len(self.tokenizer().encode_chat(request.messages))
+        return list(self.tokenizer().encode_chat(request.messages))
 
     def count_prompt_tokens(self, prompt: Prompt, params: Mapping[str, Any]) -> int:
         """The tokens of a raw prompt (``completions.count_tokens``), checked as ``completions.create`` checks it,

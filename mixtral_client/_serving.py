@@ -118,18 +118,48 @@ def _json_object(raw: bytes) -> dict[str, Any]:
     return body
 
 
-def read_tokenize(raw: bytes, served: frozenset[str]) -> tuple[str, bool]:
-    """A ``/tokenize`` body (vLLM's): ``prompt`` (a string) and ``add_special_tokens`` (default true: BOS first)."""
+#: the chat request's parameters that change its prompt (tools and a response format may travel in it)
+_PROMPT_PARAMS = ("tools", "tool_choice", "parallel_tool_calls", "response_format")
+
+
+@dataclass(frozen=True)
+class Tokenize:
+    """A ``/tokenize`` request: a raw ``prompt`` (with ``add_special_tokens``: BOS first), or a chat's
+    ``messages`` with the parameters in ``_PROMPT_PARAMS`` (``params``)."""
+
+    prompt: str | None = None
+    add_special_tokens: bool = True
+    messages: list[Any] | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+def read_tokenize(raw: bytes, served: frozenset[str]) -> Tokenize:
+    """A ``/tokenize`` body, vLLM's two shapes: ``prompt`` (a string) and ``add_special_tokens`` (default true: BOS
+    first), or ``messages`` and the chat request's prompt-changing parameters (``tools``, ...): the ids the chat
+    request would be prompted with. vLLM's chat flags that Mixtral's format has nothing to do with
+    (``add_generation_prompt``: its ``[/INST]`` closes every user turn; ``add_special_tokens``: the format writes
+    its BOS) are taken as booleans and change nothing; ``continue_final_message`` it cannot do."""
     body = _json_object(raw)
     if body.get("model") is not None:
         check_model(body["model"], served)
-    prompt, special = body.get("prompt"), body.get("add_special_tokens", True)
+    flags = ("add_special_tokens", "add_generation_prompt", "continue_final_message")
+    for flag in flags:
+        if not isinstance(body.get(flag, False), bool):
+            raise InvalidRequestError(f"{flag}: must be true or false, got {body[flag]!r}", param=flag)
+    if "messages" in body:
+        if "prompt" in body:
+            raise InvalidRequestError("give prompt or messages, not both", param="messages")
+        if body.get("continue_final_message"):
+            raise InvalidRequestError("continue_final_message: Mixtral's chat format cannot leave the last "
+                                      "message open", param="continue_final_message")
+        messages = body["messages"]
+        if not isinstance(messages, list):
+            raise InvalidRequestError(f"messages: must be a list, got {messages!r}", param="messages")
+        return Tokenize(messages=messages, params={k: body[k] for k in _PROMPT_PARAMS if k in body})
+    prompt = body.get("prompt")
     if not isinstance(prompt, str):
         raise InvalidRequestError(f"prompt: must be a string, got {prompt!r}", param="prompt")
-    if not isinstance(special, bool):
-        raise InvalidRequestError(f"add_special_tokens: must be true or false, got {special!r}",
-                                  param="add_special_tokens")
-    return prompt, special
+    return Tokenize(prompt=prompt, add_special_tokens=body.get("add_special_tokens", True))
 
 
 def read_detokenize(raw: bytes, served: frozenset[str], vocab_size: int) -> list[int]:

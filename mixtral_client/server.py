@@ -240,9 +240,15 @@ def create_app(client: AsyncMixtralClient, *, api_key: str | None = None, model_
         if (denied := refused(request)) is not None:
             return denied
         try:
-            text, special = read_tokenize(await _body(request, max_body_bytes), served)
-            tokens = await anyio.to_thread.run_sync(
-                lambda: client.chat.completions._core.tokenizer().encode_prompt(text, bos=special))
+            asked = read_tokenize(await _body(request, max_body_bytes), served)
+            core = client.chat.completions._core
+            if asked.messages is not None:  # the ids the chat request would be prompted with
+                messages = asked.messages
+                tokens = await anyio.to_thread.run_sync(lambda: core.chat_prompt_ids(messages, asked.params))
+            else:
+                text = asked.prompt or ""
+                tokens = await anyio.to_thread.run_sync(
+                    lambda: core.tokenizer().encode_prompt(text, bos=asked.add_special_tokens))
         except ConfigurationError as exc:
             return untokenized(exc)
         except Exception as exc:

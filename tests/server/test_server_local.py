@@ -395,6 +395,34 @@ def test_tokenizer_endpoints_are_vllms(local_url: str) -> None:
     assert wrong.status_code == 404
 
 
+def test_tokenize_with_messages_gives_the_ids_the_chat_request_is_prompted_with(sdk: openai.OpenAI,
+                                                                               local_url: str) -> None:
+    from mixtral_local.tokenizer import MixtralTokenizer
+
+    tokenizer = MixtralTokenizer.from_pretrained(None)
+    server = local_url.removesuffix("/v1")
+    with httpx.Client(base_url=server, timeout=30) as http:
+        chat = http.post("/tokenize", json={"model": "mixtral-local", "messages": MESSAGES,
+                                            "add_generation_prompt": True, "add_special_tokens": False}).json()
+        tooled = http.post("/tokenize", json={"messages": MESSAGES, "tools": TOOLS}).json()
+        refused = {name: http.post("/tokenize", json=body) for name, body in {
+            "both": {"messages": MESSAGES, "prompt": "x"},
+            "continue": {"messages": MESSAGES, "continue_final_message": True},
+            "flag": {"messages": MESSAGES, "add_generation_prompt": "yes"},
+            "no role": {"messages": [{"content": "hi"}]},
+            "bad tools": {"messages": MESSAGES, "tools": [{"type": "function"}]},
+        }.items()}
+    answered = sdk.chat.completions.create(model="mixtral-local", messages=MESSAGES, max_tokens=1)
+    with_tools = sdk.chat.completions.create(model="mixtral-local", messages=MESSAGES, tools=TOOLS, max_tokens=1)
+
+    assert chat["tokens"] == tokenizer.encode_chat(MESSAGES) and chat["count"] == len(chat["tokens"])
+    assert chat["count"] == answered.usage.prompt_tokens
+    assert tooled["count"] == with_tools.usage.prompt_tokens > chat["count"]  # the tools travel in the prompt
+    assert {name: (r.status_code, r.json()["error"]["param"]) for name, r in refused.items()} == {
+        "both": (400, "messages"), "continue": (400, "continue_final_message"),
+        "flag": (400, "add_generation_prompt"), "no role": (400, "messages[0]"), "bad tools": (400, "tools")}
+
+
 def test_an_evaluation_harness_scores_a_continuation_as_transformers_does(local_url: str, tiny_dir: Path) -> None:
     """lm-eval's local-completions protocol: context and continuation tokenized apart (/tokenize, no special
     tokens), their ids sent with echo, max_tokens=1 and logprobs=1, and the continuation's log probability read
