@@ -82,11 +82,8 @@ def read_body(raw: bytes, served: frozenset[str], *, text: bool = False) -> Serv
     """Read a chat-completions body (with ``text``, a completions body: a raw ``prompt``); a body that is not one
     raises ``InvalidRequestError`` (400), a model not in ``served`` ``ModelNotFound`` (404). The parameters
     themselves are checked by ``create()``."""
-    body = _json_object(raw)
-    given = {k: v for k, v in body.items() if v is not None}
-    model = given.pop("model", None)
-    if model is not None:
-        check_model(model, served)
+    given = {k: v for k, v in _json_object(raw, served).items() if v is not None}
+    given.pop("model", None)
     what = "prompt" if text else "messages"
     if what not in given:
         raise InvalidRequestError(f"{what}: required", param=what)
@@ -108,13 +105,17 @@ def read_body(raw: bytes, served: frozenset[str], *, text: bool = False) -> Serv
     return ServedRequest(messages=payload, stream=stream, params=params, include_usage=include_usage)
 
 
-def _json_object(raw: bytes) -> dict[str, Any]:
+def _json_object(raw: bytes, served: frozenset[str]) -> dict[str, Any]:
+    """A request body: a JSON object (else ``InvalidRequestError``) whose ``model``, where given, is served (else
+    ``ModelNotFound``)."""
     try:
         body = json.loads(raw)
     except (UnicodeDecodeError, ValueError) as exc:
         raise InvalidRequestError(f"the body is not valid JSON ({exc})") from None
     if not isinstance(body, dict):
         raise InvalidRequestError(f"the body must be a JSON object, got {type(body).__name__}")
+    if body.get("model") is not None:
+        check_model(body["model"], served)
     return body
 
 
@@ -139,9 +140,7 @@ def read_tokenize(raw: bytes, served: frozenset[str]) -> Tokenize:
     request would be prompted with. vLLM's chat flags that Mixtral's format has nothing to do with
     (``add_generation_prompt``: its ``[/INST]`` closes every user turn; ``add_special_tokens``: the format writes
     its BOS) are taken as booleans and change nothing; ``continue_final_message`` it cannot do."""
-    body = _json_object(raw)
-    if body.get("model") is not None:
-        check_model(body["model"], served)
+    body = _json_object(raw, served)
     flags = ("add_special_tokens", "add_generation_prompt", "continue_final_message")
     for flag in flags:
         if not isinstance(body.get(flag, False), bool):
@@ -164,9 +163,7 @@ def read_tokenize(raw: bytes, served: frozenset[str]) -> Tokenize:
 
 def read_detokenize(raw: bytes, served: frozenset[str], vocab_size: int) -> list[int]:
     """A ``/detokenize`` body (vLLM's): ``tokens``, a list of token ids in the vocabulary."""
-    body = _json_object(raw)
-    if body.get("model") is not None:
-        check_model(body["model"], served)
+    body = _json_object(raw, served)
     tokens = body.get("tokens")
     if not isinstance(tokens, list) or not all(
             isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab_size for t in tokens):
