@@ -245,7 +245,7 @@ class Engine:
         in bf16), and each slice's log-softmax, chosen tokens and top-k are one kernel each."""
         ids = torch.tensor([list(prompt)], device=self.device)
         hidden = self.model(ids, logits=False)[0, :-1]  # [S-1, H]: row i predicts token i + 1
-        targets = torch.tensor(list(prompt[1:]), device=self.device)
+        targets = ids[0, 1:]
         out: list[TokenLogprob | None] = [None]
         for start in range(0, hidden.shape[0], PROMPT_LOGPROB_ROWS):
             rows = torch.log_softmax(self.model.output(hidden[start:start + PROMPT_LOGPROB_ROWS]).float(), dim=-1)
